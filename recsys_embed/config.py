@@ -1,0 +1,312 @@
+"""One typed configuration tree, loaded once from YAML and passed down in slices.
+
+Every model uses ``extra="forbid"`` so a misspelt key fails loudly with its dotted path.
+Any field can be overridden with ``--set dotted.key=value`` (values parsed as YAML scalars).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from recsys_embed.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ColumnMap(_Strict):
+    """Names of the raw log's columns. Only ``user`` and ``item`` are always required."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    # None: the log has no time; only the random split can be used then.
+    timestamp: str | None = "timestamp"
+    # None: every row is one event of weight 1.
+    event_type: str | None = "event_type"
+    # Optional numeric columns. ``weight`` multiplies the event weight directly.
+    weight: str | None = None
+    # ``quantity`` multiplies the event weight by |quantity| when ``IngestConfig.use_quantity``.
+    quantity: str | None = None
+    # ``rating`` rows below ``IngestConfig.rating_threshold`` are filtered (rule "rating_below_threshold").
+    rating: str | None = None
+    # Free text describing the item (used for display and two-tower content features).
+    item_text: str | None = None
+
+
+class SourceConfig(_Strict):
+    """Where the raw log lives: a file, a glob, or a (hive-partitioned) folder."""
+
+    path: str = "data/online-retail/events.parquet"
+    # "auto" infers from the extension (.csv/.tsv/.parquet/.pq/.ndjson/.jsonl, optionally .gz/.zst).
+    format: Literal["auto", "csv", "parquet", "ndjson"] = "auto"
+    csv_separator: str = ","
+    # Hive partitions (key=value folders) become columns; "auto" detects key=value folder names.
+    hive_partitioning: bool | Literal["auto"] = "auto"
+
+
+class ItemFilterRule(_Strict):
+    """A configurable rule that removes rows by item ID (counted as ``filtered: <name>``)."""
+
+    name: str = "non_product_item"
+    # Exact IDs to drop.
+    exclude: list[str] = Field(default_factory=list)
+    # A regular expression (Rust regex syntax) matched against the full item ID as text.
+    exclude_pattern: str | None = None
+
+
+class IngestConfig(_Strict):
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    # How numeric timestamps are read; "auto" guesses s/ms/us/ns from magnitude, strings are ISO-8601.
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = "auto"
+    # Timezone assumed for ISO strings without an offset (logs are usually recorded in UTC).
+    assume_timezone: str = "UTC"
+    # Event type -> weight. Negative weights are "negative events" (returns, cancellations) that reduce
+    # earlier positive ones. Empty: every event weighs 1 and no event type is "unknown".
+    event_weights: dict[str, float] = Field(default_factory=dict)
+    use_quantity: bool = False
+    rating_threshold: float | None = None
+    # Exponential time decay of confidence; None keeps every event at full weight.
+    time_decay_half_life_days: float | None = None
+    # Rows outside [start, end) are quarantined with reason "timestamp_out_of_window".
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    item_filters: list[ItemFilterRule] = Field(default_factory=list)
+    # Iterative k-core: drop users/items with fewer interactions (distinct items/users), repeat to fixpoint.
+    # 1 disables. 2 keeps the matrix informative without throwing away many short histories.
+    min_user_interactions: int = Field(default=1, ge=1)
+    min_item_interactions: int = Field(default=1, ge=1)
+    # Where quarantined rows are written (Parquet with a ``reason`` column); relative to the run folder.
+    quarantine_file: str = "quarantine.parquet"
+    # Reuse ID maps from an earlier run (folder with user_map.parquet/item_map.parquet): new IDs appended.
+    id_maps_from: str | None = None
+
+    @field_validator("event_weights")
+    @classmethod
+    def _finite_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        import math
+
+        for k, w in v.items():
+            if not math.isfinite(w):
+                raise ValueError(f"event weight for {k!r} must be finite, got {w}")
+        return v
+
+
+class SplitConfig(_Strict):
+    # temporal: one global cutoff (by date or quantile of time); last_n / last_fraction: per user;
+    # random: seeded per-user split for logs without time.
+    method: Literal["temporal", "last_n", "last_fraction", "random"] = "temporal"
+    # Temporal cutoff: an explicit date wins over the quantile.
+    cutoff: datetime | None = None
+    # 0.8: the last 20% of the log's time span of events is held out, a common offline protocol.
+    test_quantile: float = Field(default=0.8, gt=0.0, lt=1.0)
+    # Per-user methods: how many / what fraction of each user's latest events are held out.
+    last_n: int = Field(default=1, ge=1)
+    fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # Validation carved from train by the same method (0 disables). Early stopping uses it.
+    val_quantile: float | None = 0.9
+    seed: int = 42
+
+
+class ALSConfig(_Strict):
+    enabled: bool = True
+    # 64 factors: the usual sweet spot for catalogs of thousands of items.
+    factors: int = Field(default=64, ge=1)
+    regularization: float = Field(default=0.05, ge=0.0)
+    # Confidence scaling C = 1 + alpha * r (Hu, Koren, Volinsky 2008).
+    alpha: float = Field(default=10.0, gt=0.0)
+    iterations: int = Field(default=15, ge=1)
+    # Conjugate gradient is implicit's fast default; False uses the exact Cholesky solve.
+    use_cg: bool = True
+    # Evaluate on validation every N iterations; keep the best iteration (0 disables).
+    eval_every: int = Field(default=5, ge=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    seed: int = 42
+
+
+class BPRConfig(_Strict):
+    enabled: bool = True
+    factors: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=0.05, gt=0.0)
+    regularization: float = Field(default=0.01, ge=0.0)
+    iterations: int = Field(default=100, ge=1)
+    eval_every: int = Field(default=25, ge=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    seed: int = 42
+
+
+class PopularityConfig(_Strict):
+    enabled: bool = True
+
+
+class TwoTowerConfig(_Strict):
+    enabled: bool = False
+    embedding_dim: int = 64
+    seed: int = 42
+
+
+class ModelsConfig(_Strict):
+    als: ALSConfig = Field(default_factory=ALSConfig)
+    bpr: BPRConfig = Field(default_factory=BPRConfig)
+    popularity: PopularityConfig = Field(default_factory=PopularityConfig)
+    two_tower: TwoTowerConfig = Field(default_factory=TwoTowerConfig)
+
+
+class EvalConfig(_Strict):
+    ks: list[int] = Field(default_factory=lambda: [10, 20])
+    # The metric that picks the best model of a run.
+    primary_metric: str = "ndcg_at_20"
+    # Users scored per chunk during evaluation.
+    batch_users: int = Field(default=4096, ge=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("ks must be a non-empty list of positive integers")
+        return sorted(set(v))
+
+
+class ExportConfig(_Strict):
+    k: int = Field(default=20, ge=1)
+    similar_k: int = Field(default=20, ge=1)
+    # Users per scoring chunk: memory is chunk x n_items x 4 bytes for the score buffer.
+    chunk_users: int = Field(default=4096, ge=1)
+    # Rows per Parquet part file when the table is partitioned.
+    rows_per_file: int = Field(default=5_000_000, ge=1)
+    write_csv: bool = False
+    allow_items: list[str] | None = None
+    deny_items: list[str] = Field(default_factory=list)
+
+
+class PipelineConfig(_Strict):
+    """The whole run. Each stage receives only its own slice."""
+
+    name: str = "retail"
+    # All run outputs go below this root; nothing is written outside it.
+    output_root: str = "outputs"
+    seed: int = 42
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _time_needed(self) -> PipelineConfig:
+        if self.ingest.columns.timestamp is None and self.split.method != "random":
+            raise ValueError(
+                f"split.method={self.split.method!r} needs a timestamp column; "
+                "set ingest.columns.timestamp or use split.method=random"
+            )
+        return self
+
+
+class MlflowSettings(_Strict):
+    """Tracking settings only (the shape of kedro-mlflow's ``mlflow.yml``)."""
+
+    tracking_uri: str = "sqlite:///data/mlflow.db"
+    artifact_location: str = "data/mlartifacts"
+    experiment_name: str = "recsys-embed"
+    registered_model_name: str = "recsys-embed-recommender"
+    # How nested config keys are flattened into MLflow params.
+    flatten_sep: str = "."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML scalars (``true``, ``3``, ``[10, 20]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set ingest.source.path=x.csv")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist; pass --config with a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config; ``None`` means the shipped default (``configs/retail.yaml``)."""
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        tree = _read_yaml(Path(path))
+        source = f"'{path}'"
+    apply_overrides(tree, overrides or [])
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_mlflow_settings(path: str | Path = "mlflow.yml") -> MlflowSettings:
+    """Read ``mlflow.yml``; ``MLFLOW_TRACKING_URI`` in the environment overrides its tracking URI."""
+    import os
+
+    p = Path(path)
+    tree = _read_yaml(p) if p.exists() else {}
+    try:
+        settings = MlflowSettings.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, f"'{p}'")) from None
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:
+        settings.tracking_uri = env_uri
+    return settings
+
+
+def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested mapping into ``{"a.b.c": value}`` (lists become strings)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, sep, key))
+        else:
+            out[key] = v
+    return out
