@@ -134,6 +134,21 @@ class RowReport:
             **self.details,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RowReport:
+        """Inverse of ``to_dict`` (stages hand the report to each other as JSON)."""
+        known = {"rows_read", "kept", "duplicates", "quarantined", "quarantined_total", "filtered",
+                 "filtered_total", "balanced", "sources"}
+        return cls(
+            rows_read=int(d["rows_read"]),
+            kept=int(d["kept"]),
+            duplicates=int(d["duplicates"]),
+            quarantined=Counter({k: int(v) for k, v in d.get("quarantined", {}).items()}),
+            filtered=Counter({k: int(v) for k, v in d.get("filtered", {}).items()}),
+            sources=dict(d.get("sources", {})),
+            details={k: v for k, v in d.items() if k not in known},
+        )
+
     def metrics(self, prefix: str = "rows") -> dict[str, float]:
         """Flat numeric view for MLflow (names are MLflow-legal)."""
         out: dict[str, float] = {

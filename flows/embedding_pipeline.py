@@ -1,0 +1,176 @@
+"""The main job: ingest -> split -> train each configured model -> evaluate -> log -> export.
+
+Orchestration only. Each task is a thin call into ``recsys_embed``; tasks hand each other paths and
+small records. I/O tasks retry; ingest is cached on data fingerprint + ingest config.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from recsys_embed import reporting, stages
+from recsys_embed.config import (
+    EvalConfig,
+    ExportConfig,
+    IngestConfig,
+    MlflowSettings,
+    ModelsConfig,
+    SplitConfig,
+    load_config,
+    load_mlflow_settings,
+)
+from recsys_embed.io import write_json_atomic
+from recsys_embed.models import enabled_models
+from recsys_embed.tracking import Tracker, git_commit
+from recsys_embed.types import RowReport
+
+
+def _ingest_cache_key(context: Any, params: dict[str, Any]) -> str | None:
+    cfg: IngestConfig = params["cfg"]
+    key = stages.ingest_cache_key(stages.input_fingerprint(cfg), cfg)
+    # Only reuse Prefect's cached record while the cached files still exist.
+    if not (Path(params["cache_root"]) / f"ingest-{key}" / "_SUCCESS").exists():
+        return None
+    return f"ingest-{key}"
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=[1, 5], cache_key_fn=_ingest_cache_key, persist_result=True)
+def ingest_task(cfg: IngestConfig, cache_root: str) -> dict[str, Any]:
+    return stages.run_ingest(cfg, Path(cache_root))
+
+
+@task(name="split", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+def split_task(ingest: dict[str, Any], ingest_cfg: IngestConfig, cfg: SplitConfig, out_dir: str) -> dict[str, Any]:
+    return stages.run_split(ingest, ingest_cfg, cfg, Path(out_dir))
+
+
+@task(name="train", cache_policy=NONE, task_run_name="train-{name}")
+def train_task(
+    name: str,
+    split: dict[str, Any],
+    models_cfg: ModelsConfig,
+    eval_cfg: EvalConfig,
+    out_dir: str,
+    settings: MlflowSettings,
+    run_id: str,
+) -> dict[str, Any]:
+    tracker = Tracker(settings)
+    return stages.run_train(
+        name,
+        split,
+        models_cfg,
+        eval_cfg,
+        Path(out_dir),
+        on_metrics=lambda m, step: tracker.log_metrics(run_id, m, step),
+    )
+
+
+@task(name="evaluate", cache_policy=NONE, task_run_name="evaluate-{model[model]}")
+def evaluate_task(model: dict[str, Any], split: dict[str, Any], cfg: EvalConfig) -> dict[str, float]:
+    return stages.run_evaluate(model, split, cfg)
+
+
+@task(name="export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE, task_run_name="export-{model[model]}")
+def export_task(
+    model: dict[str, Any], split: dict[str, Any], cfg: ExportConfig, out_dir: str, run_id: str
+) -> dict[str, Any]:
+    return stages.run_export(model, split, cfg, Path(out_dir), run_id)
+
+
+@task(name="log-model", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE, task_run_name="log-{model[model]}")
+def log_model_task(
+    settings: MlflowSettings,
+    run_id: str,
+    model: dict[str, Any],
+    metrics: dict[str, float],
+    export: dict[str, Any],
+    split: dict[str, Any],
+) -> None:
+    reporting.log_model_run(Tracker(settings), run_id, model, metrics, export, split)
+
+
+@flow(name="embedding-pipeline")
+def embedding_pipeline(
+    config_path: str | None = "configs/retail.yaml",
+    overrides: list[str] | None = None,
+    mlflow_config: str = "mlflow.yml",
+) -> dict[str, Any]:
+    """Run the whole pipeline; returns the run manifest (also written as ``summary.json``)."""
+    logger = get_run_logger()
+    cfg = load_config(config_path, overrides or [])
+    tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
+    settings = tracker.settings
+    root = Path(cfg.output_root) / cfg.name
+    run_name = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = root / "runs" / run_name
+    parent = tracker.start_run(run_name, tags={"pipeline": cfg.name})
+    try:
+        ingest = ingest_task(cfg.ingest, str(root / "cache"))
+        split = split_task(ingest, cfg.ingest, cfg.split, str(run_dir / "split"))
+        report = RowReport.from_dict(split["report"])
+        logger.info("row accounting for %s:\n%s", cfg.ingest.source.path, report.format())
+        reporting.log_run_inputs(tracker, parent, cfg, ingest, split, git_commit())
+
+        metrics: dict[str, dict[str, float]] = {}
+        exports: dict[str, dict[str, Any]] = {}
+        model_runs: dict[str, str] = {}
+        for name in enabled_models(cfg.models):
+            child = tracker.start_run(name, parent_run_id=parent, tags={"model": name})
+            model_runs[name] = child
+            try:
+                model = train_task(name, split, cfg.models, cfg.eval, str(run_dir / "models"), settings, child)
+                metrics[name] = evaluate_task(model, split, cfg.eval)
+                exports[name] = export_task(model, split, cfg.export, str(run_dir / "exports"), parent)
+                exports[name]["embeddings"] = model["embeddings"]
+                exports[name]["info"] = model["info"]
+                log_model_task(settings, child, model, metrics[name], exports[name], split)
+            except BaseException:
+                tracker.end_run(child, "FAILED")
+                raise
+            tracker.end_run(child, "FINISHED")
+
+        table = reporting.metrics_frame(metrics)
+        best = reporting.pick_best(metrics, cfg.eval.primary_metric)
+        if best:
+            tracker.set_tags(model_runs[best], {"best_model": "true"})
+            tracker.set_tags(parent, {"best_model": best})
+        manifest: dict[str, Any] = {
+            "run_name": run_name,
+            "run_dir": str(run_dir.resolve()),
+            "config": config_path,
+            "mlflow": {
+                "run_id": parent,
+                "model_runs": model_runs,
+                "tracking_uri": settings.tracking_uri,
+                "experiment_id": tracker.experiment_id,
+                "ui_path": tracker.run_url(parent),
+            },
+            "primary_metric": cfg.eval.primary_metric,
+            "best_model": best,
+            "metrics": metrics,
+            "accounting": split["report"],
+            "split": split["split"],
+            "test_cold_users": split.get("test_cold_users"),
+            "ingest_cached": ingest.get("cached", False),
+            "quarantine": ingest["quarantine"],
+            "item_text": ingest.get("item_text"),
+            "exports": exports,
+        }
+        reporting.write_manifest(run_dir / "summary.json", manifest)
+        tracker.log_artifact(parent, run_dir / "summary.json")
+        tracker.log_metrics(parent, {f"{m}.{k}": v for m, d in metrics.items() for k, v in d.items()})
+        markdown = reporting.summary_markdown(manifest, table, cfg.eval.ks)
+        tracker.log_text(parent, markdown, "summary.md")
+        create_markdown_artifact(markdown=markdown, key="recsys-embed-summary", description="metrics and accounting")
+        write_json_atomic({"run_dir": str(run_dir.resolve()), "run_id": parent}, root / "latest.json")
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    tracker.end_run(parent, "FINISHED")
+    return manifest

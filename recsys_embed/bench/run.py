@@ -1,0 +1,34 @@
+"""Run named benchmark suites and print one table (the CLI's ``bench`` command)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from recsys_embed.bench.harness import BenchResult, format_table, machine, write_json
+
+log = logging.getLogger(__name__)
+
+SUITES = {
+    "ingest": "recsys_embed.bench.ingest_suite",
+    "als": "recsys_embed.bench.als_suite",
+    "topk": "recsys_embed.bench.topk_suite",
+}
+
+
+def main(suites: list[str], size: str, repeats: int, json_path: str | None) -> int:
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise SystemExit(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)}")
+    results: list[BenchResult] = []
+    for name in suites:
+        module = importlib.import_module(SUITES[name])
+        log.info("bench: running suite %s at %s x%d", name, size, repeats)
+        results.extend(module.run(size=size, repeats=repeats))
+        print(format_table(results[-1:]), flush=True)
+    m = machine()
+    print(f"\nMachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}")
+    print(format_table(results))
+    if json_path:
+        print(f"results written to {write_json(results, json_path)}")
+    return 0

@@ -1,0 +1,226 @@
+"""``recsys-embed``: the command line. The CLI talks to people; the library only logs.
+
+Commands: run, ingest, generate, bench, recommend, similar, ui.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from recsys_embed.errors import RecsysEmbedError
+
+DEFAULT_CONFIG = "configs/retail.yaml"
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", logging.getLevelName(max(level, logging.INFO)))
+    for noisy in ("alembic", "mlflow", "urllib3", "distributed", "httpx"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML (default: {DEFAULT_CONFIG})")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set ingest.source.path=logs/*.csv (repeatable)",
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.embedding_pipeline import embedding_pipeline
+    from recsys_embed.evaluate import metrics_table
+    from recsys_embed.reporting import format_metrics
+    from recsys_embed.types import RowReport
+
+    manifest: dict[str, Any] = embedding_pipeline(
+        config_path=args.config, overrides=args.overrides, mlflow_config=args.mlflow_config
+    )
+    report = RowReport.from_dict(manifest["accounting"])
+    ks = sorted({int(k.rsplit("_", 1)[1]) for m in manifest["metrics"].values() for k in m if "_at_" in k})
+    print(f"\nRow accounting ({manifest['config']}):")
+    print(report.format())
+    print(f"\nTest metrics (warm users; {manifest['test_cold_users'] or 0:,} cold test users reported apart):")
+    print(format_metrics(metrics_table(manifest["metrics"]), ks))
+    print(f"\nBest model by {manifest['primary_metric']}: {manifest['best_model']}")
+    print("\nExports:")
+    for m, e in manifest["exports"].items():
+        print(f"  {m:<12} top-k   {e['topk']}  ({e['topk_rows']:,} rows)")
+        if e.get("similar_items"):
+            print(f"  {'':<12} similar {e['similar_items']}")
+    print(f"\nManifest: {manifest['run_dir']}/summary.json")
+    print(
+        f"MLflow run: {manifest['mlflow']['run_id']} ({manifest['mlflow']['tracking_uri']}); "
+        "`recsys-embed ui` to inspect"
+    )
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from recsys_embed.config import load_config
+    from recsys_embed.ingest import load_events
+    from recsys_embed.interactions import build_interactions
+
+    cfg = load_config(args.config, args.overrides)
+    ev = load_events(cfg.ingest)
+    inter = build_interactions(ev.events, cfg.ingest, ev.report)
+    ev.report.details.update(
+        users=inter.shape[0], items=inter.shape[1], nnz=int(inter.matrix.nnz), density=inter.density
+    )
+    ev.report.check()
+    print(f"Ingest report for {cfg.ingest.source.path} ({len(ev.files)} file(s)):")
+    print(ev.report.format())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from recsys_embed.generate import PRESETS, generate
+
+    spec = PRESETS[args.preset]
+    changes = {
+        k: v
+        for k, v in (("n_events", args.events), ("n_users", args.users), ("n_items", args.items), ("seed", args.seed))
+        if v is not None
+    }
+    spec = replace(spec, **changes)
+    summary = generate(spec, Path(args.out))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from recsys_embed.bench.run import main as bench_main
+
+    return bench_main(args.suites, args.size, args.repeats, args.json)
+
+
+def _latest(args: argparse.Namespace) -> dict[str, Any]:
+    from recsys_embed.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    latest = Path(cfg.output_root) / cfg.name / "latest.json"
+    if not latest.exists():
+        raise RecsysEmbedError(f"no finished run under '{latest.parent}'; run `recsys-embed run` first")
+    run_dir = Path(json.loads(latest.read_text())["run_dir"])
+    manifest: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
+    return manifest
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from recsys_embed.answer import recommend_for_user
+
+    manifest = _latest(args)
+    print(recommend_for_user(manifest, args.user, args.k, args.model, args.explain))
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from recsys_embed.answer import similar_to_item
+
+    manifest = _latest(args)
+    print(similar_to_item(manifest, args.item, args.k, args.model))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from recsys_embed.config import load_mlflow_settings
+    from recsys_embed.tracking import redact_uri, resolve_settings
+
+    settings = resolve_settings(load_mlflow_settings(args.mlflow_config))
+    print(f"MLflow UI for {redact_uri(settings.tracking_uri)} at http://{args.host}:{args.port}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        settings.tracking_uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    return subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recsys-embed", description=__doc__)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and results only")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--mlflow-config", default="mlflow.yml", help="MLflow settings (default: mlflow.yml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the whole pipeline (Prefect flow) and print the summary")
+    _config_arg(r)
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("ingest", help="ingest the log only and print the row accounting")
+    _config_arg(i)
+    i.set_defaults(fn=cmd_ingest)
+
+    gen = sub.add_parser("generate", help="write a seeded synthetic log (hive-partitioned Parquet)")
+    gen.add_argument("--preset", default="1m", help="tiny | 1m | 20m | 100m")
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--events", type=int)
+    gen.add_argument("--users", type=int)
+    gen.add_argument("--items", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="run benchmark suites and print measured ratios side by side")
+    b.add_argument("suites", nargs="*", default=["ingest", "als", "topk"], help="ingest | als | topk")
+    b.add_argument("--size", default="1m", help="1m | 20m | 100m")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--json", default="bench_results/results.json")
+    b.set_defaults(fn=cmd_bench)
+
+    rec = sub.add_parser("recommend", help="top-k for one user from the latest run")
+    _config_arg(rec)
+    rec.add_argument("--user", required=True)
+    rec.add_argument("-k", type=int, default=10)
+    rec.add_argument("--model", default=None, help="default: the run's best model")
+    rec.add_argument("--explain", action="store_true", help="show the history items behind each recommendation")
+    rec.set_defaults(fn=cmd_recommend)
+
+    sim = sub.add_parser("similar", help="items similar to one item from the latest run")
+    _config_arg(sim)
+    sim.add_argument("--item", required=True)
+    sim.add_argument("-k", type=int, default=10)
+    sim.add_argument("--model", default=None)
+    sim.set_defaults(fn=cmd_similar)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on the configured store")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    try:
+        return int(args.fn(args))
+    except RecsysEmbedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

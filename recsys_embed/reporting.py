@@ -1,0 +1,186 @@
+"""What a pipeline run records: MLflow logging of each model and of the run, the manifest, and summaries.
+
+Pure formatting lives here next to the logging calls so the flow stays a wiring diagram.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys_embed import plots
+from recsys_embed.config import PipelineConfig, flatten
+from recsys_embed.io import read_table, write_json_atomic, write_parquet_atomic
+from recsys_embed.store import load_csr, load_embeddings
+from recsys_embed.tracking import Tracker, redact_uri
+
+log = logging.getLogger(__name__)
+
+PREVIEW_ROWS = 1000  # rows of each recommendation table shown in the MLflow UI
+FULL_TABLE_ARTIFACT_MAX_BYTES = 200 * 2**20  # larger tables are referenced by location only
+
+
+def config_params(cfg: PipelineConfig, sep: str = ".") -> dict[str, Any]:
+    """The flattened config as MLflow params (secrets in URIs redacted)."""
+    flat = flatten(cfg.model_dump(mode="json"), sep)
+    return {k: (redact_uri(v) if isinstance(v, str) and "://" in v else v) for k, v in flat.items()}
+
+
+def log_run_inputs(
+    tracker: Tracker,
+    run_id: str,
+    cfg: PipelineConfig,
+    ingest: dict[str, Any],
+    split: dict[str, Any],
+    commit: str | None,
+) -> None:
+    """Params, dataset, row accounting and quarantine summary on the parent run."""
+    tracker.log_params(run_id, config_params(cfg, tracker.settings.flatten_sep))
+    tracker.set_tags(
+        run_id, {"data_fingerprint": ingest["fingerprint"], "mlflow.source.git.commit": commit or "unknown"}
+    )
+    tracker.log_dataset(
+        run_id, ingest["events"], source=cfg.ingest.source.path, fingerprint=ingest["fingerprint"], name=cfg.name
+    )
+    report = split["report"]
+    from recsys_embed.types import RowReport
+
+    tracker.log_metrics(run_id, RowReport.from_dict(report).metrics("rows"))
+    tracker.log_dict(run_id, report, "ingest/report.json")
+    tracker.log_dict(
+        run_id,
+        {
+            "split": split["split"],
+            "val": split.get("val_counts"),
+            "test": split.get("test_counts"),
+            "test_cold_users": split.get("test_cold_users"),
+        },
+        "ingest/split.json",
+    )
+    tracker.log_dict(
+        run_id,
+        {"rows_by_reason": ingest.get("quarantine_summary", []), "file": ingest["quarantine"]},
+        "ingest/quarantine_summary.json",
+    )
+
+
+def log_model_run(
+    tracker: Tracker,
+    run_id: str,
+    model: dict[str, Any],
+    metrics: dict[str, float],
+    export: dict[str, Any],
+    split: dict[str, Any],
+) -> None:
+    """Metrics, embeddings, ID maps, exports (preview + full when small) and plots on the model's run."""
+    name = model["model"]
+    tracker.log_params(run_id, {f"info.{k}": v for k, v in model["info"].items() if not isinstance(v, dict | list)})
+    tracker.log_metrics(run_id, {**metrics, "train_seconds": model["train_seconds"]})
+    tracker.log_artifact(run_id, model["embeddings"], f"embeddings/{name}")
+    tracker.log_artifact(run_id, split["user_map"], "id_maps")
+    tracker.log_artifact(run_id, split["item_map"], "id_maps")
+    for table in ("topk", "similar_items"):
+        path = export.get(table)
+        if not path:
+            continue
+        size = sum(p.stat().st_size for p in Path(path).glob("*.parquet"))
+        preview = read_table(path).head(PREVIEW_ROWS)
+        tmp = Path(path).parent / f".{table}_preview.parquet"
+        write_parquet_atomic(preview, tmp)
+        tracker.log_artifact(run_id, tmp, f"exports/{name}/preview")
+        tmp.unlink(missing_ok=True)
+        tracker.log_dict(
+            run_id, {"full_table": str(Path(path).resolve()), "bytes": size}, f"exports/{name}/{table}_location.json"
+        )
+        if size <= FULL_TABLE_ARTIFACT_MAX_BYTES:
+            tracker.log_artifact(run_id, path, f"exports/{name}/{table}")
+    emb = load_embeddings(model["embeddings"])
+    seen = load_csr(split["train"])
+    popularity = np.asarray((seen > 0).sum(axis=0)).ravel().astype(np.float64)
+    if model.get("history"):
+        _log_fig(tracker, run_id, plots.training_curves(model["history"], name), "plots/training_curves.png")
+    if export.get("topk"):
+        items = read_table(export["topk"]).select("item_id")
+        idx = emb.items.lookup(items["item_id"]).drop_nulls().to_numpy()
+        counts = np.bincount(idx, minlength=len(emb.items)).astype(np.float64)
+        _log_fig(tracker, run_id, plots.popularity_bias(counts, popularity, name), "plots/popularity_bias.png")
+    if emb.dim >= 2:
+        _log_fig(
+            tracker, run_id, plots.item_projection(emb.item_vectors, popularity, name), "plots/item_embeddings_2d.png"
+        )
+
+
+def _log_fig(tracker: Tracker, run_id: str, fig: Any, name: str) -> None:
+    try:
+        tracker.log_figure(run_id, fig, name)
+    finally:
+        plots.close(fig)
+
+
+def pick_best(metrics: dict[str, dict[str, float]], primary: str) -> str | None:
+    scored = {m: v[primary] for m, v in metrics.items() if primary in v}
+    return max(scored, key=lambda m: scored[m]) if scored else None
+
+
+def metrics_frame(metrics: dict[str, dict[str, float]]) -> pl.DataFrame:
+    from recsys_embed.evaluate import metrics_table
+
+    return metrics_table(metrics)
+
+
+def format_metrics(table: pl.DataFrame, ks: list[int]) -> str:
+    """A compact text table of the headline metrics (one row per model)."""
+    cols = ["model"] + [f"{m}_at_{k}" for k in ks for m in ("recall", "ndcg", "map", "hit_rate", "coverage")]
+    cols = [c for c in cols if c in table.columns]
+    widths = {c: max(len(c), 8) for c in cols}
+    head = "  ".join(f"{c:>{widths[c]}}" if c != "model" else f"{c:<12}" for c in cols)
+    lines = [head]
+    for row in table.select(cols).iter_rows(named=True):
+        cells = [f"{row['model']:<12}"] + [f"{row[c]:>{widths[c]}.4f}" for c in cols if c != "model"]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int]) -> str:
+    """The Prefect markdown artifact: metrics, accounting, exports, MLflow link."""
+    lines = [f"# recsys-embed run `{manifest['run_name']}`", ""]
+    lines.append(
+        f"MLflow run: `{manifest['mlflow']['run_id']}` at `{manifest['mlflow']['tracking_uri']}` "
+        f"(UI path `{manifest['mlflow']['ui_path']}`; open with `recsys-embed ui`)"
+    )
+    lines += ["", "## Metrics (test split, warm users)", ""]
+    cols = [c for c in table.columns if c == "model" or any(c.endswith(f"_at_{k}") for k in ks)]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for row in table.select(cols).iter_rows():
+        cells = [str(row[0])] + [f"{v:.4f}" for v in row[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Best model by `{manifest['primary_metric']}`: **{manifest['best_model']}**",
+        "",
+        "## Row accounting",
+        "",
+        "| bucket | rows |",
+        "|---|---|",
+    ]
+    rep = manifest["accounting"]
+    lines.append(f"| read | {rep['rows_read']:,} |")
+    lines.append(f"| kept | {rep['kept']:,} |")
+    lines.append(f"| duplicates | {rep['duplicates']:,} |")
+    for k, v in rep["quarantined"].items():
+        lines.append(f"| quarantined: {k} | {v:,} |")
+    for k, v in rep["filtered"].items():
+        lines.append(f"| filtered: {k} | {v:,} |")
+    lines += ["", "## Exports", ""]
+    for m, e in manifest["exports"].items():
+        lines.append(f"- {m}: `{e.get('topk')}` ({e.get('topk_rows', 0):,} rows)")
+    return "\n".join(lines)
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
+    return write_json_atomic(manifest, path)

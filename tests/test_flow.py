@@ -1,0 +1,122 @@
+"""End to end under Prefect's test harness: a slice of the real retail log through the whole flow,
+MLflow in ``tmp_path``. Also proves that a fresh process can load embeddings and top-k from the run id."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.conftest import REPO, RETAIL
+
+pytestmark = pytest.mark.slow
+
+N_ROWS = 60_000
+
+
+@pytest.fixture(scope="module")
+def retail_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("retail") / "events.parquet"
+    pl.read_parquet(RETAIL, n_rows=N_ROWS).write_parquet(p)
+    return p
+
+
+def _overrides(src: Path, out: Path) -> list[str]:
+    return [
+        f"ingest.source.path={src}",
+        f"output_root={out}",
+        "models.als.iterations=6",
+        "models.als.eval_every=3",
+        "models.bpr.iterations=20",
+        "models.bpr.eval_every=10",
+    ]
+
+
+def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path: Path, mlflow_yml: Path) -> None:
+    from mlflow import MlflowClient
+
+    from flows.embedding_pipeline import embedding_pipeline
+    from recsys_embed.config import load_mlflow_settings
+    from recsys_embed.io import is_complete_table, read_table
+    from recsys_embed.tracking import resolve_settings
+
+    out = tmp_path / "out"
+    manifest = embedding_pipeline(str(REPO / "configs/retail.yaml"), _overrides(retail_slice, out), str(mlflow_yml))
+
+    acc = manifest["accounting"]
+    assert acc["rows_read"] == N_ROWS
+    assert acc["balanced"] is True
+    assert acc["rows_read"] == acc["kept"] + acc["duplicates"] + acc["quarantined_total"] + acc["filtered_total"]
+    assert acc["quarantined"]["null_user"] > 0  # the retail log has null customers
+    assert set(manifest["metrics"]) == {"popularity", "als", "bpr"}
+    for m in manifest["metrics"].values():
+        assert 0.0 <= m["recall_at_20"] <= 1.0 and m["n_users_evaluated"] > 0
+    assert manifest["best_model"] in manifest["metrics"]
+    summary = json.loads((Path(manifest["run_dir"]) / "summary.json").read_text())
+    assert summary["mlflow"]["run_id"] == manifest["mlflow"]["run_id"]
+
+    for name, e in manifest["exports"].items():
+        assert is_complete_table(e["topk"]), name
+        table = read_table(e["topk"])
+        assert table.columns == ["user_id", "rank", "item_id", "score", "model", "run_id"]
+        assert (table["run_id"] == manifest["mlflow"]["run_id"]).all()
+
+    # MLflow: one parent, one nested run per model, params/metrics/artifacts present
+    settings = resolve_settings(load_mlflow_settings(mlflow_yml))
+    client = MlflowClient(settings.tracking_uri)
+    parent = client.get_run(manifest["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["ingest.source.path"] == str(retail_slice)
+    assert parent.data.metrics["rows_read"] == N_ROWS
+    assert "data_fingerprint" in parent.data.tags
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in children) == ["als", "bpr", "popularity"]
+    als_run = next(r for r in children if r.info.run_name == "als")
+    assert "ndcg_at_20" in als_run.data.metrics
+    assert len(client.get_metric_history(als_run.info.run_id, "train_loss")) == 6  # one point per iteration
+    arts = {a.path for a in client.list_artifacts(als_run.info.run_id)}
+    assert {"embeddings", "exports", "id_maps", "plots"} <= arts
+    plots = {a.path for a in client.list_artifacts(als_run.info.run_id, "plots")}
+    assert {"plots/training_curves.png", "plots/popularity_bias.png", "plots/item_embeddings_2d.png"} <= plots
+
+    # a separate Python process loads embeddings and the top-k table given only the run id
+    code = (
+        "import sys; from recsys_embed.tracking import load_run_embeddings, load_run_topk\n"
+        "e = load_run_embeddings(sys.argv[1], 'als', sys.argv[2]); t = load_run_topk(sys.argv[1], 'als', sys.argv[2])\n"
+        "print(e.user_vectors.shape[0], e.item_vectors.shape[1], t.height)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, als_run.info.run_id, settings.tracking_uri],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )
+    n_users, dim, rows = map(int, res.stdout.split())
+    assert dim == 64
+    assert rows == manifest["exports"]["als"]["topk_rows"]
+
+    # same log + same ingest config: the second run reuses the ingest instead of re-reading the log
+    again = embedding_pipeline(
+        str(REPO / "configs/retail.yaml"),
+        [*_overrides(retail_slice, out), "models.bpr.enabled=false"],
+        str(mlflow_yml),
+    )
+    assert again["ingest_cached"] is True
+    assert again["accounting"]["rows_read"] == N_ROWS
+
+
+def test_unreachable_tracking_server_fails_fast(prefect_harness: None, tmp_path: Path, retail_slice: Path) -> None:
+    from flows.embedding_pipeline import embedding_pipeline
+    from recsys_embed.tracking import TrackingError
+
+    yml = tmp_path / "mlflow.yml"
+    yml.write_text("tracking_uri: http://user:s3cret@127.0.0.1:9/\nexperiment_name: x\n", encoding="utf-8")
+    with pytest.raises(TrackingError) as err:
+        embedding_pipeline(str(REPO / "configs/retail.yaml"), _overrides(retail_slice, tmp_path), str(yml))
+    msg = str(err.value)
+    assert "127.0.0.1:9" in msg and "MLFLOW_TRACKING_URI" in msg
+    assert "s3cret" not in msg
