@@ -78,7 +78,7 @@ def training_curves(history: list[dict[str, Any]], model: str) -> Figure:
         if not pts:
             continue
         xs, ys = zip(*pts, strict=True)
-        if "loss" in k:
+        if "loss" in k or k.startswith("train_"):
             ax.plot(xs, ys, label=k, color="tab:red")
         else:
             ax2 = ax2 or ax.twinx()

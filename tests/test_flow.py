@@ -96,6 +96,7 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
         capture_output=True, text=True, check=True, cwd=tmp_path,
     )
     n_users, dim, rows = map(int, res.stdout.split())
+    assert n_users == manifest["exports"]["als"]["topk_users"]  # every train user got a list
     assert dim == 64
     assert rows == manifest["exports"]["als"]["topk_rows"]
 

@@ -8,7 +8,6 @@ better for times, higher for throughputs). Nothing here asserts: a benchmark pri
 from __future__ import annotations
 
 import gc
-import json
 import platform
 import statistics
 import time
@@ -109,7 +108,7 @@ def format_table(results: list[BenchResult]) -> str:
             return f"{m.name}: {m.median:.3g} ({m.lo:.3g}-{m.hi:.3g}) {m.unit}"
 
         lines.append(
-            f"{r.suite:<16}{r.size:<10}{cell(r.candidate):<34}{cell(r.baseline):<34}{r.ratio:>7.2f}x  {r.target}"
+            f"{r.suite:<16}{r.size:<10}{cell(r.candidate):<33} {cell(r.baseline):<33} {r.ratio:>7.2f}x  {r.target}"
         )
         for k, v in r.extra.items():
             lines.append(f"{'':<26}{k}: {v}")

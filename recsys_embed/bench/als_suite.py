@@ -1,0 +1,164 @@
+"""ALS fit benchmark: ``mf.train_als`` (validation off) against a bare implicit ``fit`` on the same matrix.
+
+- Candidate ("train_als"): ``train_als(train, ALSConfig(..., eval_every=0))``: backend factory, BLAS pinned
+  to one thread, per-iteration loss logging and callback, ``Embeddings`` construction.
+- Baseline ("implicit"): ``implicit.als.AlternatingLeastSquares(same params).fit(csr)`` inside the same
+  ``threadpool_limits(1, "blas")``, with the same training-loss computation, no callback.
+
+The matrix is a seeded power-law CSR of MovieLens shape built here with NumPy/SciPy (so the suite does
+not depend on the log generator): user activity and item popularity both heavy-tailed, every user with at
+least 20 items as in MovieLens. The "als-noloss" row repeats the comparison without implicit's per-iteration
+training loss on either side; comparing the two baselines shows what the loss costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any
+
+import implicit.als
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from recsys_embed.bench.harness import BenchResult, Measurement, alternate, time_call
+from recsys_embed.config import ALSConfig
+from recsys_embed.mf import train_als, use_gpu_backend
+from recsys_embed.types import IdMap, Interactions, RowReport
+
+log = logging.getLogger(__name__)
+
+TARGET = "<= 1.05x"
+
+# (n_users, n_items, nnz): MovieLens shapes, plus the generator's tiny and 100m presets.
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "tiny": (1_000, 500, 50_000),
+    "1m": (6_040, 3_706, 1_000_209),
+    "20m": (138_493, 26_744, 20_000_263),
+    "100m": (700_000, 120_000, 100_000_000),
+}
+
+
+def power_law_matrix(size: str, seed: int = 0) -> sp.csr_matrix:
+    """Seeded CSR (n_users x n_items) float32 of ones with about ``nnz`` entries for preset ``size``.
+
+    User degrees are 20 + a Pareto (shape 1.5) share scaled so that they sum to ``nnz`` with a cap of
+    ``n_items / 2``; items are drawn from a flattened Zipf law (weight ``(rank + 100) ** -1.2``, ranks shuffled).
+    Duplicate draws collapse and are topped up, so the result holds within about 2% of ``nnz`` entries.
+    """
+    if size not in SHAPES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SHAPES)}")
+    n_users, n_items, nnz = SHAPES[size]
+    rng = np.random.default_rng(seed)
+    floor, cap = min(20, n_items // 2), n_items // 2
+    raw = rng.pareto(1.5, n_users)
+    # the scale that makes sum(clip(floor + scale * raw, cap)) == nnz: bisection (the sum grows with scale)
+    lo, hi = 0.0, float(nnz)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.minimum(floor + mid * raw, cap).sum() < nnz else (lo, mid)
+    deg = np.minimum(np.round(floor + lo * raw), cap).astype(np.int64)
+    # flattened Zipf: the head item reaches about 1/3 of the users, as the most rated film does in MovieLens
+    item_p = (np.arange(1, n_items + 1, dtype=np.float64) + 100.0) ** -1.2
+    item_p = rng.permutation(item_p / item_p.sum())
+    m = sp.csr_matrix((n_users, n_items), dtype=np.float32)
+    need = deg
+    for _ in range(8):  # top up the entries lost to duplicates; a few rounds get within 2% of ``nnz``
+        rows = np.repeat(np.arange(n_users, dtype=np.int32), need)
+        cols = rng.choice(n_items, size=rows.shape[0], p=item_p).astype(np.int32)
+        m = m + sp.csr_matrix((np.ones(rows.shape[0], dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
+        need = np.maximum(deg - np.diff(m.indptr), 0)
+        if need.sum() <= 0.005 * deg.sum():
+            break
+    m = sp.csr_matrix(m)
+    m.sort_indices()
+    m.data[:] = 1.0
+    return m
+
+
+def _interactions(m: sp.csr_matrix) -> Interactions:
+    n_users, n_items = m.shape
+    return Interactions(
+        matrix=m,
+        users=IdMap(pl.Series("id", np.arange(n_users, dtype=np.int64))),
+        items=IdMap(pl.Series("id", np.arange(n_items, dtype=np.int64))),
+        report=RowReport(rows_read=m.nnz, kept=m.nnz),
+        events=pl.DataFrame(),
+    )
+
+
+def _val_targets(m: sp.csr_matrix, per_user: int = 2, seed: int = 1) -> sp.csr_matrix:
+    """``per_user`` random items for every user (timing only: overlap with train is simply never hit)."""
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(np.arange(m.shape[0]), per_user)
+    cols = rng.integers(0, m.shape[1], size=rows.shape[0])
+    return sp.csr_matrix((np.ones(rows.shape[0], dtype=np.float32), (rows, cols)), shape=m.shape)
+
+
+def run(size: str = "20m", repeats: int = 3, factors: int = 64, iterations: int = 15) -> list[BenchResult]:
+    """Time ``train_als`` against bare implicit ``fit`` on the ``size`` matrix, alternating, ``repeats`` times.
+
+    Two rows: "als" (training loss on, both sides) and "als-noloss" (``training_loss=False`` against
+    implicit's default, no loss). The "als" row's extras add ``train_als`` with validation every 5
+    iterations on ``val_max_users`` sampled users, the price of keeping the best iteration.
+    """
+    m = power_law_matrix(size)
+    train = _interactions(m)
+    cfg = ALSConfig(factors=factors, iterations=iterations, eval_every=0)
+    gpu = use_gpu_backend(cfg.use_gpu, "als")
+    log.info("als bench: %s matrix %d x %d, %d nnz, gpu=%s", size, *m.shape, m.nnz, gpu)
+
+    def raw_fit(loss: bool) -> Any:
+        with threadpool_limits(1, "blas"):
+            model = implicit.als.AlternatingLeastSquares(
+                factors=cfg.factors,
+                regularization=cfg.regularization,
+                alpha=cfg.alpha,
+                iterations=cfg.iterations,
+                use_cg=cfg.use_cg,
+                use_gpu=gpu,
+                calculate_training_loss=loss,
+                random_state=cfg.seed,
+            )
+            model.fit(m, show_progress=False)
+        return model
+
+    matrix = f"{m.shape[0]:,} x {m.shape[1]:,}, {m.nnz:,} nnz"
+    params = f"factors={factors} iterations={iterations} cg={cfg.use_cg} gpu={gpu}"
+    cand, base = alternate(lambda: train_als(train, cfg), lambda: raw_fit(True), repeats)
+    no_loss_cfg = cfg.model_copy(update={"training_loss": False})
+    cand_nl, base_nl = alternate(lambda: train_als(train, no_loss_cfg), lambda: raw_fit(False), repeats)
+    # decomposition of one more call: what train_als spends outside implicit's solver (robust to load noise)
+    wall, emb = time_call(lambda: train_als(train, cfg))
+    own = wall - emb.info["fit_seconds"] + emb.info["callback_seconds"]
+    val_cfg = cfg.model_copy(update={"eval_every": 5})
+    val = _val_targets(m)
+    with_val = [time_call(lambda: train_als(train, val_cfg, val, ks=[20]))[0] for _ in range(repeats)]
+    return [
+        BenchResult(
+            suite="als",
+            size=size,
+            candidate=Measurement("train_als", cand),
+            baseline=Measurement("implicit", base),
+            target=TARGET,
+            extra={
+                "matrix": matrix,
+                "params": params + " training_loss=True",
+                f"train_als + validation every 5 on {val_cfg.val_max_users:,} users (s, median)": round(
+                    statistics.median(with_val), 3
+                ),
+                "ratio of that to implicit": round(statistics.median(with_val) / statistics.median(base), 3),
+                "train_als own time outside the solver, one call (s)": f"{own:.4f} of {wall:.2f} ({own / wall:.3%})",
+            },
+        ),
+        BenchResult(
+            suite="als-noloss",
+            size=size,
+            candidate=Measurement("train_als", cand_nl),
+            baseline=Measurement("implicit", base_nl),
+            target=TARGET,
+            extra={"params": params + " training_loss=False"},
+        ),
+    ]

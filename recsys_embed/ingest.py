@@ -1,0 +1,859 @@
+"""Raw log files -> validated, deduplicated, rule-filtered event table + quarantine + row report.
+
+Every step is a vectorised Polars expression. All files are parsed by one streaming query (Parquet is
+scanned lazily with projection pushdown, so only mapped columns are read). The happy path stays lean:
+event types are matched exactly and integer epochs cast directly; only rows that miss (types with stray
+whitespace, time strings that are not integers) get the costlier treatment, and only quarantined rows are
+cast to String (re-read by row number).
+
+Row accounting (``RowReport``): ``rows_read = kept + duplicates + quarantined + filtered`` exactly, where
+
+1. quarantined rows carry the first matching reason, in this order: ``malformed_row`` (CSV field count
+   differs from the header, incl. a truncated last line; NDJSON line that is not a JSON object),
+   ``invalid_encoding`` (the file is not valid UTF-8 and this row holds undecodable bytes: the file is read
+   lossily and rows holding U+FFFD are quarantined; a strict read comes first, so valid files never pay
+   for this, and a genuine U+FFFD in a valid file is kept), ``null_user``, ``null_item`` (null, blank, or a
+   null token such as ``NULL``/``NaN``/``NA``), ``null_timestamp``, ``unparsable_timestamp``,
+   ``timestamp_out_of_window``, ``unknown_event_type``, ``invalid_weight``;
+2. exact duplicates (every mapped column equal after parsing) are dropped, the first occurrence kept;
+3. rule filters remove rows: each ``item_filters`` rule by name, then ``rating_below_threshold``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import operator
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
+import polars as pl
+
+from recsys_embed.config import ColumnMap, IngestConfig
+from recsys_embed.errors import DataWarning, IngestError
+from recsys_embed.io import write_parquet_atomic
+from recsys_embed.sources import (
+    PRE_REASON_COL,
+    RAW_LINE_COL,
+    READ_ERRORS,
+    ROW_COL,
+    RawFrame,
+    fingerprint,
+    list_sources,
+    read_source,
+)
+from recsys_embed.types import RowReport
+
+log = logging.getLogger(__name__)
+
+EVENT_COLUMNS = ("user_id", "item_id", "ts", "weight", "event_type", "rating")
+"""The clean event table's columns, in order."""
+TS_DTYPE = pl.Datetime("us", "UTC")
+REASONS = (
+    "malformed_row",
+    "invalid_encoding",
+    "null_user",
+    "null_item",
+    "null_timestamp",
+    "unparsable_timestamp",
+    "timestamp_out_of_window",
+    "unknown_event_type",
+    "invalid_weight",
+)
+"""Quarantine reasons, in precedence order (a row gets the first that applies)."""
+RATING_RULE = "rating_below_threshold"
+
+# Text that means "no value" in exported logs (pandas, R, SQL dumps); compared after stripping whitespace.
+NULL_TOKENS = ["", "null", "NULL", "Null", "none", "None", "NONE", "nan", "NaN", "NAN", "na", "NA", "n/a", "N/A"]
+
+_FIX = {
+    "malformed_row": "rows do not have the header's number of fields; check ingest.source.csv_separator and quoting",
+    "invalid_encoding": "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+    "null_user": "map the user column with ingest.columns.user",
+    "null_item": "map the item column with ingest.columns.item",
+    "null_timestamp": "map the time column with ingest.columns.timestamp (or set it to null)",
+    "unparsable_timestamp": "map the time column with ingest.columns.timestamp and check ingest.timestamp_unit",
+    "timestamp_out_of_window": "widen ingest.window_start / ingest.window_end",
+    "unknown_event_type": "add the log's event types to ingest.event_weights",
+    "invalid_weight": "map numeric columns with ingest.columns.weight / quantity / rating",
+}
+
+# Internal column names of the parsed frame.
+_R = "__reason"
+_QTY = "__quantity"
+_TEXT = "__item_text"
+_TS_TEXT = "__ts_text"
+_FILE = "__file"
+_I64_MAX = 2**63 - 1
+_UNIT_MICROS = {"s": 1_000_000, "ms": 1_000, "us": 1}  # multiply to get microseconds ("ns": divide by 1000)
+
+
+@dataclass
+class EventLog:
+    """The ingest result.
+
+    Attributes:
+        events: clean events, columns ``EVENT_COLUMNS``: ``user_id``/``item_id`` (Int64 when every file's
+            column is integer-typed, else String stripped of surrounding whitespace), ``ts``
+            (Datetime[us, UTC]; all null without a timestamp column), ``weight`` (Float64, signed: event-type
+            weight x |quantity| (if ``use_quantity``) x weight column), ``event_type`` (String or null),
+            ``rating`` (Float64 or null). ``events.height == report.kept``.
+        report: rows read / duplicates / quarantined by reason / filtered by rule; balanced.
+        quarantine: one row per quarantined input row: original columns as String, ``reason``,
+            ``source_file``, ``source_row`` (0-based data row in that file) and, for rows broken before
+            parsing, ``raw_line``.
+        item_text: ``item_id``, ``text`` (the most frequent text of each kept item, null if none) when
+            ``columns.item_text`` is set.
+        files: the input files read, in order.
+        fingerprint: ``sources.fingerprint`` of ``files``.
+    """
+
+    events: pl.DataFrame
+    report: RowReport
+    quarantine: pl.DataFrame
+    item_text: pl.DataFrame | None
+    files: list[str]
+    fingerprint: str
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Column parsing (expressions)
+
+
+def _is_int(dtype: pl.DataType) -> bool:
+    return dtype.is_integer()
+
+
+def _is_text(dtype: pl.DataType) -> bool:
+    return dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum)
+
+
+def _stripped(name: str) -> pl.Expr:
+    """String column stripped; blank and null tokens become null."""
+    s = pl.col(name).cast(pl.String).str.strip_chars()
+    return pl.when(s.is_in(NULL_TOKENS)).then(pl.lit(None, dtype=pl.String)).otherwise(s)
+
+
+def _id_kind(dtype: pl.DataType, file: str, col: str, role: str) -> str:
+    if _is_int(dtype):
+        return "int"
+    if dtype.is_float():
+        return "float"
+    if _is_text(dtype):
+        return "str"
+    raise IngestError(
+        f"events file '{file}' column '{col}' holds {dtype} values; {role} IDs must be integers or strings, "
+        f"map another column with ingest.columns.{role}"
+    )
+
+
+def _id_expr(col: str, kind: str, target: pl.DataType) -> pl.Expr:
+    """IDs as ``target`` (Int64 or String); null/blank/null-token -> null."""
+    if kind == "str":
+        return _stripped(col)
+    expr = pl.col(col).cast(pl.Int64, strict=False)  # floats were checked to be integral
+    return expr.cast(pl.String) if target == pl.String else expr
+
+
+def _number_expr(col: str, dtype: pl.DataType, file: str, role: str) -> tuple[pl.Expr, pl.Expr]:
+    """(value as Float64 or null, "a value was given") for a numeric column that may arrive as text."""
+    if dtype.is_numeric() or dtype == pl.Boolean:
+        return pl.col(col).cast(pl.Float64), pl.col(col).is_not_null()
+    if _is_text(dtype):
+        s = _stripped(col)
+        return s.cast(pl.Float64, strict=False), s.is_not_null()
+    raise IngestError(
+        f"events file '{file}' column '{col}' holds {dtype} values, not numbers; map a numeric column with "
+        f"ingest.columns.{role}"
+    )
+
+
+def _guess_unit(magnitude: float | None) -> str:
+    """Epoch unit from the median absolute value: <1e11 s, <1e14 ms, <1e17 us, else ns."""
+    if magnitude is None or not math.isfinite(magnitude) or magnitude < 1e11:
+        return "s"
+    if magnitude < 1e14:
+        return "ms"
+    return "us" if magnitude < 1e17 else "ns"
+
+
+def _epoch_int(x: pl.Expr, unit: str) -> pl.Expr:
+    """Integer epoch in ``unit`` -> Datetime[us, UTC]; values that would overflow -> null."""
+    if unit == "ns":
+        micros = x // 1000
+    else:
+        mult = _UNIT_MICROS[unit]
+        micros = pl.when(x.abs() <= _I64_MAX // mult).then(x * mult)
+    return micros.cast(TS_DTYPE)
+
+
+def _epoch_float(x: pl.Expr, unit: str) -> pl.Expr:
+    scale = 1e-3 if unit == "ns" else float(_UNIT_MICROS[unit])
+    micros = x * scale
+    ok = micros.is_finite() & (micros.abs() < 9.2e18)
+    return pl.when(ok).then(micros.round()).cast(pl.Int64, strict=False).cast(TS_DTYPE)
+
+
+def _localize(x: pl.Expr, tz: str) -> pl.Expr:
+    """Naive datetime taken in ``tz`` -> UTC (ambiguous DST times: earliest; nonexistent: null)."""
+    return x.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null").dt.convert_time_zone("UTC")
+
+
+_ISO_FORMATS = (
+    # (format, aware); chrono's %#z takes Z, +hh, +hhmm and +hh:mm; %.f takes zero or more fraction digits
+    ("%Y-%m-%dT%H:%M:%S%.f%#z", True),
+    ("%Y-%m-%d %H:%M:%S%.f%#z", True),
+    ("%Y-%m-%dT%H:%M:%S%.f", False),
+    ("%Y-%m-%d %H:%M:%S%.f", False),
+    ("%Y-%m-%dT%H:%M%#z", True),
+    ("%Y-%m-%d %H:%M%#z", True),
+    ("%Y-%m-%dT%H:%M", False),
+    ("%Y-%m-%d %H:%M", False),
+    ("%Y-%m-%d", False),
+)
+
+
+def _parse_time_text(text: pl.Series, unit: str, tz: str) -> pl.Series:
+    """Stripped non-integer time strings -> Datetime[us, UTC] (null where unparsable).
+
+    Tries a decimal epoch (``1.7e9``, ``1700000000.5``) in ``unit``, then ISO-8601 formats one at a time on
+    the rows still unparsed, so a column in one format costs one parse; a last pass normalises odd
+    spellings (``t`` separator, `` UTC`` suffix, a space before the offset) and retries.
+    """
+    out: pl.Series = pl.select(_epoch_float(pl.lit(text).cast(pl.Float64, strict=False), unit)).to_series()
+    for attempt in range(2):
+        todo = out.is_null()
+        if not todo.any():
+            break
+        idx = todo.arg_true()
+        rest = text.gather(idx)
+        if attempt == 1:
+            rest = (
+                rest.str.replace(r"^(\d{4}-\d{2}-\d{2})[Tt]", "${1}T")
+                .str.replace(r"\s*(?:[Zz]|UTC|GMT)$", "+00:00")
+                .str.replace(r"\s+([+-]\d{2}(?::?\d{2})?)$", "${1}")
+            )
+        got = pl.repeat(None, rest.len(), dtype=TS_DTYPE, eager=True)
+        for fmt, aware in _ISO_FORMATS:
+            miss = got.is_null()
+            if not miss.any():
+                break
+            sub_idx = miss.arg_true()
+            sub = rest.gather(sub_idx)
+            if aware:
+                parsed = sub.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+            else:
+                naive = sub.str.to_datetime(fmt, strict=False, time_unit="us")
+                parsed = pl.select(_localize(pl.lit(naive), tz)).to_series()
+            got = got.scatter(sub_idx, parsed.cast(TS_DTYPE))
+        out = out.scatter(idx, got)
+    return out
+
+
+def _ts_exprs(col: str, dtype: pl.DataType, unit: str, tz: str, file: str) -> tuple[pl.Expr, pl.Expr, pl.Expr | None]:
+    """(timestamp as Datetime[us, UTC] or null, "no value was given", text left for ``_parse_time_text``).
+
+    Text columns are parsed as integer epochs here (the common, cheap case); any other text is handed on
+    as the third expression, non-null only on the rows that still need parsing.
+    """
+    c = pl.col(col)
+    if _is_int(dtype):
+        return _epoch_int(c.cast(pl.Int64, strict=False), unit), c.is_null(), None
+    if dtype.is_float():
+        return _epoch_float(c.cast(pl.Float64), unit), c.is_null(), None
+    if isinstance(dtype, pl.Datetime):
+        x = c.dt.cast_time_unit("us")
+        x = _localize(x, tz) if dtype.time_zone is None else x.dt.convert_time_zone("UTC")
+        return x.cast(TS_DTYPE), c.is_null(), None
+    if dtype == pl.Date:
+        return _localize(c.cast(pl.Datetime("us")), tz).cast(TS_DTYPE), c.is_null(), None
+    if _is_text(dtype):
+        s = _stripped(col)
+        ts = _epoch_int(s.cast(pl.Int64, strict=False), unit)
+        return ts, s.is_null(), pl.when(ts.is_null()).then(s)
+    raise IngestError(
+        f"events file '{file}' column '{col}' holds {dtype} values, not times; map the time column with "
+        "ingest.columns.timestamp"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-file plan
+
+
+def _check_columns(raw: RawFrame, columns: ColumnMap) -> None:
+    found = raw.schema.names()
+    for role, name in columns.model_dump().items():
+        if name is None or name in found:
+            continue
+        shown = [f[:40] for f in found[:20]] + (["..."] if len(found) > 20 else [])
+        hint = ""
+        close = [f for f in found if f.strip().lower() == name.strip().lower()]
+        if close:
+            hint = f"; did you mean {close[0]!r}?"
+        elif len(found) <= 1:
+            hint = (
+                "; it has a single column, so it is not a delimited event log (or its separator is not "
+                "ingest.source.csv_separator)"
+            )
+        raise IngestError(
+            f"events file '{raw.file.name}' lacks column '{name}' (found: {shown}){hint}; map it with "
+            f"ingest.columns.{role}"
+        )
+
+
+@dataclass
+class _Profile:
+    user_kind: str
+    item_kind: str
+    ts_unit: str
+
+
+def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
+    """ID kinds and the epoch unit of one file; scans only the columns that need a look (usually none)."""
+    cols = cfg.columns
+    name = raw.file.name
+    kinds = {
+        "user": _id_kind(raw.schema[cols.user], name, cols.user, "user"),
+        "item": _id_kind(raw.schema[cols.item], name, cols.item, "item"),
+    }
+    aggs: list[pl.Expr] = []
+    for role, col in (("user", cols.user), ("item", cols.item)):
+        if kinds[role] == "float":
+            c = pl.col(col)
+            given = c.is_not_null() & ~c.is_nan()  # NaN is how pandas spells a missing float
+            aggs.append((given & c.is_finite() & (c == c.round())).sum().alias(f"{role}_integral"))
+            aggs.append(given.sum().alias(f"{role}_present"))
+    ts_dtype = raw.schema[cols.timestamp] if cols.timestamp else None
+    if cols.timestamp and cfg.timestamp_unit == "auto" and ts_dtype is not None:
+        if ts_dtype.is_numeric():
+            aggs.append(pl.col(cols.timestamp).cast(pl.Float64).abs().median().alias("ts_mag"))
+        elif _is_text(ts_dtype):
+            aggs.append(_stripped(cols.timestamp).cast(pl.Float64, strict=False).abs().median().alias("ts_mag"))
+    stats: dict[str, float | int | None] = {}
+    if aggs:
+        try:
+            stats = raw.frame.select(aggs).collect(engine="streaming").row(0, named=True)
+        except READ_ERRORS as e:
+            raise _unreadable(raw, e) from None
+    for role in ("user", "item"):
+        if kinds[role] == "float":
+            col = getattr(cols, role)
+            if stats[f"{role}_integral"] == stats[f"{role}_present"]:
+                kinds[role] = "int"
+                msg = f"events file '{name}': {role} column '{col}' is float but integral; read as Int64 IDs"
+                log.warning(msg)
+                warnings.warn(msg, DataWarning, stacklevel=3)
+            else:
+                kinds[role] = "float_str"
+    unit: str = cfg.timestamp_unit
+    if unit == "auto":
+        mag = stats.get("ts_mag")
+        unit = _guess_unit(None if mag is None else float(mag))
+        if "ts_mag" in stats:
+            log.info("'%s': timestamp column '%s' read as epoch %s (auto)", name, cols.timestamp, unit)
+    return _Profile(kinds["user"], kinds["item"], unit)
+
+
+def _flag(reason: str) -> str:
+    return f"__f_{reason}"
+
+
+def _weight_match(et: pl.Expr, weights: dict[str, float]) -> pl.Expr:
+    """Event-type weight (Float64) or null for a type that is not a key; exact match on ``et``."""
+    if len(weights) > 16:
+        return et.replace_strict(weights, default=None, return_dtype=pl.Float64)
+    chain: Any = None
+    for k, w in weights.items():
+        chain = (
+            pl.when(et == k).then(pl.lit(w, pl.Float64))
+            if chain is None
+            else chain.when(et == k).then(pl.lit(w, pl.Float64))
+        )
+    return chain.otherwise(pl.lit(None, pl.Float64)) if chain is not None else pl.lit(None, pl.Float64)
+
+
+def _parse_frame(
+    raw: RawFrame, prof: _Profile, id_dtypes: tuple[pl.DataType, pl.DataType], cfg: IngestConfig
+) -> tuple[pl.LazyFrame, list[str]]:
+    """The parsing query of one file and the reasons it can flag.
+
+    Output columns: ``ROW_COL``, ``EVENT_COLUMNS``, aux columns (``__quantity``, ``__item_text``,
+    ``__rest`` = the weight factor besides the event-type weight), and one Boolean ``__f_<reason>`` per
+    reason the query can decide (``reasons`` also lists the time reasons that ``_time_flags`` decides
+    after collection; non-integer time text travels in ``__ts_text``). Derived columns are staged so that
+    each is computed once; event types are matched exactly here (no per-row strip on the happy path) and
+    rows that miss are re-matched after stripping in ``_rematch_event_types``.
+    """
+    cols = cfg.columns
+    name = raw.file.name
+    tz = cfg.assume_timezone
+    schema = raw.schema
+
+    def id_col(col: str, kind: str, target: pl.DataType) -> pl.Expr:
+        if kind == "float_str":  # non-integral float IDs: keep the text form ("NaN" is a null token)
+            return pl.col(col).cast(pl.String).str.strip_chars().replace(NULL_TOKENS, None)
+        return _id_expr(col, "int" if kind == "int" else "str", target)
+
+    stage1: list[pl.Expr] = [
+        id_col(cols.user, prof.user_kind, id_dtypes[0]).alias("user_id"),
+        id_col(cols.item, prof.item_kind, id_dtypes[1]).alias("item_id"),
+    ]
+    flags: dict[str, pl.Expr] = {}
+    late: list[str] = []
+    aux: list[str] = []
+    if PRE_REASON_COL in raw.frame.collect_schema():
+        flags["malformed_row"] = pl.col(PRE_REASON_COL) == "malformed_row"
+        flags["invalid_encoding"] = pl.col(PRE_REASON_COL) == "invalid_encoding"
+    flags["null_user"] = pl.col("user_id").is_null()
+    flags["null_item"] = pl.col("item_id").is_null()
+    if cols.timestamp:
+        ts, ts_missing, ts_text = _ts_exprs(cols.timestamp, schema[cols.timestamp], prof.ts_unit, tz, name)
+        stage1 += [ts.alias("ts"), ts_missing.alias("__ts_missing")]
+        if ts_text is not None:
+            stage1.append(ts_text.alias(_TS_TEXT))
+            aux.append(_TS_TEXT)
+        flags["null_timestamp"] = pl.col("__ts_missing")
+        # unparsable_timestamp and timestamp_out_of_window are flagged by _time_flags once text is parsed
+        late += ["unparsable_timestamp"] + (["timestamp_out_of_window"] if cfg.window_start or cfg.window_end else [])
+    else:
+        stage1.append(pl.lit(None, dtype=TS_DTYPE).alias("ts"))
+
+    if cols.event_type:  # with weights: exact match first, strip only the misses (see _rematch_event_types)
+        et = pl.col(cols.event_type).cast(pl.String) if cfg.event_weights else _stripped(cols.event_type)
+    else:
+        et = pl.lit(None, dtype=pl.String)
+    stage1.append(et.alias("event_type"))
+
+    rest: list[pl.Expr] = []
+    bad_w: list[pl.Expr] = []
+    if cols.quantity:
+        q, _q_given = _number_expr(cols.quantity, schema[cols.quantity], name, "quantity")
+        stage1.append(q.alias(_QTY))
+        aux.append(_QTY)
+        if cfg.use_quantity:  # |quantity|: retail cancellations carry negative quantities
+            bad_w.append(pl.col(_QTY).is_null() | ~pl.col(_QTY).is_finite() | (pl.col(_QTY) == 0))
+            rest.append(pl.col(_QTY).abs())
+    if cols.weight:
+        w, _w_given = _number_expr(cols.weight, schema[cols.weight], name, "weight")
+        stage1.append(w.alias("__w"))
+        bad_w.append(pl.col("__w").is_null() | ~pl.col("__w").is_finite() | (pl.col("__w") < 0))
+        rest.append(pl.col("__w"))
+    if cols.rating:
+        r, r_given = _number_expr(cols.rating, schema[cols.rating], name, "rating")
+        stage1 += [r.alias("rating"), r_given.alias("__r_given")]
+        bad_w.append(pl.col("__r_given") & (pl.col("rating").is_null() | ~pl.col("rating").is_finite()))
+    else:
+        stage1.append(pl.lit(None, dtype=pl.Float64).alias("rating"))
+    if cols.item_text:
+        stage1.append(_stripped(cols.item_text).alias(_TEXT))
+        aux.append(_TEXT)
+
+    rest_expr = None
+    for e in rest:
+        rest_expr = e if rest_expr is None else rest_expr * e
+    stage2: list[pl.Expr] = []
+    if cfg.event_weights:
+        stage2.append(_weight_match(pl.col("event_type"), cfg.event_weights).alias("__ew"))
+        flags["unknown_event_type"] = pl.col("__ew").is_null()
+        weight = pl.col("__ew") if rest_expr is None else pl.col("__ew") * pl.col("__rest")
+        if rest_expr is not None:
+            stage2.append(rest_expr.alias("__rest"))
+            aux.append("__rest")
+    else:
+        weight = pl.lit(1.0, pl.Float64) if rest_expr is None else rest_expr
+    if bad_w:
+        flags["invalid_weight"] = pl.any_horizontal(bad_w)
+    reasons = [r for r in REASONS if r in flags or r in late]
+    lf = (
+        raw.frame.with_columns(stage1)
+        .with_columns(stage2)
+        .with_columns(
+            weight.cast(pl.Float64).alias("weight"), *(f.fill_null(False).alias(_flag(r)) for r, f in flags.items())
+        )
+        .select(ROW_COL, *EVENT_COLUMNS, *aux, *(_flag(r) for r in reasons if r in flags))
+    )
+    return lf, reasons
+
+
+# Eager steps on the collected frame use Series operations and ``frame[[...]]``: an eager expression on a
+# frame of many chunks (one per streamed morsel) makes Polars copy every column first (~1 s at 20M rows).
+
+
+def _without(frame: pl.DataFrame, *names: str) -> pl.DataFrame:
+    """``frame`` without ``names`` (absent names ignored), zero-copy."""
+    return frame[[c for c in frame.columns if c not in names]]
+
+
+def _time_flags(parsed: pl.DataFrame, units: list[str], cfg: IngestConfig) -> pl.DataFrame:
+    """Parse the time text the query left (only rows that need it, each file in its own epoch unit),
+    then flag unparsable and out-of-window times."""
+    if cfg.columns.timestamp is None:
+        return parsed
+    ts = parsed["ts"]
+    if _TS_TEXT in parsed.columns:
+        text = parsed[_TS_TEXT]
+        if text.null_count() < text.len():
+            ts = ts.clone()
+            todo = text.is_not_null().arg_true()
+            files = parsed[_FILE].gather(todo)
+            for k in files.unique().sort().to_list():
+                idx = todo.filter(files == k)
+                ts.scatter(idx, _parse_time_text(text.gather(idx), units[k], cfg.assume_timezone))
+        parsed = _without(parsed, _TS_TEXT)
+    out = [ts, (ts.is_null() & ~parsed[_flag("null_timestamp")]).alias(_flag("unparsable_timestamp"))]
+    outside: pl.Series | None = None
+    tz = ZoneInfo(cfg.assume_timezone)
+    for bound, after in ((cfg.window_start, False), (cfg.window_end, True)):
+        if bound is not None:
+            edge = (bound.replace(tzinfo=tz) if bound.tzinfo is None else bound).astimezone(UTC)
+            cond = (ts >= edge) if after else (ts < edge)
+            outside = cond if outside is None else outside | cond
+    if outside is not None:
+        out.append(outside.fill_null(False).alias(_flag("timestamp_out_of_window")))
+    return parsed.with_columns(out)
+
+
+def _rematch_event_types(parsed: pl.DataFrame, cfg: IngestConfig) -> pl.DataFrame:
+    """Re-match rows whose event type missed ``event_weights`` exactly, after stripping whitespace and
+    nulling null tokens; only those rows are touched (usually none)."""
+    flag = _flag("unknown_event_type")
+    if flag not in parsed.columns or not parsed[flag].any():
+        return parsed
+    idx = parsed[flag].arg_true()
+    stripped = pl.col("event_type").str.strip_chars()
+    sub = parsed[["event_type", "__rest"] if "__rest" in parsed.columns else ["event_type"]][idx].with_columns(
+        pl.when(stripped.is_in(NULL_TOKENS)).then(pl.lit(None, pl.String)).otherwise(stripped).alias("event_type")
+    )
+    ew = sub.select(_weight_match(pl.col("event_type"), cfg.event_weights)).to_series()
+    new_w = ew * sub["__rest"] if "__rest" in sub.columns else ew
+    return parsed.with_columns(
+        parsed["event_type"].clone().scatter(idx, sub["event_type"]),
+        parsed["weight"].clone().scatter(idx, new_w),
+        parsed[flag].clone().scatter(idx, ew.is_null()),
+    )
+
+
+def _reason_of(frame: pl.DataFrame, reasons: list[str]) -> pl.Series:
+    """The first applicable reason per row of ``frame`` (whose flags are set), as String."""
+    chain: Any = None
+    for r in reasons:
+        cond = pl.col(_flag(r))
+        chain = pl.when(cond).then(pl.lit(r)) if chain is None else chain.when(cond).then(pl.lit(r))
+    assert chain is not None
+    return frame.select(chain.otherwise(pl.lit(None, pl.String)).alias(_R)).to_series()
+
+
+def _quarantine_rows(raw: RawFrame, bad: pl.DataFrame) -> pl.DataFrame:
+    """The original columns (as String) of ``bad``'s rows plus reason, source_file, source_row, raw_line."""
+    reserved = {"reason", "source_file", "source_row", "raw_line"}
+    exprs: list[pl.Expr] = []
+    for c, dt in raw.schema.items():
+        out = f"orig_{c}" if c in reserved else c
+        if dt.is_nested():
+            continue  # lists/structs have no faithful one-cell text form; the row number locates them
+        e = pl.col(c).bin.encode("hex") if dt == pl.Binary else pl.col(c).cast(pl.String)
+        exprs.append(e.alias(out))
+    has_raw = RAW_LINE_COL in raw.frame.collect_schema()
+    rows = raw.frame.join(bad.lazy(), on=ROW_COL, how="inner", maintain_order="left")
+    q = rows.select(
+        *exprs,
+        pl.col(_R).alias("reason"),
+        pl.lit(raw.file.name).alias("source_file"),
+        pl.col(ROW_COL).cast(pl.Int64).alias("source_row"),
+        *([pl.col(RAW_LINE_COL).alias("raw_line")] if has_raw else []),
+    )
+    try:
+        return q.collect(engine="streaming")
+    except READ_ERRORS as e:
+        raise _unreadable(raw, e) from None
+
+
+def _empty_quarantine() -> pl.DataFrame:
+    return pl.DataFrame(schema={"reason": pl.String, "source_file": pl.String, "source_row": pl.Int64})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole-log steps
+
+
+def _keep_mask(events: pl.DataFrame, n_files: int, has_time: bool) -> pl.Series | None:
+    """Boolean mask keeping the first occurrence of every distinct row; None when there are no duplicates.
+
+    ``events`` holds each file's rows contiguously, in file order, tagged by ``__file``. A 64-bit hash of
+    (user, item, time) -- equal rows have equal keys -- is sorted to find candidate duplicates; only the
+    candidates are compared exactly on every column, so a hash collision can never drop a distinct row.
+    Sorting per file keeps the sorts cache-sized; rows of two files can only be equal when the files' time
+    ranges overlap, so only such groups of files are sorted together (without time: all files).
+    """
+    if events.height < 2:
+        return None
+    h = events[["user_id", "item_id", "ts"]].hash_rows(seed=0x5EED)
+    sizes = np.bincount(events[_FILE].to_numpy(), minlength=n_files)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    groups = _overlap_groups(events["ts"], offsets, has_time)
+    dup_hashes: list[pl.Series] = []
+    for group in groups:
+        parts = [h.slice(int(offsets[k]), int(sizes[k])) for k in group if sizes[k]]
+        if not parts or sum(p.len() for p in parts) < 2:
+            continue
+        s = (pl.concat(parts) if len(parts) > 1 else parts[0]).sort()
+        d = s.filter(s == s.shift(1))
+        if d.len():
+            dup_hashes.append(d)
+    if not dup_hashes:
+        return None
+    cand = h.is_in(pl.concat(dup_hashes).unique().implode())
+    keys = [c for c in events.columns if c != _FILE]
+    first = events[keys].filter(cand).select(pl.struct(keys).is_first_distinct()).to_series()
+    drop = cand.arg_true().filter(~first)
+    if drop.len() == 0:
+        return None
+    return pl.repeat(True, events.height, eager=True).scatter(drop, False)
+
+
+def _overlap_groups(ts: pl.Series, offsets: np.ndarray, has_time: bool) -> list[list[int]]:
+    """Files (contiguous slices of ``ts`` at ``offsets``) grouped where their [min, max] times overlap."""
+    n_files = len(offsets) - 1
+    if not has_time:
+        return [list(range(n_files))]
+    phys = ts.to_physical()
+    bounds: list[tuple[int, int, int]] = []
+    for k in range(n_files):
+        part = phys.slice(int(offsets[k]), int(offsets[k + 1] - offsets[k]))
+        if part.len():  # clean rows always have a time when the log has one
+            bounds.append((int(part.min()), int(part.max()), k))  # type: ignore[arg-type]
+    bounds.sort()
+    groups: list[list[int]] = []
+    hi = 0
+    for lo, top, k in bounds:
+        if groups and lo <= hi:
+            groups[-1].append(k)
+            hi = max(hi, top)
+        else:
+            groups.append([k])
+            hi = top
+    return [sorted(g) for g in groups]
+
+
+def _apply_filters(events: pl.DataFrame, cfg: IngestConfig, report: RowReport) -> pl.DataFrame:
+    """Apply ``item_filters`` (in order, each counted under its name), then ``rating_threshold``."""
+    for k, rule in enumerate(cfg.item_filters):
+        item = events["item_id"]
+        hit: pl.Series | None = None
+        if rule.exclude:
+            if item.dtype == pl.Int64:
+                ints = [int(x) for x in rule.exclude if re.fullmatch(r"\s*[+-]?\d+\s*", x)]
+                hit = item.is_in(pl.Series(ints, dtype=pl.Int64).implode())
+            else:
+                hit = item.is_in(pl.Series(rule.exclude, dtype=pl.String).implode())
+        if rule.exclude_pattern is not None:
+            pattern = f"^(?:{rule.exclude_pattern})$"
+            try:
+                pl.Series([""], dtype=pl.String).str.contains(pattern)
+            except pl.exceptions.PolarsError as e:
+                raise IngestError(
+                    f"ingest.item_filters[{k}].exclude_pattern {rule.exclude_pattern!r} is not a valid regular "
+                    f"expression ({str(e).splitlines()[0]}); fix it (Rust regex syntax)"
+                ) from None
+            match = item.cast(pl.String).str.contains(pattern)
+            hit = match if hit is None else hit | match
+        if hit is None:
+            continue
+        before = events.height
+        events = events.filter(~hit.fill_null(False))
+        report.filter_out(rule.name, before - events.height)
+    if cfg.rating_threshold is not None:
+        before = events.height
+        events = events.filter(~(events["rating"] < cfg.rating_threshold).fill_null(False))
+        report.filter_out(RATING_RULE, before - events.height)
+    return events
+
+
+def _item_texts(events: pl.DataFrame) -> pl.DataFrame:
+    """One text per kept item: the most frequent (ties: lexicographically first); null when none."""
+    counts = (
+        events.filter(pl.col(_TEXT).is_not_null())
+        .group_by("item_id", _TEXT)
+        .len()
+        .sort(["item_id", "len", _TEXT], descending=[False, True, False])
+        .unique("item_id", keep="first", maintain_order=True)
+        .select("item_id", pl.col(_TEXT).alias("text"))
+    )
+    items = events.select("item_id").unique().sort("item_id")
+    return items.join(counts, on="item_id", how="left", maintain_order="left")
+
+
+def _all_bad_error(name: str, reasons: Counter[str], parsed: pl.DataFrame, cfg: IngestConfig) -> IngestError:
+    top, n = reasons.most_common(1)[0]
+    fix = _FIX[top]
+    if top == "unknown_event_type":
+        seen = parsed["event_type"].drop_nulls().unique().sort().head(10).to_list()
+        fix += f" (seen: {seen}; configured: {sorted(cfg.event_weights)})"
+    elif top in ("null_user", "null_item"):
+        col = cfg.columns.user if top == "null_user" else cfg.columns.item
+        fix = f"column '{col}' is empty in every row; {fix}"
+    return IngestError(f"events file '{name}' has no usable rows: all {n:,} rows are {top}; {fix}")
+
+
+def _validate_cfg(cfg: IngestConfig) -> None:
+    try:
+        ZoneInfo(cfg.assume_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise IngestError(
+            f"ingest.assume_timezone {cfg.assume_timezone!r} is not a known time zone; use e.g. 'UTC' or "
+            "'Europe/London'"
+        ) from None
+    if cfg.columns.timestamp is None and (cfg.window_start or cfg.window_end):
+        raise IngestError("ingest.window_start/window_end need a timestamp column; set ingest.columns.timestamp")
+
+
+def _unreadable(raw: RawFrame, e: BaseException) -> IngestError:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return IngestError(
+        f"events file '{raw.file.name}' could not be read ({first}); the file is corrupt or not what "
+        "ingest.columns expects, re-export it"
+    )
+
+
+def _collect(queries: list[pl.LazyFrame], raws: list[RawFrame]) -> pl.DataFrame:
+    """Run every file's parsing query as one streaming query; on failure, find and name the file."""
+    try:
+        return pl.concat(queries, how="diagonal_relaxed").collect(engine="streaming")
+    except READ_ERRORS:
+        for q, raw in zip(queries, raws, strict=True):
+            try:
+                q.collect(engine="streaming")
+            except READ_ERRORS as e:
+                raise _unreadable(raw, e) from None
+        raise IngestError(
+            f"the {len(raws)} input files could not be combined (their mapped columns disagree in type); "
+            "check that every file under ingest.source.path has the same layout"
+        ) from None
+
+
+def load_events(cfg: IngestConfig) -> EventLog:
+    """Read every input file, quarantine bad rows, drop exact duplicates, apply rule filters.
+
+    Args:
+        cfg: the ingest slice (source, column map, timestamps, weights, window, filters).
+
+    Returns:
+        An ``EventLog`` whose report balances (``report.check()`` passed) and ``events.height == report.kept``.
+
+    Raises:
+        IngestError: no files, an unreadable or non-log file, a missing column, every file empty, or a file
+            in which every row is quarantined (naming the file, the most common reason and the fix).
+    """
+    _validate_cfg(cfg)
+    files = list_sources(cfg.source)
+    report = RowReport()
+    raws: list[RawFrame] = []
+    for f in files:
+        raw = read_source(f, cfg.source)
+        report.sources[f.name] = raw.rows
+        report.rows_read += raw.rows
+        if raw.rows:
+            _check_columns(raw, cfg.columns)
+            raws.append(raw)
+    if not raws:
+        only = files[0].name if len(files) == 1 else f"all {len(files)} files under '{cfg.source.path}'"
+        raise IngestError(f"events file '{only}' has no data rows (only a header or nothing); check ingest.source.path")
+    for f in files:
+        if report.sources[f.name] == 0:
+            msg = f"events file '{f.name}' has no data rows; skipped"
+            log.warning(msg)
+            warnings.warn(msg, DataWarning, stacklevel=2)
+    profiles = [_profile(raw, cfg) for raw in raws]
+    # One ID dtype for the whole log: Int64 only when every file's column is integer-typed.
+    id_dtypes: tuple[pl.DataType, pl.DataType] = (
+        pl.Int64() if all(p.user_kind == "int" for p in profiles) else pl.String(),
+        pl.Int64() if all(p.item_kind == "int" for p in profiles) else pl.String(),
+    )
+
+    # Parse every file in one streaming query; ``__file`` says where each row came from.
+    queries: list[pl.LazyFrame] = []
+    seen: set[str] = set()
+    for k, (raw, prof) in enumerate(zip(raws, profiles, strict=True)):
+        query, file_reasons = _parse_frame(raw, prof, id_dtypes, cfg)
+        queries.append(query.with_columns(pl.lit(k, dtype=pl.UInt32).alias(_FILE)))
+        seen.update(file_reasons)
+    reasons = [r for r in REASONS if r in seen]
+    parsed = _collect(queries, raws)
+    # a flag that some file could not raise is null for its rows after the diagonal concat: False
+    holes = [_flag(r) for r in reasons if _flag(r) in parsed.columns and parsed[_flag(r)].null_count()]
+    if holes:
+        parsed = parsed.with_columns(parsed[c].fill_null(False) for c in holes)
+    parsed = _rematch_event_types(parsed, cfg)
+    parsed = _time_flags(parsed, [p.ts_unit for p in profiles], cfg)
+    flag_cols = [_flag(r) for r in reasons]
+
+    bad_mask = functools.reduce(operator.or_, (parsed[c] for c in flag_cols))  # null_user/null_item always
+    quarantines: list[pl.DataFrame] = []
+    if bad_mask.any():
+        bad = parsed.filter(bad_mask)
+        bad = bad.with_columns(_reason_of(bad, reasons))
+        per_file = bad.group_by(_FILE, _R).len().sort(_FILE, "len", _R, descending=[False, True, False])
+        for (k,), counts in per_file.group_by(_FILE, maintain_order=True):
+            raw = raws[int(k)]
+            by_reason = Counter(dict(counts.select(_R, "len").iter_rows()))
+            if by_reason.total() == raw.rows:
+                raise _all_bad_error(raw.file.name, by_reason, bad.filter(pl.col(_FILE) == k), cfg)
+            report.quarantined.update(by_reason)
+            quarantines.append(_quarantine_rows(raw, bad.filter(pl.col(_FILE) == k).select(ROW_COL, _R)))
+        del bad
+        parsed = parsed.filter(~bad_mask)
+    events = _without(parsed, ROW_COL, *flag_cols, "__rest")
+    del parsed
+
+    before = events.height
+    keep = _keep_mask(events, len(raws), cfg.columns.timestamp is not None)
+    if keep is not None:
+        events = events.filter(keep)
+    events = _without(events, _FILE).rechunk()  # one chunk per column: later (and callers') steps stay fast
+    del raws
+    report.duplicates = before - events.height
+    report.kept = events.height
+    events = _apply_filters(events, cfg, report)
+    item_text = _item_texts(events) if cfg.columns.item_text else None
+    events = events[list(EVENT_COLUMNS)]
+    report.check()
+    quarantine = pl.concat(quarantines, how="diagonal") if quarantines else _empty_quarantine()
+    if report.n_quarantined:
+        log.info(
+            "ingest: %s rows quarantined (%s)",
+            f"{report.n_quarantined:,}",
+            ", ".join(f"{r}={n:,}" for r, n in report.quarantined.most_common()),
+        )
+    log.info(
+        "ingest: %s rows read from %d file(s); kept %s, duplicates %s, quarantined %s, filtered %s",
+        f"{report.rows_read:,}",
+        len(files),
+        f"{report.kept:,}",
+        f"{report.duplicates:,}",
+        f"{report.n_quarantined:,}",
+        f"{report.n_filtered:,}",
+    )
+    paths = [f.path for f in files]
+    return EventLog(
+        events=events,
+        report=report,
+        quarantine=quarantine,
+        item_text=item_text,
+        files=[str(p) for p in paths],
+        fingerprint=fingerprint(paths),
+    )
+
+
+def write_quarantine(q: pl.DataFrame, path: str | Path) -> Path:
+    """Write the quarantine frame atomically as Parquet (zstd); returns the path."""
+    return write_parquet_atomic(q, path)

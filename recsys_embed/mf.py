@@ -1,0 +1,337 @@
+"""Matrix factorisation with ``implicit``: ALS (Hu, Koren, Volinsky 2008) and BPR (Rendle et al. 2009).
+
+Both trainers share one shape: a backend factory (implicit's GPU build when asked for or, with
+``use_gpu="auto"``, when ``implicit.gpu.HAS_CUDA``; CPU otherwise), BLAS pinned to one thread around
+implicit only, a per-iteration callback that reports the training signal, validates every
+``eval_every`` iterations with ``evaluate`` and snapshots the best iteration's factors, and an
+``Embeddings`` result. Training data contract: ``train.matrix`` is CSR (n_users x n_items) float32
+confidence; ALS scales it by ``alpha`` inside implicit (do not pre-scale), BPR reads it as binary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import implicit.als
+import implicit.bpr
+import implicit.gpu
+import numpy as np
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from recsys_embed.config import ALSConfig, BPRConfig
+from recsys_embed.errors import ConfigError
+from recsys_embed.evaluate import evaluate, selection_metrics
+from recsys_embed.types import Embeddings, Interactions
+
+log = logging.getLogger(__name__)
+
+OnMetrics = Callable[[dict[str, float], int], None]
+"""``on_metrics(metrics, step)``: ``step`` is the number of completed iterations (1-based)."""
+
+
+def use_gpu_backend(use_gpu: bool | Literal["auto"], model: str) -> bool:
+    """Resolve ``use_gpu`` (True / False / "auto") against implicit's CUDA build.
+
+    Raises:
+        ConfigError: ``use_gpu=True`` while implicit has no usable CUDA backend.
+    """
+    if use_gpu == "auto":
+        return bool(implicit.gpu.HAS_CUDA)
+    if use_gpu and not implicit.gpu.HAS_CUDA:
+        raise ConfigError(
+            f"models.{model}.use_gpu is true but implicit has no CUDA backend here (implicit.gpu.HAS_CUDA is "
+            f"False: it needs a CUDA GPU and the 'rmm' package); set models.{model}.use_gpu to auto or false"
+        )
+    return bool(use_gpu)
+
+
+def _to_numpy(factors: Any) -> np.ndarray:
+    """implicit's factors as a NumPy array (GPU ``implicit.gpu.Matrix`` is copied to host)."""
+    return factors if isinstance(factors, np.ndarray) else factors.to_numpy()
+
+
+@dataclass
+class _Progress:
+    """Per-iteration bookkeeping shared by ALS and BPR: logging, callbacks, validation, best snapshot."""
+
+    name: str
+    train: Interactions
+    iterations: int
+    eval_every: int
+    val_targets: sp.csr_matrix | None
+    ks: list[int]
+    metric: str
+    on_metrics: OnMetrics | None
+    factors: Callable[[], tuple[Any, Any]]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_iteration: int | None = None
+    best_value: float = -math.inf
+    best_factors: tuple[np.ndarray, np.ndarray] | None = None
+    eval_seconds: float = 0.0
+    # time spent in our per-iteration callback outside validation (the wrapper's cost inside implicit's fit)
+    callback_seconds: float = 0.0
+
+    @property
+    def validating(self) -> bool:
+        return self.eval_every > 0 and self.val_targets is not None
+
+    def embeddings(self, user: np.ndarray, item: np.ndarray, info: dict[str, Any] | None = None) -> Embeddings:
+        return Embeddings(
+            user_vectors=user,
+            item_vectors=item,
+            users=self.train.users,
+            items=self.train.items,
+            model=self.name,
+            scoring="dot",
+            info=info or {},
+        )
+
+    def step(self, iteration: int, seconds: float, train_metrics: dict[str, float]) -> None:
+        """Record iteration ``iteration`` (0-based, as implicit passes it)."""
+        t0, eval_before = time.perf_counter(), self.eval_seconds
+        done = iteration + 1
+        row: dict[str, float] = {"iteration": float(done), "seconds": seconds, **train_metrics}
+        shown = " ".join(f"{k} {v:.5g}" for k, v in train_metrics.items())
+        log.info("%s iteration %d/%d: %s (%.2f s)", self.name, done, self.iterations, shown, seconds)
+        if self.on_metrics is not None and train_metrics:
+            self.on_metrics(dict(train_metrics), done)
+        if self.validating and (done % self.eval_every == 0 or done == self.iterations):
+            row.update(self._validate(done))
+        self.history.append(row)
+        self.callback_seconds += time.perf_counter() - t0 - (self.eval_seconds - eval_before)
+
+    def _validate(self, done: int) -> dict[str, float]:
+        assert self.val_targets is not None
+        t0 = time.perf_counter()
+        user, item = (_to_numpy(f) for f in self.factors())
+        metrics = evaluate(self.embeddings(user, item), self.train.matrix, self.val_targets, self.ks)
+        val = {f"val_{k}": v for k, v in metrics.items()}
+        value = metrics[self.metric]
+        if value > self.best_value:  # NaN (no validation user) never improves
+            self.best_value, self.best_iteration = value, done
+            # implicit updates its factors in place: copy, except after the last iteration (nothing follows)
+            last = done == self.iterations
+            self.best_factors = (user, item) if last else (np.array(user, copy=True), np.array(item, copy=True))
+        self.eval_seconds += time.perf_counter() - t0
+        log.info(
+            "%s iteration %d: val %s %.5f (best %.5f at %s)",
+            self.name,
+            done,
+            self.metric,
+            value,
+            self.best_value,
+            self.best_iteration,
+        )
+        if self.on_metrics is not None:
+            self.on_metrics(val, done)
+        return val
+
+    def result(self, backend: str, fit_seconds: float, extra: dict[str, Any]) -> Embeddings:
+        user, item = (_to_numpy(f) for f in self.factors())
+        returned = self.iterations
+        if self.best_factors is not None and self.best_iteration != self.iterations:
+            log.info(
+                "%s: final iteration is worse on val %s than iteration %d (%.5f); returning that snapshot",
+                self.name,
+                self.metric,
+                self.best_iteration,
+                self.best_value,
+            )
+            user, item = self.best_factors
+            returned = int(self.best_iteration or self.iterations)
+        info: dict[str, Any] = {
+            "backend": backend,
+            "best_iteration": self.best_iteration,
+            "best_val_metric": None if self.best_iteration is None else self.best_value,
+            "val_metric": self.metric if self.validating else None,
+            "returned_iteration": returned,
+            "history": self.history,
+            "fit_seconds": fit_seconds,
+            "eval_seconds": self.eval_seconds,
+            "callback_seconds": self.callback_seconds,
+            **extra,
+        }
+        return self.embeddings(user, item, info)
+
+
+def sample_val_targets(targets: sp.csr_matrix, max_users: int, seed: int) -> sp.csr_matrix:
+    """``targets`` with all but a seeded sample of ``max_users`` users-with-targets zeroed (0 = keep all).
+
+    Same shape, so it still lines up with the train matrix; ``evaluate`` skips the emptied rows.
+    """
+    targets = sp.csr_matrix(targets)
+    users = np.flatnonzero(np.diff(targets.indptr) > 0)
+    if max_users <= 0 or len(users) <= max_users:
+        return targets
+    keep = np.zeros(targets.shape[0], dtype=targets.dtype)
+    keep[np.random.default_rng(seed).choice(users, max_users, replace=False)] = 1
+    out = sp.csr_matrix(sp.diags(keep) @ targets)
+    out.eliminate_zeros()
+    return out
+
+
+def _check_inputs(
+    train: Interactions, val_targets: sp.csr_matrix | None, ks: Sequence[int], metric: str, name: str
+) -> list[int]:
+    if train.matrix.nnz == 0:
+        raise ValueError(f"{name}: the train matrix {train.shape} has no interactions; check ingest and split")
+    if val_targets is not None and val_targets.shape != train.shape:
+        raise ValueError(
+            f"{name}: val_targets shape {val_targets.shape} != train matrix shape {train.shape}; "
+            "build the validation targets over the train ID maps"
+        )
+    ks_list = sorted({int(k) for k in ks})
+    allowed = selection_metrics(ks_list)
+    if metric not in allowed:
+        raise ValueError(f"{name}: validation metric {metric!r} is not computed for ks={ks_list}; use one of {allowed}")
+    return ks_list
+
+
+def _backend_name(gpu: bool) -> str:
+    return "implicit-gpu" if gpu else "implicit-cpu"
+
+
+def train_als(
+    train: Interactions,
+    cfg: ALSConfig,
+    val_targets: sp.csr_matrix | None = None,
+    ks: Sequence[int] = (20,),
+    metric: str = "ndcg_at_20",
+    on_metrics: OnMetrics | None = None,
+    show_progress: bool = False,
+) -> Embeddings:
+    """Fit implicit ALS on ``train.matrix`` (confidence; implicit multiplies it by ``cfg.alpha``).
+
+    Args:
+        train: the train interactions (CSR users x items, float32 > 0).
+        cfg: the ALS slice of the config.
+        val_targets: CSR (n_users x n_items) held-out positives for validation (None: no validation).
+        ks, metric: validation cut-offs and the metric that picks the best iteration (higher is better).
+        on_metrics: called with ``{"train_loss": ...}`` every iteration (when ``cfg.training_loss``) and
+            ``{"val_<metric>": ...}`` every ``cfg.eval_every`` iterations and after the last one, with the
+            1-based iteration. Validation scores at most ``cfg.val_max_users`` sampled users.
+        show_progress: implicit's tqdm bar (the CLI turns it on; iterations are logged either way).
+
+    Returns:
+        ``Embeddings`` (model "als", d = ``cfg.factors``) of the best validated iteration, or of the last
+        one without validation. ``info``: backend, best_iteration, best_val_metric, returned_iteration,
+        history (one dict per iteration), fit_seconds (implicit's fit, callbacks included), eval_seconds,
+        callback_seconds (the callback's own cost outside validation).
+    """
+    ks_list = _check_inputs(train, val_targets, ks, metric, "als")
+    if val_targets is not None and cfg.eval_every:
+        val_targets = sample_val_targets(val_targets, cfg.val_max_users, cfg.seed)
+    gpu = use_gpu_backend(cfg.use_gpu, "als")
+    backend = _backend_name(gpu)
+    log.info(
+        "als: %s on %d users x %d items (%d nnz), factors=%d iterations=%d",
+        backend,
+        *train.shape,
+        train.matrix.nnz,
+        cfg.factors,
+        cfg.iterations,
+    )
+    with threadpool_limits(1, "blas"):
+        model = implicit.als.AlternatingLeastSquares(
+            factors=cfg.factors,
+            regularization=cfg.regularization,
+            alpha=cfg.alpha,
+            iterations=cfg.iterations,
+            use_cg=cfg.use_cg,
+            use_gpu=gpu,
+            calculate_training_loss=cfg.training_loss,
+            random_state=cfg.seed,
+        )
+        progress = _Progress(
+            "als",
+            train,
+            cfg.iterations,
+            cfg.eval_every,
+            val_targets,
+            ks_list,
+            metric,
+            on_metrics,
+            factors=lambda: (model.user_factors, model.item_factors),
+        )
+
+        def callback(iteration: int, seconds: float, loss: float | None) -> None:
+            progress.step(iteration, seconds, {} if loss is None else {"train_loss": float(loss)})
+
+        t0 = time.perf_counter()
+        model.fit(train.matrix, show_progress=show_progress, callback=callback)
+        fit_seconds = time.perf_counter() - t0
+    log.info("als: fitted in %.2f s (%.2f s of it validating)", fit_seconds, progress.eval_seconds)
+    return progress.result(backend, fit_seconds, {})
+
+
+def train_bpr(
+    train: Interactions,
+    cfg: BPRConfig,
+    val_targets: sp.csr_matrix | None = None,
+    ks: Sequence[int] = (20,),
+    metric: str = "ndcg_at_20",
+    on_metrics: OnMetrics | None = None,
+    show_progress: bool = False,
+) -> Embeddings:
+    """Fit implicit BPR on ``train.matrix`` (any stored positive is a positive; weights are ignored).
+
+    Arguments as ``train_als``. implicit's BPR reports no loss, so the per-iteration training signal is
+    ``{"train_auc": correct / (samples - skipped)}``, the fraction of sampled (positive, negative) pairs
+    already ranked correctly.
+
+    Returns:
+        ``Embeddings`` (model "bpr", d = ``cfg.factors + 1``: implicit's last item column is an item bias
+        and the matching user column is 1, so the dot product includes the bias).
+    """
+    ks_list = _check_inputs(train, val_targets, ks, metric, "bpr")
+    if val_targets is not None and cfg.eval_every:
+        val_targets = sample_val_targets(val_targets, cfg.val_max_users, cfg.seed)
+    gpu = use_gpu_backend(cfg.use_gpu, "bpr")
+    backend = _backend_name(gpu)
+    log.info(
+        "bpr: %s on %d users x %d items (%d nnz), factors=%d iterations=%d threads=%d",
+        backend,
+        *train.shape,
+        train.matrix.nnz,
+        cfg.factors,
+        cfg.iterations,
+        cfg.num_threads,
+    )
+    samples = train.matrix.nnz
+    with threadpool_limits(1, "blas"):
+        model = implicit.bpr.BayesianPersonalizedRanking(
+            factors=cfg.factors,
+            learning_rate=cfg.learning_rate,
+            regularization=cfg.regularization,
+            iterations=cfg.iterations,
+            use_gpu=gpu,
+            num_threads=cfg.num_threads,
+            random_state=cfg.seed,
+        )
+        progress = _Progress(
+            "bpr",
+            train,
+            cfg.iterations,
+            cfg.eval_every,
+            val_targets,
+            ks_list,
+            metric,
+            on_metrics,
+            factors=lambda: (model.user_factors, model.item_factors),
+        )
+
+        def callback(iteration: int, seconds: float, correct: int, skipped: int) -> None:
+            judged = samples - skipped
+            progress.step(iteration, seconds, {"train_auc": correct / judged} if judged > 0 else {})
+
+        t0 = time.perf_counter()
+        model.fit(train.matrix, show_progress=show_progress, callback=callback)
+        fit_seconds = time.perf_counter() - t0
+    log.info("bpr: fitted in %.2f s (%.2f s of it validating)", fit_seconds, progress.eval_seconds)
+    return progress.result(backend, fit_seconds, {"num_threads": cfg.num_threads})
