@@ -27,7 +27,7 @@ from recsys_embed.config import (
 )
 from recsys_embed.io import write_json_atomic
 from recsys_embed.models import enabled_models
-from recsys_embed.tracking import Tracker, git_commit
+from recsys_embed.tracking import Tracker, git_commit, lightning_logger
 from recsys_embed.types import RowReport
 
 
@@ -68,6 +68,7 @@ def train_task(
         eval_cfg,
         Path(out_dir),
         on_metrics=lambda m, step: tracker.log_metrics(run_id, m, step),
+        lightning_logger=lightning_logger(settings, run_id) if name == "two_tower" else None,
     )
 
 

@@ -4,7 +4,9 @@ slice and returns ``Embeddings``, so evaluation and export never care which mode
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import polars as pl
 import scipy.sparse as sp
 
 from recsys_embed.config import EvalConfig, ModelsConfig
@@ -28,8 +30,13 @@ def train_model(
     eval_cfg: EvalConfig,
     val_targets: sp.csr_matrix | None = None,
     on_metrics: OnMetrics | None = None,
+    item_text: pl.DataFrame | None = None,
+    lightning_logger: Any | None = None,
 ) -> Embeddings:
-    """Train one model by name. ``val_targets`` (users x items of the train maps) drives early stopping."""
+    """Train one model by name. ``val_targets`` (users x items of the train maps) drives early stopping.
+
+    ``item_text`` (item_id, text) and ``lightning_logger`` are used by the two-tower model only.
+    """
     if name == "popularity":
         from recsys_embed.popularity import train_popularity
 

@@ -110,6 +110,7 @@ def run_split(ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig, out_di
     previous = load_id_maps(ingest_cfg.id_maps_from) if ingest_cfg.id_maps_from else None
     train = build_interactions(parts.fit, ingest_cfg, report, previous=previous)
     save_csr(train.matrix, out_dir / "train.npz")
+    write_parquet_atomic(train.events, out_dir / "train_events.parquet")
     save_id_maps(train.users, train.items, out_dir)
     record: Record = {"split": parts.info, "n_users": train.shape[0], "n_items": train.shape[1]}
     for label, frame in (("val", parts.val), ("test", parts.test)):
@@ -127,6 +128,8 @@ def run_split(ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig, out_di
     report.check()
     record.update(
         train=str(out_dir / "train.npz"),
+        train_events=str(out_dir / "train_events.parquet"),
+        item_text=ingest.get("item_text"),
         user_map=str(out_dir / "user_map.parquet"),
         item_map=str(out_dir / "item_map.parquet"),
         report=report.to_dict(),
@@ -135,12 +138,14 @@ def run_split(ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig, out_di
     return record
 
 
-def load_train(split: Record) -> Interactions:
-    """The train ``Interactions`` of a split record (the event table is not needed after the split)."""
+def load_train(split: Record, with_events: bool = False) -> Interactions:
+    """The train ``Interactions`` of a split record; the event table (user_idx, item_idx, ts, weight) is
+    read only when asked for (models that weigh history by recency need it)."""
     matrix = load_csr(split["train"])
     users = IdMap.load(split["user_map"])
     items = IdMap.load(split["item_map"])
-    return Interactions(matrix, users, items, RowReport.from_dict(split["report"]), pl.DataFrame())
+    events = pl.read_parquet(split["train_events"]) if with_events else pl.DataFrame()
+    return Interactions(matrix, users, items, RowReport.from_dict(split["report"]), events)
 
 
 def run_train(
@@ -150,12 +155,18 @@ def run_train(
     eval_cfg: EvalConfig,
     out_dir: Path,
     on_metrics: OnMetrics | None = None,
+    lightning_logger: Any | None = None,
 ) -> Record:
-    """Train one model on the split's train matrix; validation targets drive best-iteration selection."""
-    train = load_train(split)
+    """Train one model on the split's train matrix; validation targets drive best-iteration selection.
+
+    ``lightning_logger`` (e.g. ``tracking.lightning_logger``) is handed to Lightning-trained models only.
+    """
+    needs_history = name == "two_tower"
+    train = load_train(split, with_events=needs_history)
     val = load_csr(split["val_targets"]) if split.get("val_targets") else None
+    item_text = pl.read_parquet(split["item_text"]) if needs_history and split.get("item_text") else None
     t0 = time.perf_counter()
-    emb = train_model(name, train, models_cfg, eval_cfg, val, on_metrics)
+    emb = train_model(name, train, models_cfg, eval_cfg, val, on_metrics, item_text, lightning_logger)
     seconds = time.perf_counter() - t0
     folder = save_embeddings(emb, Path(out_dir) / name)
     info = {k: v for k, v in emb.info.items() if k != "history"}

@@ -236,6 +236,19 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= _MAX_PARAM else s[: _MAX_PARAM - 3] + "..."
 
 
+def lightning_logger(settings: MlflowSettings, run_id: str) -> Any:
+    """A Lightning ``MLFlowLogger`` that logs into an existing (nested) run; only rank 0 writes."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    resolved = resolve_settings(settings)
+    return MLFlowLogger(
+        experiment_name=resolved.experiment_name,
+        tracking_uri=resolved.tracking_uri,
+        run_id=run_id,
+        log_model=False,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading back from a run (usable in a fresh process given only the run id)
 
