@@ -166,6 +166,7 @@ def embedding_pipeline(
         reporting.write_manifest(run_dir / "summary.json", manifest)
         tracker.log_artifact(parent, run_dir / "summary.json")
         tracker.log_metrics(parent, {f"{m}.{k}": v for m, d in metrics.items() for k, v in d.items()})
+        reporting.log_comparison(tracker, parent, table, cfg.eval.ks)
         markdown = reporting.summary_markdown(manifest, table, cfg.eval.ks)
         tracker.log_text(parent, markdown, "summary.md")
         create_markdown_artifact(markdown=markdown, key="recsys-embed-summary", description="metrics and accounting")

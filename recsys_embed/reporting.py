@@ -114,6 +114,13 @@ def log_model_run(
         )
 
 
+def log_comparison(tracker: Tracker, run_id: str, table: pl.DataFrame, ks: list[int]) -> None:
+    """The model x metric comparison (plot and CSV) on the parent run."""
+    metrics = [f"{m}_at_{k}" for k in ks for m in ("recall", "ndcg", "map", "hit_rate")]
+    _log_fig(tracker, run_id, plots.metric_comparison(table, metrics), "plots/model_comparison.png")
+    tracker.log_text(run_id, table.write_csv(), "metrics_table.csv")
+
+
 def _log_fig(tracker: Tracker, run_id: str, fig: Any, name: str) -> None:
     try:
         tracker.log_figure(run_id, fig, name)

@@ -85,6 +85,9 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     plots = {a.path for a in client.list_artifacts(als_run.info.run_id, "plots")}
     assert {"plots/training_curves.png", "plots/popularity_bias.png", "plots/item_embeddings_2d.png"} <= plots
 
+    parent_plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/model_comparison.png" in parent_plots
+
     # a separate Python process loads embeddings and the top-k table given only the run id
     code = (
         "import sys; from recsys_embed.tracking import load_run_embeddings, load_run_topk\n"
