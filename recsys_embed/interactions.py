@@ -530,6 +530,31 @@ def _code_to_index(
     return id_map, remap, bool(np.all(np.diff(idx) > 0))
 
 
+def summed_csr(data: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """CSR (sorted indices, duplicates summed in input order) from COO triples in O(nnz).
+
+    Two stable counting sorts -- COO -> CSR of the transpose (by column), then CSR -> CSC (by row) -- leave
+    every row's columns sorted, so no per-row comparison sort is needed (scipy's ``tocsr`` + sort costs
+    about 2x this at 20M entries). Pairs that sum to exactly 0 stay as explicit entries.
+    """
+    from scipy.sparse import _sparsetools
+
+    n_rows, n_cols = shape
+    nnz = len(data)
+    idx = np.int32 if max(n_rows, n_cols, nnz) < np.iinfo(np.int32).max else np.int64
+    rows = np.asarray(rows).astype(idx, copy=False)
+    cols = np.asarray(cols).astype(idx, copy=False)
+    data = np.asarray(data)
+    t_indptr, t_indices, t_data = np.empty(n_cols + 1, idx), np.empty(nnz, idx), np.empty(nnz, data.dtype)
+    _sparsetools.coo_tocsr(n_cols, n_rows, nnz, cols, rows, data, t_indptr, t_indices, t_data)
+    indptr, indices, out = np.empty(n_rows + 1, idx), np.empty(nnz, idx), np.empty(nnz, data.dtype)
+    _sparsetools.csr_tocsc(n_cols, n_rows, t_indptr, t_indices, t_data, indptr, indices, out)
+    m = sp.csr_matrix((out, indices, indptr), shape=shape)
+    m.has_sorted_indices = True
+    m.sum_duplicates()
+    return m
+
+
 def _csr_rows(m: sp.csr_matrix) -> np.ndarray:
     """int64 row index of every stored entry of a CSR matrix."""
     return np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
@@ -580,10 +605,9 @@ def build_interactions(
     terms = _decayed(weight, ts_us, ts_null, cfg.time_decay_half_life_days, None)
     del ts_us
 
-    # 1. Sum per (user, item): scipy's COO -> CSR is an O(n) counting sort by row + a per-row sort, and keeps
+    # 1. Sum per (user, item) (see summed_csr), keeping
     #    pairs that sum to exactly 0 as explicit entries, so cancellations stay visible.
-    summed = sp.csr_matrix((terms, (uc, ic)), shape=(n_u0, n_i0))
-    summed.sum_duplicates()
+    summed = summed_csr(terms, uc, ic, (n_u0, n_i0))
     net = summed.data
     positive = net > 0.0
     entry_user: np.ndarray | None = None  # user code of every entry (CSR row), built only when needed
@@ -591,8 +615,7 @@ def build_interactions(
         # A pair with a negative term may cancel to float noise: compare its net with its gross
         # (sum of |terms| = net - 2 * negative part), computed from the (few) negative rows only.
         neg = np.flatnonzero(terms < 0.0)
-        neg_m = sp.csr_matrix((terms[neg], (uc[neg], ic[neg])), shape=(n_u0, n_i0))
-        neg_m.sum_duplicates()
+        neg_m = summed_csr(terms[neg], uc[neg], ic[neg], (n_u0, n_i0))
         entry_user = _csr_rows(summed)
         at = np.searchsorted(entry_user * n_i0 + summed.indices, _csr_rows(neg_m) * n_i0 + neg_m.indices)
         positive[at] = net[at] > _CANCEL_RTOL * (net[at] - 2.0 * neg_m.data)
