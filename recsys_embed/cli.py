@@ -22,6 +22,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", logging.getLevelName(max(level, logging.INFO)))
+    # The ephemeral server's telemetry heartbeat can only fail offline, and it races the server's own
+    # SQLite writes ("database is locked" tracebacks): keep it off unless the user turned it on.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for noisy in ("alembic", "mlflow", "urllib3", "distributed", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

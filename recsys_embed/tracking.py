@@ -35,6 +35,8 @@ def redact_uri(uri: str) -> str:
     except ValueError:
         return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
     netloc = parts.netloc
+    if "@" not in netloc and not re.search(r"(?i)(password|token|secret)=", parts.query):
+        return uri  # nothing secret; urlunsplit would also drop the empty host of sqlite:////abs/path
     if "@" in netloc:
         creds, host = netloc.rsplit("@", 1)
         user = creds.split(":", 1)[0]

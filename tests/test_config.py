@@ -80,3 +80,11 @@ def test_flatten_uses_dots() -> None:
     flat = flatten(load_config(None).model_dump(mode="json"))
     assert flat["models.als.factors"] == 64
     assert "ingest.source.path" in flat
+
+
+def test_redact_uri_hides_secrets_and_keeps_paths() -> None:
+    from recsys_embed.tracking import redact_uri
+
+    assert redact_uri("sqlite:////abs/path/mlflow.db") == "sqlite:////abs/path/mlflow.db"
+    assert redact_uri("http://alice:s3cret@host:5000/") == "http://alice:***@host:5000/"
+    assert "s3cret" not in redact_uri("postgresql://u:s3cret@db/x?password=s3cret&sslmode=require")
