@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from recsys_embed.bench.harness import BenchResult, Measurement, alternate, time_call
+from recsys_embed.bench.matrices import power_law_matrix
 from recsys_embed.config import ALSConfig
 from recsys_embed.mf import train_als, use_gpu_backend
 from recsys_embed.types import IdMap, Interactions, RowReport
@@ -32,50 +33,8 @@ log = logging.getLogger(__name__)
 
 TARGET = "<= 1.05x"
 
-# (n_users, n_items, nnz): MovieLens shapes, plus the generator's tiny and 100m presets.
-SHAPES: dict[str, tuple[int, int, int]] = {
-    "tiny": (1_000, 500, 50_000),
-    "1m": (6_040, 3_706, 1_000_209),
-    "20m": (138_493, 26_744, 20_000_263),
-    "100m": (700_000, 120_000, 100_000_000),
-}
 
 
-def power_law_matrix(size: str, seed: int = 0) -> sp.csr_matrix:
-    """Seeded CSR (n_users x n_items) float32 of ones with about ``nnz`` entries for preset ``size``.
-
-    User degrees are 20 + a Pareto (shape 1.5) share scaled so that they sum to ``nnz`` with a cap of
-    ``n_items / 2``; items are drawn from a flattened Zipf law (weight ``(rank + 100) ** -1.2``, ranks shuffled).
-    Duplicate draws collapse and are topped up, so the result holds within about 2% of ``nnz`` entries.
-    """
-    if size not in SHAPES:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SHAPES)}")
-    n_users, n_items, nnz = SHAPES[size]
-    rng = np.random.default_rng(seed)
-    floor, cap = min(20, n_items // 2), n_items // 2
-    raw = rng.pareto(1.5, n_users)
-    # the scale that makes sum(clip(floor + scale * raw, cap)) == nnz: bisection (the sum grows with scale)
-    lo, hi = 0.0, float(nnz)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if np.minimum(floor + mid * raw, cap).sum() < nnz else (lo, mid)
-    deg = np.minimum(np.round(floor + lo * raw), cap).astype(np.int64)
-    # flattened Zipf: the head item reaches about 1/3 of the users, as the most rated film does in MovieLens
-    item_p = (np.arange(1, n_items + 1, dtype=np.float64) + 100.0) ** -1.2
-    item_p = rng.permutation(item_p / item_p.sum())
-    m = sp.csr_matrix((n_users, n_items), dtype=np.float32)
-    need = deg
-    for _ in range(8):  # top up the entries lost to duplicates; a few rounds get within 2% of ``nnz``
-        rows = np.repeat(np.arange(n_users, dtype=np.int32), need)
-        cols = rng.choice(n_items, size=rows.shape[0], p=item_p).astype(np.int32)
-        m = m + sp.csr_matrix((np.ones(rows.shape[0], dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
-        need = np.maximum(deg - np.diff(m.indptr), 0)
-        if need.sum() <= 0.005 * deg.sum():
-            break
-    m = sp.csr_matrix(m)
-    m.sort_indices()
-    m.data[:] = 1.0
-    return m
 
 
 def _interactions(m: sp.csr_matrix) -> Interactions:

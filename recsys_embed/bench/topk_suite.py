@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from recsys_embed.bench.harness import BenchResult, Measurement, alternate
+from recsys_embed.bench.matrices import power_law_matrix
 from recsys_embed.config import ExportConfig
 from recsys_embed.topk import default_threads, iter_topk, topk
 from recsys_embed.types import Embeddings, IdMap
@@ -43,48 +44,10 @@ log = logging.getLogger(__name__)
 TARGET_IMPLICIT = "<= 0.8x implicit (issue 3), <= 0.7x (issue 6)"
 TARGET_FLOOR = "<= 2.0x GEMM floor"
 
-# (n_users, n_items, nnz)
-SHAPES: dict[str, tuple[int, int, int]] = {
-    "tiny": (2_000, 1_500, 60_000),
-    "1m": (6_040, 3_706, 1_000_000),
-    "20m": (138_000, 27_000, 20_000_000),
-}
 # rows of the GEMM that measures the machine's rate: the shape of one default scoring chunk
 GEMM_ROWS = 4096
 
 
-def power_law_csr(size: str, seed: int = 0) -> sp.csr_matrix:
-    """Seeded CSR (n_users x n_items), float32 ones, about ``nnz`` entries (within 1%) for preset ``size``.
-
-    User degrees are 20 + a Pareto(1.2) share, scaled by bisection so that they sum to ``nnz`` under a cap of
-    ``n_items / 4``; items follow a Zipf(0.9) popularity over shuffled ranks. Duplicate draws collapse and are
-    topped up in a few rounds.
-    """
-    if size not in SHAPES:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SHAPES)}")
-    n_users, n_items, nnz = SHAPES[size]
-    rng = np.random.default_rng(seed)
-    floor, cap = min(20, n_items // 4), n_items // 4
-    raw = rng.pareto(1.2, n_users)
-    lo, hi = 0.0, float(nnz)
-    for _ in range(60):  # the sum grows with the scale
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if np.clip(floor + mid * raw, floor, cap).sum() < nnz else (lo, mid)
-    deg = np.clip(floor + lo * raw, floor, cap).astype(np.int64)
-    cdf = np.cumsum(np.arange(1, n_items + 1, dtype=np.float64)[rng.permutation(n_items)] ** -0.9)
-    cdf /= cdf[-1]
-    m = sp.csr_matrix((n_users, n_items), dtype=np.float32)
-    for _ in range(10):
-        need = np.maximum(deg - np.diff(m.indptr), 0)
-        if need.sum() <= 0.01 * nnz:
-            break
-        rows = np.repeat(np.arange(n_users, dtype=np.int32), need)
-        cols = np.minimum(np.searchsorted(cdf, rng.random(rows.size)), n_items - 1).astype(np.int32)
-        m = m + sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(n_users, n_items))
-        m.data[:] = 1.0
-    m = sp.csr_matrix(m)
-    m.sort_indices()
-    return m
 
 
 def random_embeddings(n_users: int, n_items: int, factors: int, seed: int = 1) -> Embeddings:
@@ -188,7 +151,7 @@ def run(size: str = "20m", repeats: int = 3, factors: int = 64, k: int = 20) -> 
     Returns two rows: "topk" (candidate / implicit) and "topk-floor" (candidate / GEMM floor), both with the
     candidate's own wall times; extras hold the agreement check, CPU seconds, GEMM rates and memory.
     """
-    seen = power_law_csr(size)
+    seen = power_law_matrix(size)
     n_users, n_items = seen.shape
     emb = random_embeddings(n_users, n_items, factors)
     chunk = ExportConfig().chunk_users
