@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean pg-server
 
 setup: $(STAMP)
 
@@ -25,7 +25,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check recsys_embed flows tests
 	$(BIN)/mypy
 
-test: lint
+# PostgreSQL server binaries let tests/test_dbexport.py start a throwaway server (initdb + pg_ctl); without
+# them those cases skip with the reason. On a Debian/Ubuntu CI box running as root they are installed here.
+pg-server:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null) || \
+	    echo "PostgreSQL binaries not installed: PostgreSQL export tests will skip (apt-get install postgresql)"; }
+
+test: lint pg-server
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -16,16 +16,22 @@ from prefect.cache_policies import NONE
 
 from recsys_embed import reporting, stages
 from recsys_embed.config import (
+    DatabaseExportConfig,
     EvalConfig,
     ExportConfig,
+    IncrementalConfig,
     IngestConfig,
     MlflowSettings,
     ModelsConfig,
+    PipelineConfig,
+    RegistryConfig,
     SplitConfig,
     load_config,
     load_mlflow_settings,
 )
+from recsys_embed.incremental import commit_state, run_incremental_ingest
 from recsys_embed.io import write_json_atomic
+from recsys_embed.lock import run_lock
 from recsys_embed.models import enabled_models
 from recsys_embed.tracking import Tracker, git_commit, lightning_logger
 from recsys_embed.types import RowReport
@@ -43,6 +49,11 @@ def _ingest_cache_key(context: Any, params: dict[str, Any]) -> str | None:
 @task(name="ingest", retries=2, retry_delay_seconds=[1, 5], cache_key_fn=_ingest_cache_key, persist_result=True)
 def ingest_task(cfg: IngestConfig, cache_root: str) -> dict[str, Any]:
     return stages.run_ingest(cfg, Path(cache_root))
+
+
+@task(name="ingest-incremental", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
+def incremental_ingest_task(cfg: IngestConfig, root: str, inc: IncrementalConfig, run_name: str) -> dict[str, Any]:
+    return run_incremental_ingest(cfg, Path(root), inc, run_name)
 
 
 @task(name="split", retries=1, retry_delay_seconds=2, cache_policy=NONE)
@@ -96,24 +107,68 @@ def log_model_task(
     reporting.log_model_run(Tracker(settings), run_id, model, metrics, export, split)
 
 
+@task(name="register", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
+def register_task(
+    settings: MlflowSettings,
+    model_run_id: str,
+    model: str,
+    embeddings: str,
+    seen: str,
+    metrics: dict[str, float],
+    export_cfg: ExportConfig,
+    cfg: RegistryConfig,
+    primary_metric: str,
+    pipeline_run_id: str,
+) -> dict[str, Any]:
+    from recsys_embed.registry import register_best
+
+    return register_best(settings, model_run_id, model, embeddings, seen, metrics, export_cfg, cfg, primary_metric,
+                         pipeline_run_id)  # fmt: skip
+
+
+@task(name="db-export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
+def db_export_task(
+    export: dict[str, Any], cfg: DatabaseExportConfig, root: str, run_id: str, model_version: str | None
+) -> dict[str, Any]:
+    return stages.run_db_export(export, cfg, Path(root), run_id, model_version)
+
+
 @flow(name="embedding-pipeline")
 def embedding_pipeline(
     config_path: str | None = "configs/retail.yaml",
     overrides: list[str] | None = None,
     mlflow_config: str = "mlflow.yml",
 ) -> dict[str, Any]:
-    """Run the whole pipeline; returns the run manifest (also written as ``summary.json``)."""
-    logger = get_run_logger()
+    """Run the whole pipeline; returns the run manifest (also written as ``summary.json``).
+
+    One run at a time per output folder: a second one fails at once with a message naming the holder.
+    """
     cfg = load_config(config_path, overrides or [])
     tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
-    settings = tracker.settings
     root = Path(cfg.output_root) / cfg.name
+    with run_lock(root):
+        return _run_pipeline(cfg, config_path, tracker, root)
+
+
+def _run_pipeline(cfg: PipelineConfig, config_path: str | None, tracker: Tracker, root: Path) -> dict[str, Any]:
+    logger = get_run_logger()
+    settings = tracker.settings
     run_name = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = root / "runs" / run_name
     parent = tracker.start_run(run_name, tags={"pipeline": cfg.name})
     try:
-        ingest = ingest_task(cfg.ingest, str(root / "cache"))
-        split = split_task(ingest, cfg.ingest, cfg.split, str(run_dir / "split"))
+        ingest_cfg = cfg.ingest
+        if cfg.incremental.enabled:
+            ingest = incremental_ingest_task(cfg.ingest, str(root), cfg.incremental, run_name)
+            previous_split = ingest["incremental"]["previous_split"]
+            if previous_split and not cfg.ingest.id_maps_from:  # extend the last run's ID maps
+                ingest_cfg = cfg.ingest.model_copy(update={"id_maps_from": previous_split})
+            logger.info("incremental: %d new file(s), %d new rows; %d file(s) already ingested",
+                        len(ingest["incremental"]["new_files"]), ingest["incremental"]["new_rows_read"],
+                        len(ingest["incremental"]["skipped_files"]))  # fmt: skip
+        else:
+            ingest = ingest_task(cfg.ingest, str(root / "cache"))
+        split = split_task(ingest, ingest_cfg, cfg.split, str(run_dir / "split"))
         report = RowReport.from_dict(split["report"])
         logger.info("row accounting for %s:\n%s", cfg.ingest.source.path, report.format())
         reporting.log_run_inputs(tracker, parent, cfg, ingest, split, git_commit())
@@ -138,9 +193,23 @@ def embedding_pipeline(
 
         table = reporting.metrics_frame(metrics)
         best = reporting.pick_best(metrics, cfg.eval.primary_metric)
+        decision: dict[str, Any] | None = None
+        database: dict[str, Any] | None = None
         if best:
             tracker.set_tags(model_runs[best], {"best_model": "true"})
             tracker.set_tags(parent, {"best_model": best})
+            if cfg.registry.enabled:
+                decision = register_task(
+                    settings, model_runs[best], best, exports[best]["embeddings"], split["train"], metrics[best],
+                    cfg.export, cfg.registry, cfg.eval.primary_metric, parent,
+                )  # fmt: skip
+                tracker.set_tags(parent, {"champion_decision": f"v{decision['version']} {decision['alias']}: "
+                                                               f"{decision['reason']}"})  # fmt: skip
+                logger.info("registry: %s v%s -> %s (%s)", decision["name"], decision["version"],
+                            decision["alias"], decision["reason"])  # fmt: skip
+            if cfg.export.database.enabled:
+                version = decision["version"] if decision else None
+                database = db_export_task(exports[best], cfg.export.database, str(root), parent, version)
         manifest: dict[str, Any] = {
             "run_name": run_name,
             "run_dir": str(run_dir.resolve()),
@@ -162,6 +231,13 @@ def embedding_pipeline(
             "quarantine": ingest["quarantine"],
             "item_text": ingest.get("item_text"),
             "exports": exports,
+            "incremental": (
+                {k: v for k, v in ingest["incremental"].items() if k != "pending_state"}
+                if cfg.incremental.enabled
+                else None
+            ),
+            "registry": decision,
+            "database": database,
         }
         reporting.write_manifest(run_dir / "summary.json", manifest)
         tracker.log_artifact(parent, run_dir / "summary.json")
@@ -171,6 +247,8 @@ def embedding_pipeline(
         tracker.log_text(parent, markdown, "summary.md")
         create_markdown_artifact(markdown=markdown, key="recsys-embed-summary", description="metrics and accounting")
         write_json_atomic({"run_dir": str(run_dir.resolve()), "run_id": parent}, root / "latest.json")
+        if cfg.incremental.enabled:  # only now: a failed run leaves the state as it was
+            commit_state(root, cfg.incremental, ingest, str((run_dir / "split").resolve()))
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise

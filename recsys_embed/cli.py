@@ -1,6 +1,6 @@
 """``recsys-embed``: the command line. The CLI talks to people; the library only logs.
 
-Commands: run, ingest, generate, bench, recommend, similar, ui.
+Commands: run, ingest, generate, bench, recommend, similar, serve, ui.
 """
 
 from __future__ import annotations
@@ -62,6 +62,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {m:<12} top-k   {e['topk']}  ({e['topk_rows']:,} rows)")
         if e.get("similar_items"):
             print(f"  {'':<12} similar {e['similar_items']}")
+    reg = manifest.get("registry")
+    if reg:
+        print(f"\nRegistry: {reg['name']} v{reg['version']} -> {reg['alias']} ({reg['metric']} {reg['reason']})")
+    if manifest.get("database"):
+        db = manifest["database"]
+        print(f"Database: {db['uri']} tables {db['tables']}")
     print(f"\nManifest: {manifest['run_dir']}/summary.json")
     print(
         f"MLflow run: {manifest['mlflow']['run_id']} ({manifest['mlflow']['tracking_uri']}); "
@@ -125,6 +131,18 @@ def _latest(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from recsys_embed.answer import recommend_for_user
 
+    if args.from_registry:
+        from recsys_embed.config import load_mlflow_settings
+        from recsys_embed.registry import recommend
+
+        settings = load_mlflow_settings(args.mlflow_config)
+        out = recommend(settings, [args.user], args.k, args.alias).iloc[0]
+        if not len(out["item_ids"]):
+            raise RecsysEmbedError(f"user {args.user!r} is unknown to {settings.registered_model_name}@{args.alias}")
+        print(f"Top {len(out['item_ids'])} for user {args.user} ({settings.registered_model_name}@{args.alias}):")
+        for rank, (item, score) in enumerate(zip(out["item_ids"], out["scores"], strict=True), 1):
+            print(f"  {rank:>2}. {item!s:<12} {score:8.4f}")
+        return 0
     manifest = _latest(args)
     print(recommend_for_user(manifest, args.user, args.k, args.model, args.explain))
     return 0
@@ -135,6 +153,13 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
     manifest = _latest(args)
     print(similar_to_item(manifest, args.item, args.k, args.model))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve
+
+    serve(args.config, args.overrides, args.mlflow_config, run_once=args.run_once)
     return 0
 
 
@@ -199,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-k", type=int, default=10)
     rec.add_argument("--model", default=None, help="default: the run's best model")
     rec.add_argument("--explain", action="store_true", help="show the history items behind each recommendation")
+    rec.add_argument("--from-registry", action="store_true", help="answer from the registered model (MLflow)")
+    rec.add_argument("--alias", default="champion", help="registry alias with --from-registry (default: champion)")
     rec.set_defaults(fn=cmd_recommend)
 
     sim = sub.add_parser("similar", help="items similar to one item from the latest run")
@@ -207,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-k", type=int, default=10)
     sim.add_argument("--model", default=None)
     sim.set_defaults(fn=cmd_similar)
+
+    srv = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment on the configured cron schedule")
+    _config_arg(srv)
+    srv.add_argument("--run-once", action="store_true", help="execute the runs due now, then exit (for tests/cron)")
+    srv.set_defaults(fn=cmd_serve)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the configured store")
     ui.add_argument("--host", default="127.0.0.1")

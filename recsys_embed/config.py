@@ -239,7 +239,8 @@ class TwoTowerConfig(_Strict):
     precision: str = "auto"
     # DataLoader worker processes. 0: batches are a few vectorised gathers, workers only add IPC on 2 cores.
     num_workers: int = Field(default=0, ge=0)
-    # Where checkpoints and the saved towers go (None: a fresh temporary folder, recorded in ``info``).
+    # Where the best checkpoint (checkpoints/best.ckpt) and the saved encoder (encoder/) go. None: a fresh
+    # temporary folder that keeps only the encoder; its path is in the model's info.artifact_dir.
     artifact_dir: str | None = None
     progress_bar: bool = False
 
@@ -275,6 +276,31 @@ class EvalConfig(_Strict):
         return sorted(set(v))
 
 
+class DatabaseExportConfig(_Strict):
+    """The best model's top-k and similar-item tables, also written to a database (atomic table swap)."""
+
+    # Off by default: the committed Parquet tables are the contract; a database is opt-in per deployment.
+    enabled: bool = False
+    # sqlite:///file.db or postgresql://user:password@host:5432/db. None: SQLite file
+    # <output_root>/<name>/recommendations.db, which needs no server.
+    uri: str | None = None
+    # Name of an environment variable holding the URI; it wins over ``uri`` so passwords stay out of files.
+    uri_env: str | None = None
+    topk_table: str = "recsys_topk"
+    similar_table: str = "recsys_similar_items"
+    # Rows per parameterized executemany batch: 10k keeps a round trip's payload near 1 MB.
+    batch_rows: int = Field(default=10_000, ge=1)
+
+    @field_validator("topk_table", "similar_table")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,39}", v):
+            raise ValueError(f"table name {v!r} must be a plain SQL identifier (letters, digits, '_'; <= 40 chars)")
+        return v
+
+
 class ExportConfig(_Strict):
     k: int = Field(default=20, ge=1)
     similar_k: int = Field(default=20, ge=1)
@@ -285,6 +311,43 @@ class ExportConfig(_Strict):
     write_csv: bool = False
     allow_items: list[str] | None = None
     deny_items: list[str] = Field(default_factory=list)
+    database: DatabaseExportConfig = Field(default_factory=DatabaseExportConfig)
+
+
+class RegistryConfig(_Strict):
+    """The MLflow Model Registry: the run's best model as a pyfunc recommender, champion/challenger aliases."""
+
+    # On: every run registers its best model; the champion alias answers ``recommend --from-registry``.
+    enabled: bool = True
+    # The metric that decides champion vs challenger; None: ``eval.primary_metric``.
+    metric: str | None = None
+    # The new model becomes champion only when metric > champion's metric + margin. 0.0: any strict gain,
+    # so an identical rerun never churns the alias; raise it (e.g. 0.002) to demand a meaningful gain.
+    margin: float = Field(default=0.0, ge=0.0)
+    # k of the recommender's answers when the caller passes none (the export's k is the usual choice).
+    default_k: int = Field(default=20, ge=1)
+
+
+class ScheduleConfig(_Strict):
+    """``recsys-embed serve``: the flow served as a Prefect deployment on a cron schedule."""
+
+    deployment_name: str = "scheduled"
+    # 03:00 UTC daily: after a day's logs have landed, before people read the tables.
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    # Overrides passed to every scheduled run (``--set`` syntax), e.g. ["incremental.enabled=true"].
+    overrides: list[str] = Field(default_factory=lambda: ["incremental.enabled=true"])
+    # One run at a time per deployment (Prefect concurrency limit); the output lock also guards manual runs.
+    concurrency_limit: int = Field(default=1, ge=1)
+
+
+class IncrementalConfig(_Strict):
+    """Ingest only files that are new since the last successful run (recorded in a state file)."""
+
+    # Off by default: a manual run re-reads the whole log (and caches it); schedules switch this on.
+    enabled: bool = False
+    # State file under <output_root>/<name>/: files already ingested, accumulated events, last ID maps.
+    state_file: str = "incremental_state.json"
 
 
 class PipelineConfig(_Strict):
@@ -299,6 +362,9 @@ class PipelineConfig(_Strict):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
 
     @model_validator(mode="after")
     def _time_needed(self) -> PipelineConfig:

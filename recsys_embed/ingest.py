@@ -741,11 +741,12 @@ def _collect(queries: list[pl.LazyFrame], raws: list[RawFrame]) -> pl.DataFrame:
         ) from None
 
 
-def load_events(cfg: IngestConfig) -> EventLog:
+def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> EventLog:
     """Read every input file, quarantine bad rows, drop exact duplicates, apply rule filters.
 
     Args:
         cfg: the ingest slice (source, column map, timestamps, weights, window, filters).
+        only_files: read just these of the source's files (resolved paths; incremental runs); None reads all.
 
     Returns:
         An ``EventLog`` whose report balances (``report.check()`` passed) and ``events.height == report.kept``.
@@ -756,6 +757,8 @@ def load_events(cfg: IngestConfig) -> EventLog:
     """
     _validate_cfg(cfg)
     files = list_sources(cfg.source)
+    if only_files is not None:
+        files = [f for f in files if f.path.resolve() in only_files]
     report = RowReport()
     raws: list[RawFrame] = []
     for f in files:

@@ -186,6 +186,30 @@ def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int
     lines += ["", "## Exports", ""]
     for m, e in manifest["exports"].items():
         lines.append(f"- {m}: `{e.get('topk')}` ({e.get('topk_rows', 0):,} rows)")
+    db = manifest.get("database")
+    if db:
+        tables = ", ".join(f"`{t}` ({n:,} rows)" for t, n in db["tables"].items())
+        lines.append(f"- database `{db['uri']}`: {tables}, model version {db.get('model_version')}")
+    reg = manifest.get("registry")
+    if reg:
+        lines += [
+            "",
+            "## Champion decision",
+            "",
+            f"`{reg['name']}` version **{reg['version']}** ({manifest['best_model']}) is **{reg['alias']}**: "
+            f"{reg['metric']} {reg['reason']} (margin {reg['margin']:g}; previous champion: "
+            f"{'v' + reg['previous_champion'] if reg['previous_champion'] else 'none'}). "
+            f"Load it with `mlflow.pyfunc.load_model(\"models:/{reg['name']}@champion\")`.",
+        ]
+    inc = manifest.get("incremental")
+    if inc:
+        lines += [
+            "",
+            "## Incremental ingest",
+            "",
+            f"- new files: {len(inc['new_files'])}, new rows read: {inc['new_rows_read']:,}, "
+            f"skipped (already ingested): {len(inc['skipped_files'])} files",
+        ]
     return "\n".join(lines)
 
 

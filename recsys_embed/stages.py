@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from recsys_embed.config import EvalConfig, ExportConfig, IngestConfig, ModelsConfig, SplitConfig
+from recsys_embed.config import (
+    DatabaseExportConfig,
+    EvalConfig,
+    ExportConfig,
+    IngestConfig,
+    ModelsConfig,
+    SplitConfig,
+)
 from recsys_embed.io import is_complete_table, staged_table, write_json_atomic, write_parquet_atomic
 from recsys_embed.models import OnMetrics, train_model
 from recsys_embed.store import load_csr, load_embeddings, save_csr, save_embeddings
@@ -202,4 +209,37 @@ def run_export(model: Record, split: Record, cfg: ExportConfig, out_dir: Path, r
     if emb.dim > 1:  # popularity has no meaningful item-item similarity
         sim = export_similar_items(emb, cfg, folder, run_id)
         record.update(similar_items=sim.path, similar_rows=sim.rows)
+    return record
+
+
+def run_db_export(
+    export: Record, cfg: DatabaseExportConfig, root: Path, run_id: str, model_version: str | None
+) -> Record:
+    """Copy one model's committed top-k (and similar-items) tables into the configured database.
+
+    The URI comes from ``$<cfg.uri_env>``, else ``cfg.uri``, else SQLite ``<root>/recommendations.db``. The
+    returned record holds the URI redacted, never the secret.
+    """
+    import os
+
+    from recsys_embed.dbexport import export_table, redact, resolve_uri
+    from recsys_embed.errors import ConfigError
+
+    uri = cfg.uri
+    if cfg.uri_env:
+        uri = os.environ.get(cfg.uri_env) or None
+        if uri is None:
+            raise ConfigError(
+                f"export.database.uri_env names ${cfg.uri_env}, which is unset or empty; export it "
+                "(e.g. postgresql://user:password@host:5432/db) or set export.database.uri"
+            )
+    uri = resolve_uri(uri or f"sqlite:///{(Path(root) / 'recommendations.db').resolve().as_posix()}")
+    record: Record = {"uri": redact(uri), "model": export["model"], "model_version": model_version, "tables": {}}
+    res = export_table(export["topk"], uri, cfg.topk_table, model_version, cfg.batch_rows, ("user_id", "rank"))
+    record["tables"][cfg.topk_table] = res.rows
+    if export.get("similar_items"):
+        res = export_table(export["similar_items"], uri, cfg.similar_table, model_version, cfg.batch_rows,
+                           ("item_id", "rank"))  # fmt: skip
+        record["tables"][cfg.similar_table] = res.rows
+    record["run_id"] = run_id
     return record

@@ -1,4 +1,4 @@
-"""MLflow at the edge: the only module that imports mlflow.
+"""MLflow at the edge: with ``registry`` (the Model Registry edge), the only modules that import mlflow.
 
 Everything goes through ``MlflowClient`` with explicit run ids (no fluent "active run"), because Prefect
 runs tasks in worker threads and MLflow's active-run stack is per thread.
