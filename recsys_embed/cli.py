@@ -25,7 +25,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     # The ephemeral server's telemetry heartbeat can only fail offline, and it races the server's own
     # SQLite writes ("database is locked" tracebacks): keep it off unless the user turned it on.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    for noisy in ("alembic", "mlflow", "urllib3", "distributed", "httpx"):
+    for noisy in ("alembic", "mlflow", "urllib3", "distributed", "httpx", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

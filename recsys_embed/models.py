@@ -50,5 +50,15 @@ def train_model(
 
         return train_bpr(train, cfg.bpr, val_targets, eval_cfg.ks, eval_cfg.primary_metric, on_metrics)
     if name == "two_tower":
-        raise NotImplementedError("two_tower is not available yet; set models.two_tower.enabled=false")
+        from recsys_embed.two_tower.train import train_two_tower
+
+        return train_two_tower(
+            train,
+            cfg.two_tower,
+            val_targets,
+            eval_cfg.ks,
+            item_text=item_text,
+            on_metrics=on_metrics,
+            lightning_logger=lightning_logger,
+        )
     raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")

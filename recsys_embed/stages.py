@@ -172,6 +172,10 @@ def run_train(
     train = load_train(split, with_events=needs_history)
     val = load_csr(split["val_targets"]) if split.get("val_targets") else None
     item_text = pl.read_parquet(split["item_text"]) if needs_history and split.get("item_text") else None
+    if needs_history and models_cfg.two_tower.artifact_dir is None:
+        # keep the encoder (weights + feature tables) beside the run's embeddings, not in a temp folder
+        tt = models_cfg.two_tower.model_copy(update={"artifact_dir": str(Path(out_dir) / f"{name}_encoder")})
+        models_cfg = models_cfg.model_copy(update={"two_tower": tt})
     t0 = time.perf_counter()
     emb = train_model(name, train, models_cfg, eval_cfg, val, on_metrics, item_text, lightning_logger)
     seconds = time.perf_counter() - t0

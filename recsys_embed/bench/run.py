@@ -13,6 +13,7 @@ SUITES = {
     "ingest": "recsys_embed.bench.ingest_suite",
     "als": "recsys_embed.bench.als_suite",
     "topk": "recsys_embed.bench.topk_suite",
+    "lightning": "recsys_embed.bench.lightning_suite",
 }
 
 

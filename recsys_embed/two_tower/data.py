@@ -201,16 +201,23 @@ class UserBatches(Dataset[dict[str, torch.Tensor]]):
         u = self.users[np.asarray(positions, dtype=np.int64)]
         s = self.seq
         items, weights = gather_history(s.item, s.ts, s.weight, s.indptr[u], s.indptr[u + 1], self.cfg, self.pad)
-        return {"user": torch.from_numpy(u), "hist_items": torch.from_numpy(items), "hist_weights": torch.from_numpy(weights)}
+        return {
+            "user": torch.from_numpy(u),
+            "hist_items": torch.from_numpy(items),
+            "hist_weights": torch.from_numpy(weights),
+        }
 
 
-def batch_loader(dataset: Dataset[Any], batch_size: int, shuffle: bool, seed: int, drop_last: bool, workers: int = 0) -> DataLoader[Any]:
+def batch_loader(
+    dataset: ExampleBatches | UserBatches, batch_size: int, shuffle: bool, seed: int, drop_last: bool, workers: int = 0
+) -> DataLoader[Any]:
     """A loader whose dataset builds whole batches from lists of positions (``batch_size=None``)."""
     base: RandomSampler | SequentialSampler
+    n = len(dataset)
     if shuffle:
-        base = RandomSampler(range(len(dataset)), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+        base = RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
     else:
-        base = SequentialSampler(range(len(dataset)))
+        base = SequentialSampler(range(n))
     return DataLoader(
         dataset,
         sampler=BatchSampler(base, batch_size=batch_size, drop_last=drop_last),

@@ -42,9 +42,10 @@ def fnv1a_64(strings: pl.Series) -> np.ndarray:
         return h
     # fixed-width bytes matrix (n, width); NUL padding marks the end (text never contains NUL)
     raw = strings.cast(pl.Binary).to_numpy()
-    width = max(1, min(_MAX_TOKEN_BYTES, int(strings.str.len_bytes().max() or 1)))
+    lengths = strings.str.len_bytes().to_numpy()
+    width = max(1, min(_MAX_TOKEN_BYTES, int(lengths.max())))
     mat = np.asarray(raw.astype(f"S{width}")).view(np.uint8).reshape(n, width)
-    lengths = np.minimum(strings.str.len_bytes().to_numpy(), width)
+    lengths = np.minimum(lengths, width)
     for p in range(width):  # loop over byte positions (<= 48), vectorised over all strings
         live = lengths > p
         if not live.any():
@@ -161,7 +162,9 @@ class TabularSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TabularSpec:
-        return cls(dict(d.get("categorical", {})), {k: (float(v[0]), float(v[1])) for k, v in d.get("numeric", {}).items()})
+        return cls(
+            dict(d.get("categorical", {})), {k: (float(v[0]), float(v[1])) for k, v in d.get("numeric", {}).items()}
+        )
 
 
 def align(frame: pl.DataFrame | None, ids: pl.Series, id_column: str) -> pl.DataFrame | None:

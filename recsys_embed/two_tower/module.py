@@ -3,7 +3,7 @@
 Nothing here defines a feature, a layer or a loss. A training step:
 
 1. the items a step needs (positives, history items, uniform negatives) are deduplicated and run through
-   the item tower once (``torch.unique``), so a history item costs one tower call per step, not per row;
+   the item tower once (``dense_unique``), so a history item costs one tower call per step, not per row;
 2. the user tower pools the history vectors and adds the user ID (and features);
 3. ``RetrievalTask`` computes the sampled-softmax loss.
 
@@ -19,7 +19,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytorch_lightning as pl_
@@ -28,7 +29,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
 from recsys_embed.config import TwoTowerConfig
-from recsys_embed.two_tower.task import FullCorpusMetrics, RetrievalTask
+from recsys_embed.io import write_json_atomic
+from recsys_embed.two_tower.task import FullCorpusMetrics, RetrievalTask, TaskOutput
 from recsys_embed.two_tower.towers import ItemTower, UserTower
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,9 @@ class FeatureTables:
     sentence: Tensor
 
     @classmethod
-    def empty(cls, n: int, tokens: int = 0, codes: int = 0, values: int = 0, sentence: int = 0, pad: int = 0) -> FeatureTables:
+    def empty(
+        cls, n: int, tokens: int = 0, codes: int = 0, values: int = 0, sentence: int = 0, pad: int = 0
+    ) -> FeatureTables:
         return cls(
             torch.full((n + 1, tokens), pad, dtype=torch.int64),
             torch.zeros((n + 1, codes), dtype=torch.int64),
@@ -62,12 +66,38 @@ class FeatureTables:
         )
 
 
+def dense_unique(ids: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Distinct values of ``ids`` (any shape, values in ``[0, n)``) and the inverse map, without sorting.
+
+    Returns:
+        (uniq (U,) ascending, inv (same shape as ids) with ``uniq[inv] == ids``). O(n + len(ids)): a presence
+        mask and its cumulative sum (``torch.unique`` sorts, which costs far more on CPU).
+    """
+    present = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    present[ids.reshape(-1)] = True
+    uniq = present.nonzero().squeeze(1)
+    rank = torch.cumsum(present, 0) - 1
+    return uniq, rank[ids]
+
+
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """LR multiplier: linear warmup over ``warmup`` steps, then cosine from 1 down to ``floor`` at ``total``."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(
+    module: TwoTowerModule, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters and a per-step warmup + cosine schedule (``warmup_cosine``)."""
+    cfg = module.cfg
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = max(1, total_steps)
+    warmup = int(cfg.warmup_fraction * total)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
 
 
 class TwoTowerModule(pl_.LightningModule):
@@ -82,6 +112,13 @@ class TwoTowerModule(pl_.LightningModule):
         metrics: full-corpus validation metrics (None: no validation).
     """
 
+    item_tokens: Tensor
+    item_codes: Tensor
+    item_values: Tensor
+    item_sentence: Tensor
+    user_codes: Tensor
+    user_values: Tensor
+
     def __init__(
         self,
         cfg: TwoTowerConfig,
@@ -95,7 +132,8 @@ class TwoTowerModule(pl_.LightningModule):
         metrics: FullCorpusMetrics | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(cfg.model_dump(mode="json"))
+        hp = {**cfg.model_dump(mode="json"), "n_users": n_users, "n_items": n_items}
+        self.save_hyperparameters(hp, ignore=["cfg", "item_count", "items", "users", "metrics"])
         self.cfg, self.n_users, self.n_items = cfg, n_users, n_items
         text_buckets = cfg.text_buckets if items.tokens.shape[1] else 0
         self.item_tower = ItemTower(
@@ -129,6 +167,7 @@ class TwoTowerModule(pl_.LightningModule):
         self.val_metrics = metrics
         self.on_epoch: EpochCallback | None = None
         self.history: list[dict[str, float]] = []
+        self.record_path: Path | None = None
         self.train_seconds = 0.0
         self.train_samples = 0
         self._epoch: dict[str, Any] = {}
@@ -147,17 +186,14 @@ class TwoTowerModule(pl_.LightningModule):
     def embed_users(
         self, users: Tensor, hist_items: Tensor, hist_weights: Tensor, item_vectors: Tensor | None = None
     ) -> Tensor:
-        """(B,) user indices (``n_users`` = new user), (B, L) history items and weights -> (B, d) unit vectors.
-
-        ``item_vectors`` (n_items + 1, d), when given, is used for the history instead of the item tower.
-        """
-        b, length = hist_items.shape
+        """(B,) user indices (``n_users`` = new user), (B, L) history items (``n_items`` = padding) and
+        weights -> (B, d) unit vectors. ``item_vectors`` (>= n_items + 1, d), when given, holds the history
+        items' vectors (e.g. ``all_item_vectors()``) instead of running the item tower."""
         if item_vectors is None:
-            uniq, inv = torch.unique(hist_items.reshape(-1), return_inverse=True)
-            hv = self.embed_items(uniq)[inv].view(b, length, -1)
-        else:
-            hv = item_vectors[hist_items]
-        return self.user_tower(users, hv, hist_weights, self.user_codes[users], self.user_values[users])
+            uniq, inv = dense_unique(hist_items, self.n_items + 1)
+            item_vectors, hist_items = self.embed_items(uniq), inv
+        pooled = UserTower.pool(item_vectors, hist_items, hist_weights)
+        return self.user_tower(users, pooled, self.user_codes[users], self.user_values[users])
 
     @torch.no_grad()
     def all_item_vectors(self, chunk: int = 65_536) -> Tensor:
@@ -168,22 +204,29 @@ class TwoTowerModule(pl_.LightningModule):
     # ------------------------------------------------------------------------------------------------
     # Training
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def loss(self, batch: dict[str, Tensor]) -> TaskOutput:
+        """The task's output for one training batch (``ExampleBatches``): pure computation, no logging."""
         user, item, hist, weights = batch["user"], batch["item"], batch["hist_items"], batch["hist_weights"]
-        b, length = hist.shape
+        b = item.shape[0]
         neg = self.task.sample_negatives(item.device)
         parts = [item, hist.reshape(-1)] + ([] if neg is None else [neg])
-        uniq, inv = torch.unique(torch.cat(parts), return_inverse=True)
-        vecs = self.embed_items(uniq)[inv]
-        pos_v, hist_v = vecs[:b], vecs[b : b + b * length].view(b, length, -1)
-        neg_v = None if neg is None else vecs[b + b * length :]
-        u = self.user_tower(user, hist_v, weights, self.user_codes[user], self.user_values[user])
-        out = self.task(u, pos_v, item, neg_v, neg)
-        self.log("train_loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=b)
-        self.log("train_batch_accuracy", out.accuracy, on_step=False, on_epoch=True, batch_size=b)
+        # every item the step needs runs through the item tower once
+        uniq, inv = dense_unique(torch.cat(parts), self.n_items + 1)
+        vecs = self.embed_items(uniq)
+        pos_v = vecs[inv[:b]]
+        neg_v = None if neg is None else vecs[inv[b + hist.numel() :]]
+        pooled = UserTower.pool(vecs, inv[b : b + hist.numel()].view_as(hist), weights)
+        u = self.user_tower(user, pooled, self.user_codes[user], self.user_values[user])
+        return self.task(u, pos_v, item, neg_v, neg)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.loss(batch)
+        b = int(batch["item"].shape[0])
+        # epoch means, all-reduced over DDP ranks once per epoch (a no-op on one device)
+        self.log("train_loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=b, sync_dist=True)
+        self.log("train_batch_accuracy", out.accuracy, on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
         ep = self._epoch
         ep["loss"] = ep.get("loss", 0.0) + out.loss.detach() * b
-        ep["acc"] = ep.get("acc", 0.0) + out.accuracy.detach() * b
         ep["n"] = ep.get("n", 0) + b
         return out.loss
 
@@ -196,29 +239,33 @@ class TwoTowerModule(pl_.LightningModule):
         n = int(ep.get("n", 0))
         seconds = time.perf_counter() - ep["t0"] - ep["val_seconds"]
         self.train_seconds += seconds
-        self.train_samples += n
+        self.train_samples += n * self.trainer.world_size
         row: dict[str, float] = {"epoch": float(self.current_epoch + 1)}
         if n:
-            row["train_loss"] = float(ep["loss"]) / n
-            row["train_batch_accuracy"] = float(ep["acc"]) / n
-        row["samples_per_second"] = n / seconds if seconds > 0 else float("nan")
-        row.update(self._last_val)
+            row["train_loss"] = float(ep["loss"]) / n  # (train_batch_accuracy goes to the logger only)
+        # the history feeds the training-curve plot: loss on one axis, validation recall/NDCG on the other
+        row.update({k: v for k, v in self._last_val.items() if k.startswith(("val_recall", "val_ndcg"))})
         self.history.append(row)
-        self._log_epoch(row)
+        if self.record_path is not None and self.global_rank == 0:
+            # on disk too: with a spawning strategy (ddp_spawn) this process's attributes never reach the caller
+            write_json_atomic(
+                {"history": self.history, "train_samples": self.train_samples, "train_seconds": self.train_seconds},
+                self.record_path,
+            )
+        self._log_epoch(row, n / seconds if seconds > 0 else float("nan"))
         if self.on_epoch is not None and self.global_rank == 0:
             self.on_epoch({k: v for k, v in row.items() if k != "epoch"}, self.current_epoch + 1)
 
     @rank_zero_only
-    def _log_epoch(self, row: dict[str, float]) -> None:
+    def _log_epoch(self, row: dict[str, float], samples_per_second: float) -> None:
         shown = " ".join(f"{k} {v:.5g}" for k, v in row.items() if k != "epoch")
-        log.info("two_tower epoch %d/%d: %s", int(row["epoch"]), self.trainer.max_epochs or -1, shown)
+        log.info(
+            "two_tower epoch %d/%d: %s (%.0f samples/s)",
+            int(row["epoch"]), self.trainer.max_epochs or -1, shown, samples_per_second,
+        )  # fmt: skip
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.cfg.warmup_fraction * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
+        opt, sched = make_optimizer(self, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------------
@@ -243,8 +290,9 @@ class TwoTowerModule(pl_.LightningModule):
         items = self.all_item_vectors()[: self.n_items].cpu().numpy()
         metrics = self.val_metrics(idx_np, vec.cpu().numpy()[first], items)
         val = {f"val_{k}": float(v) for k, v in metrics.items() if k != "n_users_evaluated"}
-        # every rank computed the same numbers from the gathered vectors: no further sync needed
-        self.log_dict(val, sync_dist=False, rank_zero_only=False)
+        # every rank computed the same numbers from the gathered vectors (the all-reduce keeps Lightning's
+        # distributed bookkeeping happy and changes nothing)
+        self.log_dict(val, sync_dist=True)
         self._last_val = val
         seconds = time.perf_counter() - self._val_t0
         if "val_seconds" in self._epoch:
@@ -255,9 +303,9 @@ class TwoTowerModule(pl_.LightningModule):
         if self.trainer.world_size <= 1:
             return x
         size = torch.tensor([x.shape[0]], device=x.device)
-        sizes = self.all_gather(size).reshape(-1)
+        sizes = cast(Tensor, self.all_gather(size)).reshape(-1)
         most = int(sizes.max())
         padded = x.new_zeros((most, *x.shape[1:]))
         padded[: x.shape[0]] = x
-        gathered = self.all_gather(padded)
+        gathered = cast(Tensor, self.all_gather(padded))
         return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes.tolist())])

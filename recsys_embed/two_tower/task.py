@@ -94,6 +94,8 @@ class RetrievalTask(nn.Module):
         num_negatives: M uniform negatives per batch.
     """
 
+    log_q: Tensor
+
     def __init__(
         self,
         item_count: np.ndarray,
@@ -123,7 +125,9 @@ class RetrievalTask(nn.Module):
             return None
         return torch.randint(0, self.n_items, (self.num_negatives,), device=device, generator=generator)
 
-    def forward(self, user: Tensor, pos: Tensor, pos_ids: Tensor, neg: Tensor | None = None, neg_ids: Tensor | None = None) -> TaskOutput:
+    def forward(
+        self, user: Tensor, pos: Tensor, pos_ids: Tensor, neg: Tensor | None = None, neg_ids: Tensor | None = None
+    ) -> TaskOutput:
         log_q = self.log_q if self.logq_correction else None
         return sampled_softmax_loss(
             user,
@@ -147,7 +151,9 @@ class FullCorpusMetrics:
         users, items: the train ID maps (for the ``Embeddings`` wrapper).
     """
 
-    def __init__(self, seen: sp.csr_matrix, targets: sp.csr_matrix, ks: Sequence[int], users: IdMap, items: IdMap) -> None:
+    def __init__(
+        self, seen: sp.csr_matrix, targets: sp.csr_matrix, ks: Sequence[int], users: IdMap, items: IdMap
+    ) -> None:
         self.seen, self.targets, self.ks = seen, sp.csr_matrix(targets), list(ks)
         self.users, self.items = users, items
         self.eval_users = np.flatnonzero(np.diff(self.targets.indptr) > 0)

@@ -73,7 +73,9 @@ class ItemTower(nn.Module):
         super().__init__()
         self.unknown, self.id_dropout = n_items, id_dropout
         self.ids = nn.Embedding(n_items + 1, dim)
-        self.text = nn.EmbeddingBag(text_buckets + 1, dim, mode="mean", padding_idx=text_buckets) if text_buckets else None
+        self.text = (
+            nn.EmbeddingBag(text_buckets + 1, dim, mode="mean", padding_idx=text_buckets) if text_buckets else None
+        )
         self.tab = _Tabular(cardinalities or [], n_numeric, dim)
         self.sentence = nn.Linear(sentence_dim, dim) if sentence_dim else None
         n_parts = 1 + (self.text is not None) + self.tab.n_parts + (self.sentence is not None)
@@ -118,17 +120,20 @@ class UserTower(nn.Module):
         nn.init.normal_(self.ids.weight, std=0.05)
 
     @staticmethod
-    def pool(hist_vectors: Tensor, hist_weights: Tensor) -> Tensor:
-        """Weighted mean over the history: (B, L, d), (B, L) -> (B, d); zeros for an empty history."""
-        w = hist_weights.to(hist_vectors.dtype)
-        total = w.sum(dim=1, keepdim=True)
-        return torch.bmm(w.unsqueeze(1), hist_vectors).squeeze(1) / total.clamp_min(1e-8)
+    def pool(item_vectors: Tensor, hist_index: Tensor, hist_weights: Tensor) -> Tensor:
+        """Weighted mean of history vectors without materialising (B, L, d): ``EmbeddingBag`` sum over rows
+        ``hist_index`` (B, L) of ``item_vectors`` (U, d) with weights ``hist_weights`` (B, L) / row sum.
+        Zero weights (padding) contribute nothing; an empty history pools to zeros."""
+        w = hist_weights.float()
+        w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        return F.embedding_bag(hist_index, item_vectors, per_sample_weights=w.to(item_vectors.dtype), mode="sum")
 
-    def forward(
-        self, ids: Tensor, hist_vectors: Tensor, hist_weights: Tensor, codes: Tensor, values: Tensor
-    ) -> Tensor:
-        """ids (B,) (``n_users`` = unknown), hist_vectors (B, L, d), hist_weights (B, L) (0 = padding),
-        codes (B, C), values (B, N) -> (B, dim) unit vectors."""
-        parts = [self.ids(_drop_ids(ids, self.unknown, self.id_dropout, self.training)), self.pool(hist_vectors, hist_weights)]
+    def forward(self, ids: Tensor, pooled: Tensor, codes: Tensor, values: Tensor) -> Tensor:
+        """ids (B,) (``n_users`` = unknown), pooled (B, d) history (``pool``), codes (B, C), values (B, N)
+        -> (B, dim) unit vectors."""
+        parts = [
+            self.ids(_drop_ids(ids, self.unknown, self.id_dropout, self.training)),
+            pooled.to(self.ids.weight.dtype),
+        ]
         parts += self.tab(codes, values)
         return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
