@@ -224,21 +224,9 @@ def train_als(
         history (one dict per iteration), fit_seconds (implicit's fit, callbacks included), eval_seconds,
         callback_seconds (the callback's own cost outside validation).
     """
-    ks_list = _check_inputs(train, val_targets, ks, metric, "als")
-    if val_targets is not None and cfg.eval_every:
-        val_targets = sample_val_targets(val_targets, cfg.val_max_users, cfg.seed)
-    gpu = use_gpu_backend(cfg.use_gpu, "als")
-    backend = _backend_name(gpu)
-    log.info(
-        "als: %s on %d users x %d items (%d nnz), factors=%d iterations=%d",
-        backend,
-        *train.shape,
-        train.matrix.nnz,
-        cfg.factors,
-        cfg.iterations,
-    )
-    with threadpool_limits(1, "blas"):
-        model = implicit.als.AlternatingLeastSquares(
+
+    def make_model(gpu: bool) -> Any:
+        return implicit.als.AlternatingLeastSquares(
             factors=cfg.factors,
             regularization=cfg.regularization,
             alpha=cfg.alpha,
@@ -248,26 +236,11 @@ def train_als(
             calculate_training_loss=cfg.training_loss,
             random_state=cfg.seed,
         )
-        progress = _Progress(
-            "als",
-            train,
-            cfg.iterations,
-            cfg.eval_every,
-            val_targets,
-            ks_list,
-            metric,
-            on_metrics,
-            factors=lambda: (model.user_factors, model.item_factors),
-        )
 
-        def callback(iteration: int, seconds: float, loss: float | None) -> None:
-            progress.step(iteration, seconds, {} if loss is None else {"train_loss": float(loss)})
+    def signal(loss: float | None) -> dict[str, float]:
+        return {} if loss is None else {"train_loss": float(loss)}
 
-        t0 = time.perf_counter()
-        model.fit(train.matrix, show_progress=show_progress, callback=callback)
-        fit_seconds = time.perf_counter() - t0
-    log.info("als: fitted in %.2f s (%.2f s of it validating)", fit_seconds, progress.eval_seconds)
-    return progress.result(backend, fit_seconds, {})
+    return _fit_implicit("als", train, cfg, make_model, signal, val_targets, ks, metric, on_metrics, show_progress, {})
 
 
 def train_bpr(
@@ -289,23 +262,10 @@ def train_bpr(
         ``Embeddings`` (model "bpr", d = ``cfg.factors + 1``: implicit's last item column is an item bias
         and the matching user column is 1, so the dot product includes the bias).
     """
-    ks_list = _check_inputs(train, val_targets, ks, metric, "bpr")
-    if val_targets is not None and cfg.eval_every:
-        val_targets = sample_val_targets(val_targets, cfg.val_max_users, cfg.seed)
-    gpu = use_gpu_backend(cfg.use_gpu, "bpr")
-    backend = _backend_name(gpu)
-    log.info(
-        "bpr: %s on %d users x %d items (%d nnz), factors=%d iterations=%d threads=%d",
-        backend,
-        *train.shape,
-        train.matrix.nnz,
-        cfg.factors,
-        cfg.iterations,
-        cfg.num_threads,
-    )
     samples = train.matrix.nnz
-    with threadpool_limits(1, "blas"):
-        model = implicit.bpr.BayesianPersonalizedRanking(
+
+    def make_model(gpu: bool) -> Any:
+        return implicit.bpr.BayesianPersonalizedRanking(
             factors=cfg.factors,
             learning_rate=cfg.learning_rate,
             regularization=cfg.regularization,
@@ -314,8 +274,52 @@ def train_bpr(
             num_threads=cfg.num_threads,
             random_state=cfg.seed,
         )
+
+    def signal(correct: int, skipped: int) -> dict[str, float]:
+        judged = samples - skipped
+        return {"train_auc": correct / judged} if judged > 0 else {}
+
+    extra = {"num_threads": cfg.num_threads}
+    return _fit_implicit(
+        "bpr", train, cfg, make_model, signal, val_targets, ks, metric, on_metrics, show_progress, extra
+    )
+
+
+def _fit_implicit(
+    name: str,
+    train: Interactions,
+    cfg: ALSConfig | BPRConfig,
+    make_model: Callable[[bool], Any],
+    signal: Callable[..., dict[str, float]],
+    val_targets: sp.csr_matrix | None,
+    ks: Sequence[int],
+    metric: str,
+    on_metrics: OnMetrics | None,
+    show_progress: bool,
+    extra_info: dict[str, Any],
+) -> Embeddings:
+    """The fit both implicit models share: validation sample, backend choice, single-threaded BLAS around
+    implicit, per-iteration progress (``signal`` maps implicit's callback stats to training metrics),
+    best-iteration snapshots, timing."""
+    ks_list = _check_inputs(train, val_targets, ks, metric, name)
+    if val_targets is not None and cfg.eval_every:
+        val_targets = sample_val_targets(val_targets, cfg.val_max_users, cfg.seed)
+    gpu = use_gpu_backend(cfg.use_gpu, name)
+    backend = _backend_name(gpu)
+    log.info(
+        "%s: %s on %d users x %d items (%d nnz), factors=%d iterations=%d %s",
+        name,
+        backend,
+        *train.shape,
+        train.matrix.nnz,
+        cfg.factors,
+        cfg.iterations,
+        " ".join(f"{k}={v}" for k, v in extra_info.items()),
+    )
+    with threadpool_limits(1, "blas"):
+        model = make_model(gpu)
         progress = _Progress(
-            "bpr",
+            name,
             train,
             cfg.iterations,
             cfg.eval_every,
@@ -326,12 +330,11 @@ def train_bpr(
             factors=lambda: (model.user_factors, model.item_factors),
         )
 
-        def callback(iteration: int, seconds: float, correct: int, skipped: int) -> None:
-            judged = samples - skipped
-            progress.step(iteration, seconds, {"train_auc": correct / judged} if judged > 0 else {})
+        def callback(iteration: int, seconds: float, *stats: Any) -> None:
+            progress.step(iteration, seconds, signal(*stats))
 
         t0 = time.perf_counter()
         model.fit(train.matrix, show_progress=show_progress, callback=callback)
         fit_seconds = time.perf_counter() - t0
-    log.info("bpr: fitted in %.2f s (%.2f s of it validating)", fit_seconds, progress.eval_seconds)
-    return progress.result(backend, fit_seconds, {"num_threads": cfg.num_threads})
+    log.info("%s: fitted in %.2f s (%.2f s of it validating)", name, fit_seconds, progress.eval_seconds)
+    return progress.result(backend, fit_seconds, extra_info)
