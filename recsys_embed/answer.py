@@ -43,13 +43,26 @@ def _cast_like(value: str, series: pl.Series) -> Any:
     return value
 
 
+def _rows_for(table_path: str, key: str, value: str, k: int, not_found: str) -> tuple[Any, pl.DataFrame]:
+    """The first ``k`` rows (by rank) of a committed export table whose ``key`` equals ``value`` (cast to the
+    table's ID type); raises ``RecsysEmbedError(not_found)`` when there are none."""
+    table = read_table(table_path)
+    typed = _cast_like(value, table[key])
+    rows = table.filter(pl.col(key) == typed).sort("rank").head(k)
+    if rows.height == 0:
+        raise RecsysEmbedError(not_found)
+    return typed, rows
+
+
 def recommend_for_user(manifest: dict[str, Any], user: str, k: int, model: str | None, explain: bool) -> str:
     name = _model(manifest, model)
-    table = read_table(manifest["exports"][name]["topk"])
-    uid = _cast_like(user, table["user_id"])
-    rows = table.filter(pl.col("user_id") == uid).sort("rank").head(k)
-    if rows.height == 0:
-        raise RecsysEmbedError(f"user {user!r} has no recommendations in the latest run (unknown or cold user)")
+    uid, rows = _rows_for(
+        manifest["exports"][name]["topk"],
+        "user_id",
+        user,
+        k,
+        f"user {user!r} has no recommendations in the latest run (unknown or cold user)",
+    )
     desc = _descriptions(manifest)
     lines = [f"Top {rows.height} for user {user} ({name}):"]
     reasons: dict[Any, list[tuple[Any, float]]] = {}
@@ -104,11 +117,7 @@ def similar_to_item(manifest: dict[str, Any], item: str, k: int, model: str | No
     path = manifest["exports"][name].get("similar_items")
     if not path:
         raise RecsysEmbedError(f"model {name!r} has no similar-items table; pass --model als (or another MF model)")
-    table = read_table(path)
-    iid = _cast_like(item, table["item_id"])
-    rows = table.filter(pl.col("item_id") == iid).sort("rank").head(k)
-    if rows.height == 0:
-        raise RecsysEmbedError(f"item {item!r} is not in the latest run's catalog")
+    iid, rows = _rows_for(path, "item_id", item, k, f"item {item!r} is not in the latest run's catalog")
     desc = _descriptions(manifest)
     lines = [f"Items similar to {item} {desc.get(str(iid), '')} ({name}):"]
     for r in rows.iter_rows(named=True):

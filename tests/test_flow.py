@@ -4,6 +4,7 @@ MLflow in ``tmp_path``. Also proves that a fresh process can load embeddings and
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,21 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     assert n_users == manifest["exports"]["als"]["topk_users"]  # every train user got a list
     assert dim == 64
     assert rows == manifest["exports"]["als"]["topk_rows"]
+
+    # recommend / similar answer from the run's outputs, with the log's descriptions and --explain reasons
+    from recsys_embed.answer import recommend_for_user, similar_to_item
+    from recsys_embed.errors import RecsysEmbedError
+
+    als_table = read_table(manifest["exports"]["als"]["topk"]).sort("user_id", "rank")
+    user = als_table["user_id"][0]
+    answer = recommend_for_user(manifest, str(user), 3, "als", explain=True)
+    ranked = [line for line in answer.splitlines() if re.match(r"^\s+\d+\. ", line)]
+    assert len(ranked) == 3 and answer.count("because of") == 9  # 3 history items behind each of 3
+    assert str(als_table["item_id"][0]) in answer.splitlines()[1]  # rank 1 is the exported rank 1
+    item = str(als_table["item_id"][0])
+    assert similar_to_item(manifest, item, 2, "als").startswith(f"Items similar to {item}")
+    with pytest.raises(RecsysEmbedError, match="not in the latest run's catalog"):
+        similar_to_item(manifest, "NO-SUCH-ITEM", 2, "als")
 
     # same log + same ingest config: the second run reuses the ingest instead of re-reading the log
     again = embedding_pipeline(
