@@ -1,12 +1,17 @@
 """The main job: ingest -> split -> train each configured model -> evaluate -> log -> export.
 
 Orchestration only. Each task is a thin call into ``recsys_embed``; tasks hand each other paths and
-small records. I/O tasks retry; ingest is cached on data fingerprint + ingest config.
+small records. I/O tasks retry. Resume: ingest, split and each model's training are content-addressed
+folders under ``<root>/cache/`` that ``recsys_embed.stages`` reuses when their inputs and config are unchanged
+(the library's check is the source of truth; Prefect's cache only short-cuts ingest), so re-running a killed
+run recomputes only what it had not committed. The run first marks its killed predecessors' MLflow runs KILLED
+and removes their uncommitted leftovers (it holds the output folder's lock, so nothing else writes there).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from flows.distributed import DaskCluster, dask_cluster, run_sharded_export
 from recsys_embed import reporting, stages
 from recsys_embed.config import (
     DatabaseExportConfig,
@@ -33,17 +39,18 @@ from recsys_embed.incremental import commit_state, run_incremental_ingest
 from recsys_embed.io import write_json_atomic
 from recsys_embed.lock import run_lock
 from recsys_embed.models import enabled_models
-from recsys_embed.tracking import Tracker, git_commit, lightning_logger
+from recsys_embed.tracking import Tracker, git_commit, lightning_logger, redact_uri
 from recsys_embed.types import RowReport
 
 
 def _ingest_cache_key(context: Any, params: dict[str, Any]) -> str | None:
     cfg: IngestConfig = params["cfg"]
     key = stages.ingest_cache_key(stages.input_fingerprint(cfg), cfg)
-    # Only reuse Prefect's cached record while the cached files still exist.
+    # Only reuse Prefect's cached record while the cached files still exist, and only for this output folder
+    # (the record holds its paths).
     if not (Path(params["cache_root"]) / f"ingest-{key}" / "_SUCCESS").exists():
         return None
-    return f"ingest-{key}"
+    return f"ingest-{key}-{hashlib.sha256(str(Path(params['cache_root']).resolve()).encode()).hexdigest()[:12]}"
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[1, 5], cache_key_fn=_ingest_cache_key, persist_result=True)
@@ -57,8 +64,10 @@ def incremental_ingest_task(cfg: IngestConfig, root: str, inc: IncrementalConfig
 
 
 @task(name="split", retries=1, retry_delay_seconds=2, cache_policy=NONE)
-def split_task(ingest: dict[str, Any], ingest_cfg: IngestConfig, cfg: SplitConfig, out_dir: str) -> dict[str, Any]:
-    return stages.run_split(ingest, ingest_cfg, cfg, Path(out_dir))
+def split_task(
+    ingest: dict[str, Any], ingest_cfg: IngestConfig, cfg: SplitConfig, out_dir: str, cache_root: str
+) -> dict[str, Any]:
+    return stages.run_split(ingest, ingest_cfg, cfg, Path(out_dir), Path(cache_root))
 
 
 @task(name="train", cache_policy=NONE, task_run_name="train-{name}")
@@ -70,8 +79,10 @@ def train_task(
     out_dir: str,
     settings: MlflowSettings,
     run_id: str,
+    warm_start_from: str | None = None,
+    cache_root: str | None = None,
 ) -> dict[str, Any]:
-    tracker = Tracker(settings)
+    tracker = Tracker(settings, local_outputs=Path(out_dir).parent)
     return stages.run_train(
         name,
         split,
@@ -79,7 +90,10 @@ def train_task(
         eval_cfg,
         Path(out_dir),
         on_metrics=lambda m, step: tracker.log_metrics(run_id, m, step),
-        lightning_logger=lightning_logger(settings, run_id) if name == "two_tower" else None,
+        # created only if the model is trained, not reused: a cache hit need not import Lightning
+        lightning_logger=(lambda: lightning_logger(settings, run_id)) if name == "two_tower" else None,
+        warm_start_from=warm_start_from,
+        cache_root=Path(cache_root) if cache_root else None,
     )
 
 
@@ -120,10 +134,8 @@ def register_task(
     primary_metric: str,
     pipeline_run_id: str,
 ) -> dict[str, Any]:
-    from recsys_embed.registry import register_best
-
-    return register_best(settings, model_run_id, model, embeddings, seen, metrics, export_cfg, cfg, primary_metric,
-                         pipeline_run_id)  # fmt: skip
+    return stages.run_register(settings, model_run_id, model, embeddings, seen, metrics, export_cfg, cfg,
+                               primary_metric, pipeline_run_id)  # fmt: skip
 
 
 @task(name="db-export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
@@ -146,29 +158,41 @@ def embedding_pipeline(
     cfg = load_config(config_path, overrides or [])
     tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
     root = Path(cfg.output_root) / cfg.name
-    with run_lock(root):
-        return _run_pipeline(cfg, config_path, tracker, root)
+    with run_lock(root), dask_cluster(cfg.distributed) as cluster:  # cluster: None unless distributed.enabled
+        return _run_pipeline(cfg, config_path, tracker, root, cluster)
 
 
-def _run_pipeline(cfg: PipelineConfig, config_path: str | None, tracker: Tracker, root: Path) -> dict[str, Any]:
+def _run_pipeline(
+    cfg: PipelineConfig, config_path: str | None, tracker: Tracker, root: Path, cluster: DaskCluster | None = None
+) -> dict[str, Any]:
     logger = get_run_logger()
     settings = tracker.settings
     run_name = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = root / "runs" / run_name
-    parent = tracker.start_run(run_name, tags={"pipeline": cfg.name})
+    tracker.local_outputs = run_dir  # named in the error if MLflow goes down mid-run
+    # Holding the lock, every RUNNING MLflow run of this pipeline and output folder was left by a killed run.
+    scope = {"pipeline": cfg.name, "output_root": str(root.resolve())}
+    stale = tracker.mark_stale_runs_failed(scope)
+    if stale:
+        logger.warning("marked %d MLflow run(s) left RUNNING by a killed run as KILLED: %s", len(stale),
+                       ", ".join(stale))  # fmt: skip
+    stages.sweep_leftovers(root)
+    parent = tracker.start_run(run_name, tags=scope)
     try:
         ingest_cfg = cfg.ingest
+        warm_from: str | None = None  # the last run's models (incremental runs; used when models.warm_start)
         if cfg.incremental.enabled:
             ingest = incremental_ingest_task(cfg.ingest, str(root), cfg.incremental, run_name)
             previous_split = ingest["incremental"]["previous_split"]
             if previous_split and not cfg.ingest.id_maps_from:  # extend the last run's ID maps
                 ingest_cfg = cfg.ingest.model_copy(update={"id_maps_from": previous_split})
+            warm_from = ingest["incremental"]["previous_models"]
             logger.info("incremental: %d new file(s), %d new rows; %d file(s) already ingested",
                         len(ingest["incremental"]["new_files"]), ingest["incremental"]["new_rows_read"],
                         len(ingest["incremental"]["skipped_files"]))  # fmt: skip
         else:
             ingest = ingest_task(cfg.ingest, str(root / "cache"))
-        split = split_task(ingest, ingest_cfg, cfg.split, str(run_dir / "split"))
+        split = split_task(ingest, ingest_cfg, cfg.split, str(run_dir / "split"), str(root / "cache"))
         report = RowReport.from_dict(split["report"])
         logger.info("row accounting for %s:\n%s", cfg.ingest.source.path, report.format())
         reporting.log_run_inputs(tracker, parent, cfg, ingest, split, git_commit())
@@ -176,13 +200,20 @@ def _run_pipeline(cfg: PipelineConfig, config_path: str | None, tracker: Tracker
         metrics: dict[str, dict[str, float]] = {}
         exports: dict[str, dict[str, Any]] = {}
         model_runs: dict[str, str] = {}
+        reused: dict[str, bool] = {}  # model -> trained by an earlier (possibly killed) run, read back here
         for name in enabled_models(cfg.models):
-            child = tracker.start_run(name, parent_run_id=parent, tags={"model": name})
+            child = tracker.start_run(name, parent_run_id=parent, tags={**scope, "model": name})
             model_runs[name] = child
             try:
-                model = train_task(name, split, cfg.models, cfg.eval, str(run_dir / "models"), settings, child)
+                model = train_task(name, split, cfg.models, cfg.eval, str(run_dir / "models"), settings, child,
+                                   warm_from, str(root / "cache"))  # fmt: skip
+                reused[name] = bool(model.get("cached"))
                 metrics[name] = evaluate_task(model, split, cfg.eval)
-                exports[name] = export_task(model, split, cfg.export, str(run_dir / "exports"), parent)
+                if cluster is None:
+                    exports[name] = export_task(model, split, cfg.export, str(run_dir / "exports"), parent)
+                else:  # top-k in shards on Dask (flows/distributed.py)
+                    exports[name] = run_sharded_export(cluster, model, split, cfg.export, str(run_dir / "exports"),
+                                                       parent)  # fmt: skip
                 exports[name]["embeddings"] = model["embeddings"]
                 exports[name]["info"] = model["info"]
                 log_model_task(settings, child, model, metrics[name], exports[name], split)
@@ -217,7 +248,7 @@ def _run_pipeline(cfg: PipelineConfig, config_path: str | None, tracker: Tracker
             "mlflow": {
                 "run_id": parent,
                 "model_runs": model_runs,
-                "tracking_uri": settings.tracking_uri,
+                "tracking_uri": redact_uri(settings.tracking_uri),
                 "experiment_id": tracker.experiment_id,
                 "ui_path": tracker.run_url(parent),
             },
@@ -228,6 +259,7 @@ def _run_pipeline(cfg: PipelineConfig, config_path: str | None, tracker: Tracker
             "split": split["split"],
             "test_cold_users": split.get("test_cold_users"),
             "ingest_cached": ingest.get("cached", False),
+            "reused": {"ingest": bool(ingest.get("cached")), "split": bool(split.get("cached")), "models": reused},
             "quarantine": ingest["quarantine"],
             "item_text": ingest.get("item_text"),
             "exports": exports,

@@ -20,6 +20,10 @@ DEFAULT_CONFIG = "configs/retail.yaml"
 
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    from recsys_embed import progress
+
+    # progress bars: never under --quiet; otherwise on an interactive terminal only (--verbose keeps them)
+    progress.set_enabled(False if args.quiet else None)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", logging.getLevelName(max(level, logging.INFO)))
     # The ephemeral server's telemetry heartbeat can only fail offline, and it races the server's own
@@ -45,6 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.embedding_pipeline import embedding_pipeline
     from recsys_embed.evaluate import metrics_table
     from recsys_embed.reporting import format_metrics
+    from recsys_embed.tracking import redact_uri
     from recsys_embed.types import RowReport
 
     manifest: dict[str, Any] = embedding_pipeline(
@@ -67,10 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nRegistry: {reg['name']} v{reg['version']} -> {reg['alias']} ({reg['metric']} {reg['reason']})")
     if manifest.get("database"):
         db = manifest["database"]
-        print(f"Database: {db['uri']} tables {db['tables']}")
+        print(f"Database: {redact_uri(db['uri'])} tables {db['tables']}")
     print(f"\nManifest: {manifest['run_dir']}/summary.json")
     print(
-        f"MLflow run: {manifest['mlflow']['run_id']} ({manifest['mlflow']['tracking_uri']}); "
+        f"MLflow run: {manifest['mlflow']['run_id']} ({redact_uri(manifest['mlflow']['tracking_uri'])}); "
         "`recsys-embed ui` to inspect"
     )
     return 0
@@ -112,8 +117,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from recsys_embed.bench.run import main as bench_main
+    from recsys_embed.bench.run import scaling_main
 
-    return bench_main(args.suites, args.size, args.repeats, args.json)
+    suites = [s for s in args.suites if s != "scaling"]
+    rc = 0
+    if "scaling" in args.suites:  # its own table and JSON: stages x sizes, not candidate against baseline
+        sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+        rc = scaling_main(sizes, str(Path(args.json).with_name("scaling.json")) if args.json else None)
+    return bench_main(suites, args.size, args.repeats, args.json) if suites else rc
 
 
 def _latest(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,8 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="run benchmark suites and print measured ratios side by side")
-    b.add_argument("suites", nargs="*", default=["ingest", "als", "topk"], help="ingest | als | topk")
-    b.add_argument("--size", default="1m", help="1m | 20m | 100m")
+    b.add_argument("suites", nargs="*", default=["ingest", "als", "topk"],
+                   help="ingest | als | topk | lightning | e2e | scaling (scaling uses --sizes)")  # fmt: skip
+    b.add_argument("--size", default="1m", help="tiny | 1m | 20m | 100m")
+    b.add_argument("--sizes", default="tiny,1m", help="scaling: comma-separated sizes, e.g. 1m,20m,100m (100m is "
+                   "skipped with a message when memory would not allow it)")  # fmt: skip
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", default="bench_results/results.json")
     b.set_defaults(fn=cmd_bench)

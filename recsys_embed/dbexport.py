@@ -31,6 +31,7 @@ import polars as pl
 
 from recsys_embed.errors import RecsysEmbedError
 from recsys_embed.io import read_table
+from recsys_embed.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -180,15 +181,6 @@ def resolve_uri(uri: str, root: Path | None = None) -> str:
 # Writing
 
 
-def _progress(total: int, what: str) -> Any:
-    """A rich progress bar when INFO is on (off under ``--quiet`` and in tests), else a no-op."""
-    if total <= 0 or not log.isEnabledFor(logging.INFO):
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-
-
 def write_frames(
     frames: Iterator[pl.DataFrame],
     schema: pl.Schema,
@@ -229,8 +221,7 @@ def write_frames(
         conn.execute(f"DROP TABLE IF EXISTS {d.quote(staging)}")
         conn.execute(f"CREATE TABLE {d.quote(staging)} ({col_sql})")
         try:
-            with _progress(total_rows, f"db export {table}") as bar:
-                task = bar.add_task(table, total=total_rows) if bar is not None else None
+            with progress_bar(f"db export {table}", total_rows or None, "rows") as bar:
                 for frame in frames:
                     for start in range(0, frame.height, batch_rows):
                         batch = frame.slice(start, batch_rows).select(cols).rows()
@@ -238,8 +229,7 @@ def write_frames(
                         conn.cursor().executemany(insert, batch)
                         conn.execute("COMMIT")
                         rows += len(batch)
-                        if bar is not None:
-                            bar.update(task, advance=len(batch))
+                        bar.advance(len(batch))
             if index_columns:
                 ix = ", ".join(f'"{c}"' for c in index_columns)
                 conn.execute(f"CREATE INDEX {d.quote(f'ix_{table}_{tag}')} ON {d.quote(staging)} ({ix})")

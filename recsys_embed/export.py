@@ -29,9 +29,19 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from recsys_embed.ann import iter_search
 from recsys_embed.config import ExportConfig
 from recsys_embed.errors import DataWarning
-from recsys_embed.io import SUCCESS_MARKER, atomic_path, is_complete_table, read_table, staged_table
+from recsys_embed.io import (
+    SUCCESS_MARKER,
+    atomic_path,
+    inside,
+    is_complete_table,
+    output_errors,
+    read_table,
+    staged_table,
+)
+from recsys_embed.progress import track
 from recsys_embed.topk import TopK, iter_topk
 from recsys_embed.types import Embeddings, IdMap
 
@@ -94,12 +104,14 @@ def _item_filters(emb: Embeddings, cfg: ExportConfig) -> tuple[np.ndarray | None
 class _PartWriter:
     """Accumulates frames and writes ``rows_per_file``-row Parquet parts (plus optional CSV) into ``folder``."""
 
-    def __init__(self, folder: Path, schema: pl.Schema, rows_per_file: int, csv: IO[bytes] | None) -> None:
+    def __init__(
+        self, folder: Path, schema: pl.Schema, rows_per_file: int, csv: IO[bytes] | None, csv_header: bool = True
+    ) -> None:
         self.folder = folder
         self.schema = schema
         self.rows_per_file = rows_per_file
         self.csv = csv
-        self.csv_header = True
+        self.csv_header = csv_header  # still to be written (False: a headerless CSV fragment, e.g. one shard's)
         self.pending: list[pl.DataFrame] = []
         self.n_pending = 0
         self.parts: list[str] = []
@@ -144,17 +156,25 @@ def _write_part(frame: pl.DataFrame, path: Path) -> None:
 
 
 def _write_table(
-    frames: Iterator[pl.DataFrame], schema: pl.Schema, target: Path, rows_per_file: int, write_csv: bool
+    frames: Iterator[pl.DataFrame],
+    schema: pl.Schema,
+    target: Path,
+    rows_per_file: int,
+    write_csv: bool,
+    csv_header: bool = True,
 ) -> tuple[list[str], int]:
-    """Stream ``frames`` into a committed table at ``target`` (and ``target.csv``); returns (files, rows)."""
+    """Stream ``frames`` into a committed table at ``target`` (and ``target.csv``, with a header line unless
+    ``csv_header`` is False); returns (files, rows)."""
     csv_path = target.with_name(f"{target.name}.csv")
-    with contextlib.ExitStack() as stack:
+    # a full disk, a quota, a denied permission: one OutputError naming the table and the fix; the previous
+    # table and CSV stay as they were (staging folder and temporary CSV are removed on the way out)
+    with output_errors(target, "export table"), contextlib.ExitStack() as stack:
         csv: IO[bytes] | None = None
         if write_csv:
             tmp_csv = stack.enter_context(atomic_path(csv_path))  # entered first: replaced after the table commits
             csv = stack.enter_context(open(tmp_csv, "wb"))
         stage = stack.enter_context(staged_table(target))
-        writer = _PartWriter(stage, schema, rows_per_file, csv)
+        writer = _PartWriter(stage, schema, rows_per_file, csv, csv_header)
         for frame in frames:
             writer.add(frame)
         writer.finish()
@@ -183,6 +203,31 @@ def _rows_of(chunk: TopK, emb_rows: IdMap, emb_items: IdMap, names: tuple[str, s
     return frame, int(ok[:, 0].sum())  # valid slots come first, so slot 0 tells whether a row has any
 
 
+def _table_frames(
+    chunks: Iterator[TopK],
+    rows_map: IdMap,
+    items_map: IdMap,
+    names: tuple[str, str],
+    model: str,
+    run_id: str,
+    counted: dict[str, int],
+) -> Iterator[pl.DataFrame]:
+    """The table rows of each scored chunk; adds the rows (users) with at least one item to ``counted["users"]``."""
+    for chunk in chunks:
+        frame, n_users = _rows_of(chunk, rows_map, items_map, names)
+        counted["users"] += n_users
+        yield frame.with_columns(pl.lit(model, dtype=pl.String).alias("model"),
+                                 pl.lit(run_id, dtype=pl.String).alias("run_id"))  # fmt: skip
+
+
+def _table_schema(rows_map: IdMap, items_map: IdMap, names: tuple[str, str]) -> pl.Schema:
+    columns: list[tuple[str, pl.DataType]] = [
+        (names[0], rows_map.dtype), ("rank", pl.Int32()), (names[1], items_map.dtype), ("score", pl.Float32()),
+        ("model", pl.String()), ("run_id", pl.String()),
+    ]  # fmt: skip
+    return pl.Schema(columns)
+
+
 def _export(
     chunks: Iterator[TopK],
     rows_map: IdMap,
@@ -193,22 +238,15 @@ def _export(
     cfg: ExportConfig,
     target: Path,
     t0: float,
+    n_rows: int = 0,
 ) -> ExportResult:
     counted = {"users": 0}
-
-    def frames() -> Iterator[pl.DataFrame]:
-        for chunk in chunks:
-            frame, n_users = _rows_of(chunk, rows_map, items_map, names)
-            counted["users"] += n_users
-            yield frame.with_columns(pl.lit(model, dtype=pl.String).alias("model"),
-                                     pl.lit(run_id, dtype=pl.String).alias("run_id"))  # fmt: skip
-
-    columns: list[tuple[str, pl.DataType]] = [
-        (names[0], rows_map.dtype), ("rank", pl.Int32()), (names[1], items_map.dtype), ("score", pl.Float32()),
-        ("model", pl.String()), ("run_id", pl.String()),
-    ]  # fmt: skip
-    schema = pl.Schema(columns)
-    files, rows = _write_table(frames(), schema, target, cfg.rows_per_file, cfg.write_csv)
+    n_chunks = -(-n_rows // cfg.chunk_users) if n_rows else None  # the scorer yields chunk_users rows at a time
+    # closing(): a failed write ends the progress bar at once, not when the generator is collected
+    with contextlib.closing(track(chunks, f"export {target.name} ({model})", n_chunks, "chunks")) as tracked:
+        frames = _table_frames(tracked, rows_map, items_map, names, model, run_id, counted)
+        schema = _table_schema(rows_map, items_map, names)
+        files, rows = _write_table(frames, schema, target, cfg.rows_per_file, cfg.write_csv)
     return ExportResult(path=str(target), rows=rows, users=counted["users"], files=files,
                         seconds=time.perf_counter() - t0)  # fmt: skip
 
@@ -246,12 +284,12 @@ def export_topk(
         if len(np.unique(users)) != len(users):
             raise ValueError("export_topk: users holds duplicate indices; pass each user index once (np.unique)")
     allow, deny = _item_filters(emb, cfg)
-    chunks = iter_topk(emb, cfg.k, users=users, seen=seen, chunk_users=cfg.chunk_users, allow_items=allow,
-                       deny_items=deny)  # fmt: skip
-    log.info("export: %s top-%d for %d users of model %s", name, cfg.k,
-             len(emb.users) if users is None else len(users), emb.model)  # fmt: skip
+    chunks = iter_search(emb, cfg.k, cfg.search, users=users, seen=seen, chunk_users=cfg.chunk_users,
+                         allow_items=allow, deny_items=deny)  # fmt: skip
+    n_users = len(emb.users) if users is None else len(users)
+    log.info("export: %s top-%d for %d users of model %s", name, cfg.k, n_users, emb.model)
     return _export(chunks, emb.users, emb.items, ("user_id", "item_id"), emb.model, run_id, cfg,
-                   Path(out_dir) / name, t0)  # fmt: skip
+                   inside(out_dir, name), t0, n_users)  # fmt: skip
 
 
 def export_similar_items(
@@ -283,7 +321,7 @@ def export_similar_items(
                        allow_items=allow, deny_items=deny)  # fmt: skip
     log.info("export: %s top-%d for %d items of model %s", name, cfg.similar_k, n_items, emb.model)
     return _export(chunks, emb.items, emb.items, ("item_id", "similar_item_id"), emb.model, run_id, cfg,
-                   Path(out_dir) / name, t0)  # fmt: skip
+                   inside(out_dir, name), t0, n_items)  # fmt: skip
 
 
 def read_export(path: str | Path) -> pl.DataFrame:

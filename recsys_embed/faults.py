@@ -1,12 +1,25 @@
 """Fault-injection points (failpoints) for the reliability suite.
 
-Production code calls ``checkpoint("<point>")`` at the boundaries the fault suite kills at (``ingest``,
-``split``, ``train:<model>``, ``evaluate:<model>``, ``log:<model>``, ``export:<model>``, ``export-shard:<i>``
-...). It does nothing unless ``$RECSYS_EMBED_KILL_AT`` names the point (shell-style patterns allowed,
-e.g. ``train:*``); then the process is SIGKILLed on the spot, the way an OOM killer or a preempted node would.
+Production code calls ``checkpoint("<point>")`` at the boundaries the fault suite kills at. The points:
 
-``$RECSYS_EMBED_KILL_MARKER`` (a file path) makes the fault fire once: the first hit creates the marker and
-dies, later hits (the re-run, a retried Dask task) see the marker and carry on.
+- ``ingest``: events and quarantine written into the staging folder, not committed (``stages.run_ingest``);
+- ``split``: mid-split, the train matrix staged, ID maps and targets not (``stages.run_split``);
+- ``train:<model>``: fitted, nothing saved (``stages.run_train``);
+- ``evaluate:<model>``: test metrics computed, not returned (``stages.run_evaluate``);
+- ``export:<model>``: top-k table committed, similar-items table not written (``stages.run_export``);
+- ``log:<model>``: the model's MLflow run half logged (``reporting.log_model_run``);
+- ``register``: a registry version created, the run not finished (``stages.run_register``);
+- ``db-export``: the top-k database table swapped in, the similar-items one not (``stages.run_db_export``);
+- ``export-shard:<i>``: one Dask shard of the top-k table written (``shards``).
+
+``tests/test_faults.py`` kills the flow at each one and checks the re-run. ``checkpoint`` does nothing unless
+``$RECSYS_EMBED_KILL_AT`` names the point (shell-style patterns allowed, e.g. ``train:*``; several separated by
+commas); then the process is SIGKILLed on the spot, the way an OOM killer or a preempted node would.
+
+``$RECSYS_EMBED_KILL_MARKER`` makes a fault fire once. A file path: the first hit of any named point creates the
+marker and dies, later hits (the re-run, a retried Dask task) see the marker and carry on. An existing folder:
+one marker per point inside it, so each named point fires once, and re-running the same command in the same
+environment dies at the next named point until every one has fired (``fired_points`` lists them in order).
 """
 
 from __future__ import annotations
@@ -25,11 +38,13 @@ KILL_MARKER = "RECSYS_EMBED_KILL_MARKER"
 
 def checkpoint(point: str) -> None:
     """SIGKILL this process if ``$RECSYS_EMBED_KILL_AT`` matches ``point`` (and the once-marker is absent)."""
-    pattern = os.environ.get(KILL_AT)
-    if not pattern or not fnmatch.fnmatchcase(point, pattern):
+    patterns = os.environ.get(KILL_AT)
+    if not patterns or not any(fnmatch.fnmatchcase(point, p.strip()) for p in patterns.split(",") if p.strip()):
         return
     marker = os.environ.get(KILL_MARKER)
     if marker:
+        if os.path.isdir(marker):  # one marker per point
+            marker = os.path.join(marker, _marker_name(point))
         try:  # O_EXCL: exactly one process fires even if several hit the point at once
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -46,3 +61,13 @@ def fired(marker: str | Path) -> str | None:
     """The point a once-fault fired at, or None if it has not fired."""
     p = Path(marker)
     return p.read_text() if p.exists() else None
+
+
+def _marker_name(point: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in point)
+
+
+def fired_points(marker_dir: str | Path) -> list[str]:
+    """The points that fired into the marker folder ``marker_dir``, oldest first."""
+    files = sorted((p for p in Path(marker_dir).iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+    return [p.read_text() for p in files]

@@ -3,6 +3,8 @@
 State (``<root>/<incremental.state_file>``, written atomically only after a run finished) records each
 ingested file with its size and content fingerprint, the accumulated clean events, their cumulative row
 report, and the last run's split folder (whose ID maps the next run extends: old indices never change).
+The models folder beside that split (``runs/<run>/models``) is what the next run's models warm-start from
+(``models.warm_start``).
 
 A run reads only the new files, appends their clean events to the accumulated ones, and adds their row
 counts to the cumulative report, so no row is read or counted twice. A file that changed after it was
@@ -48,8 +50,9 @@ def _file_key(f: Path) -> str:
 def run_incremental_ingest(cfg: IngestConfig, root: Path, inc: IncrementalConfig, run_name: str) -> Record:
     """Ingest the new files only and return an ingest record (same keys as ``stages.run_ingest``) whose
     ``events`` are all events so far and ``report`` the cumulative accounting, plus an ``incremental`` part:
-    ``new_files``, ``skipped_files``, ``new_rows_read``, ``previous_split`` (ID maps to extend) and the
-    ``pending_state`` that ``commit_state`` writes once the run succeeded."""
+    ``new_files``, ``skipped_files``, ``new_rows_read``, ``previous_split`` (ID maps to extend),
+    ``previous_models`` (the last run's models to warm-start from, or None) and the ``pending_state`` that
+    ``commit_state`` writes once the run succeeded."""
     from recsys_embed.ingest import load_events, write_quarantine
     from recsys_embed.sources import fingerprint, resolve_files
 
@@ -126,9 +129,22 @@ def run_incremental_ingest(cfg: IngestConfig, root: Path, inc: IncrementalConfig
             "new_rows_read": new_rows,
             "total_rows_read": report.rows_read,
             "previous_split": state.get("split_dir"),
+            "previous_models": previous_models_dir(state.get("split_dir")),
             "pending_state": pending,
         },
     }
+
+
+def previous_models_dir(split_dir: str | None) -> str | None:
+    """The models folder of the run whose split is ``split_dir`` (the pipeline writes ``runs/<run>/split`` and
+    ``runs/<run>/models`` side by side), or None on a first run or when that folder is gone."""
+    if not split_dir:
+        return None
+    folder = Path(split_dir).parent / "models"
+    if not folder.is_dir():
+        log.warning("incremental: the last run's models folder '%s' is gone; models train from a random start", folder)
+        return None
+    return str(folder)
 
 
 def _add(total: RowReport, part: RowReport) -> None:

@@ -13,7 +13,11 @@ Row accounting (``RowReport``): ``rows_read = kept + duplicates + quarantined + 
    ``invalid_encoding`` (the file is not valid UTF-8 and this row holds undecodable bytes: the file is read
    lossily and rows holding U+FFFD are quarantined; a strict read comes first, so valid files never pay
    for this, and a genuine U+FFFD in a valid file is kept), ``null_user``, ``null_item`` (null, blank, or a
-   null token such as ``NULL``/``NaN``/``NA``), ``null_timestamp``, ``unparsable_timestamp``,
+   null token such as ``NULL``/``NaN``/``NA``), ``invalid_id`` (a text ID longer than ``max_id_length``
+   bytes, holding control characters such as NUL, that is a JSON object/array, or in the scientific notation a
+   spreadsheet leaves (``1.23457E+11``: digits lost); a float ID beyond 2**53, whose digits a float cannot
+   hold), ``null_timestamp``, ``unparsable_timestamp``, ``implausible_timestamp`` (at or before
+   ``plausible_after``, default epoch 0, or at or after ``plausible_before``, default 2100),
    ``timestamp_out_of_window``, ``unknown_event_type``, ``invalid_weight``;
 2. exact duplicates (every mapped column equal after parsing) are dropped, the first occurrence kept;
 3. rule filters remove rows: each ``item_filters`` rule by name, then ``rating_below_threshold``.
@@ -25,9 +29,11 @@ import functools
 import logging
 import math
 import operator
+import os
 import re
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
@@ -40,6 +46,7 @@ import polars as pl
 from recsys_embed.config import ColumnMap, IngestConfig
 from recsys_embed.errors import DataWarning, IngestError
 from recsys_embed.io import write_parquet_atomic
+from recsys_embed.progress import track
 from recsys_embed.sources import (
     PRE_REASON_COL,
     RAW_LINE_COL,
@@ -62,8 +69,10 @@ REASONS = (
     "invalid_encoding",
     "null_user",
     "null_item",
+    "invalid_id",
     "null_timestamp",
     "unparsable_timestamp",
+    "implausible_timestamp",
     "timestamp_out_of_window",
     "unknown_event_type",
     "invalid_weight",
@@ -79,8 +88,16 @@ _FIX = {
     "invalid_encoding": "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
     "null_user": "map the user column with ingest.columns.user",
     "null_item": "map the item column with ingest.columns.item",
+    "invalid_id": (
+        "IDs must be scalar text of at most ingest.max_id_length bytes without control characters; IDs like "
+        "1.23457E+11 lost digits in a spreadsheet: re-export the log with the ID columns as text"
+    ),
     "null_timestamp": "map the time column with ingest.columns.timestamp (or set it to null)",
     "unparsable_timestamp": "map the time column with ingest.columns.timestamp and check ingest.timestamp_unit",
+    "implausible_timestamp": (
+        "check ingest.timestamp_unit (ms read as s lands in year 55,000) or widen ingest.plausible_after / "
+        "ingest.plausible_before"
+    ),
     "timestamp_out_of_window": "widen ingest.window_start / ingest.window_end",
     "unknown_event_type": "add the log's event types to ingest.event_weights",
     "invalid_weight": "map numeric columns with ingest.columns.weight / quantity / rating",
@@ -91,9 +108,20 @@ _R = "__reason"
 _QTY = "__quantity"
 _TEXT = "__item_text"
 _TS_TEXT = "__ts_text"
+_OFF_BAND = "__ts_off_band"
 _FILE = "__file"
 _I64_MAX = 2**63 - 1
 _UNIT_MICROS = {"s": 1_000_000, "ms": 1_000, "us": 1}  # multiply to get microseconds ("ns": divide by 1000)
+_FLOAT_EXACT = 2**53  # floats hold every integer below this exactly, and not all above it
+# A text ID that is not one: a control character (NUL, newline, ...), a JSON object ({"key": ...}) or array
+# ([1, ...]), or a number in the scientific notation a spreadsheet writes (a mantissa with a point, or an
+# exponent with a sign; hex IDs such as 3e10 hold neither). Text that merely has braces ({{x}}, [abc]) is data.
+_BAD_TEXT_ID = (
+    r"[\x00-\x1f\x7f]"
+    r"|^\{\s*(?:\}|\"(?:[^\"\\]|\\.)*\"\s*:.*\})$"
+    r"|^\[\s*(?:\]|(?:[-0-9\"\[{]|true|false|null).*\])$"
+    r"|^[+-]?(?:\d+\.\d*[eE][+-]?\d+|\d+[eE][+-]\d+)$"
+)
 
 
 @dataclass
@@ -143,6 +171,11 @@ def _stripped(name: str) -> pl.Expr:
 
 
 def _id_kind(dtype: pl.DataType, file: str, col: str, role: str) -> str:
+    if dtype == pl.Null:
+        raise IngestError(
+            f"events file '{file}' column '{col}' is null in every row (no {role} IDs at all); map the {role} "
+            f"column with ingest.columns.{role}"
+        )
     if _is_int(dtype):
         return "int"
     if dtype.is_float():
@@ -165,6 +198,8 @@ def _id_expr(col: str, kind: str, target: pl.DataType) -> pl.Expr:
 
 def _number_expr(col: str, dtype: pl.DataType, file: str, role: str) -> tuple[pl.Expr, pl.Expr]:
     """(value as Float64 or null, "a value was given") for a numeric column that may arrive as text."""
+    if dtype == pl.Null:  # e.g. an NDJSON key that is null on every line: no value was given
+        return pl.lit(None, dtype=pl.Float64), pl.lit(False)
     if dtype.is_numeric() or dtype == pl.Boolean:
         return pl.col(col).cast(pl.Float64), pl.col(col).is_not_null()
     if _is_text(dtype):
@@ -185,8 +220,22 @@ def _guess_unit(magnitude: float | None) -> str:
     return "us" if magnitude < 1e17 else "ns"
 
 
+def _magnitude_unit(x: pl.Expr) -> pl.Expr:
+    """Each value's epoch unit by its magnitude (String), with ``_guess_unit``'s thresholds."""
+    return _per_row_unit(x, pl.lit("s"), pl.lit("ms"), pl.lit("us"), pl.lit("ns"))
+
+
+def _per_row_unit(x: pl.Expr, s: pl.Expr, ms: pl.Expr, us: pl.Expr, ns: pl.Expr) -> pl.Expr:
+    """``s``/``ms``/``us``/``ns`` by the magnitude of each value, with ``_guess_unit``'s thresholds."""
+    a = x.abs()
+    return pl.when(a < 10**11).then(s).when(a < 10**14).then(ms).when(a < 10**17).then(us).otherwise(ns)
+
+
 def _epoch_int(x: pl.Expr, unit: str) -> pl.Expr:
-    """Integer epoch in ``unit`` -> Datetime[us, UTC]; values that would overflow -> null."""
+    """Integer epoch in ``unit`` (``mixed``: each value's unit by its magnitude) -> Datetime[us, UTC]; values
+    that would overflow -> null."""
+    if unit == "mixed":  # |x| < 1e11 s, 1e14 ms, 1e17 us: none of the products can overflow
+        return _per_row_unit(x, x * 1_000_000, x * 1_000, x, x // 1000).cast(TS_DTYPE)
     if unit == "ns":
         micros = x // 1000
     else:
@@ -196,8 +245,10 @@ def _epoch_int(x: pl.Expr, unit: str) -> pl.Expr:
 
 
 def _epoch_float(x: pl.Expr, unit: str) -> pl.Expr:
-    scale = 1e-3 if unit == "ns" else float(_UNIT_MICROS[unit])
-    micros = x * scale
+    if unit == "mixed":
+        micros = x * _per_row_unit(x, pl.lit(1e6), pl.lit(1e3), pl.lit(1.0), pl.lit(1e-3))
+    else:
+        micros = x * (1e-3 if unit == "ns" else float(_UNIT_MICROS[unit]))
     ok = micros.is_finite() & (micros.abs() < 9.2e18)
     return pl.when(ok).then(micros.round()).cast(pl.Int64, strict=False).cast(TS_DTYPE)
 
@@ -279,6 +330,11 @@ def _ts_exprs(col: str, dtype: pl.DataType, unit: str, tz: str, file: str) -> tu
         s = _stripped(col)
         ts = _epoch_int(s.cast(pl.Int64, strict=False), unit)
         return ts, s.is_null(), pl.when(ts.is_null()).then(s)
+    if dtype == pl.Null:
+        raise IngestError(
+            f"events file '{file}' column '{col}' is null in every row (no times at all); map the time column "
+            "with ingest.columns.timestamp, or set it to null for a log without time"
+        )
     raise IngestError(
         f"events file '{file}' column '{col}' holds {dtype} values, not times; map the time column with "
         "ingest.columns.timestamp"
@@ -308,13 +364,30 @@ def _check_columns(raw: RawFrame, columns: ColumnMap) -> None:
             f"events file '{raw.file.name}' lacks column '{name}' (found: {shown}){hint}; map it with "
             f"ingest.columns.{role}"
         )
+    for role, name in columns.model_dump().items():
+        if name is not None and name in raw.duplicates:
+            raise IngestError(
+                f"events file '{raw.file.name}' has column '{name}' more than once in its header, so "
+                f"ingest.columns.{role} is ambiguous; rename or drop the copies"
+            )
+    for role in ("event_type", "item_text"):
+        name = getattr(columns, role)
+        dtype = raw.schema[name] if name is not None else None
+        if dtype is not None and (dtype.is_nested() or dtype == pl.Object):
+            raise IngestError(
+                f"events file '{raw.file.name}' column '{name}' holds {dtype} values, not text; map a text column "
+                f"with ingest.columns.{role}"
+            )
 
 
 @dataclass
 class _Profile:
     user_kind: str
     item_kind: str
-    ts_unit: str
+    ts_unit: str  # s / ms / us / ns, or "mixed": each value's unit by its magnitude
+    # auto unit, and the column's magnitudes span several units: rows whose magnitude means another unit than
+    # ``ts_unit`` are quarantined as implausible_timestamp (read in ts_unit they land in early 1970 or far future)
+    ts_off_band: bool = False
 
 
 def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
@@ -332,12 +405,18 @@ def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
             given = c.is_not_null() & ~c.is_nan()  # NaN is how pandas spells a missing float
             aggs.append((given & c.is_finite() & (c == c.round())).sum().alias(f"{role}_integral"))
             aggs.append(given.sum().alias(f"{role}_present"))
+        elif kinds[role] == "int" and raw.schema[col] == pl.UInt64:
+            aggs.append(pl.col(col).max().alias(f"{role}_max"))
     ts_dtype = raw.schema[cols.timestamp] if cols.timestamp else None
     if cols.timestamp and cfg.timestamp_unit == "auto" and ts_dtype is not None:
+        size: pl.Expr | None = None
         if ts_dtype.is_numeric():
-            aggs.append(pl.col(cols.timestamp).cast(pl.Float64).abs().median().alias("ts_mag"))
+            size = pl.col(cols.timestamp).cast(pl.Float64).abs()
         elif _is_text(ts_dtype):
-            aggs.append(_stripped(cols.timestamp).cast(pl.Float64, strict=False).abs().median().alias("ts_mag"))
+            size = _stripped(cols.timestamp).cast(pl.Float64, strict=False).abs()
+        if size is not None:  # median picks the unit; the range tells a column that mixes units
+            ok = size.filter(size.is_finite() & (size > 0))
+            aggs += [size.median().alias("ts_mag"), ok.min().alias("ts_lo"), ok.max().alias("ts_hi")]
     stats: dict[str, float | int | None] = {}
     if aggs:
         try:
@@ -354,17 +433,42 @@ def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
                 warnings.warn(msg, DataWarning, stacklevel=3)
             else:
                 kinds[role] = "float_str"
+        elif stats.get(f"{role}_max") is not None and int(stats[f"{role}_max"]) > _I64_MAX:  # type: ignore[arg-type]
+            kinds[role] = "str"  # UInt64 IDs beyond Int64: read as their exact decimal text
+            col = getattr(cols, role)
+            log.info("'%s': %s column '%s' holds UInt64 IDs above 2**63; read as text", name, role, col)
     unit: str = cfg.timestamp_unit
     if unit == "auto":
         mag = stats.get("ts_mag")
         unit = _guess_unit(None if mag is None else float(mag))
+        lo, hi = stats.get("ts_lo"), stats.get("ts_hi")
+        lo_unit = _guess_unit(None if lo is None else float(lo))
+        hi_unit = _guess_unit(None if hi is None else float(hi))
+        off_band = lo is not None and hi is not None and lo_unit != hi_unit
+        if off_band:
+            msg = (
+                f"events file '{name}': timestamp column '{cols.timestamp}' mixes epoch units (magnitudes from "
+                f"{lo_unit} to {hi_unit}); it is read as {unit} (the median's unit) and "
+                "rows whose magnitude means another unit are quarantined as implausible_timestamp; set "
+                "ingest.timestamp_unit=mixed to read each value in the unit its magnitude implies"
+            )
+            log.warning(msg)
+            warnings.warn(msg, DataWarning, stacklevel=3)
         if "ts_mag" in stats:
             log.info("'%s': timestamp column '%s' read as epoch %s (auto)", name, cols.timestamp, unit)
+        return _Profile(kinds["user"], kinds["item"], unit, off_band)
     return _Profile(kinds["user"], kinds["item"], unit)
 
 
 def _flag(reason: str) -> str:
     return f"__f_{reason}"
+
+
+def _bad_text_id(c: pl.Expr, max_len: int) -> pl.Expr:
+    """True where a text ID is ``invalid_id``: too long, a control character, JSON, spreadsheet notation.
+
+    (Float IDs are invalid at or beyond 2**53, where a float no longer holds every integer.)"""
+    return (c.str.len_bytes() > max_len) | c.str.contains(_BAD_TEXT_ID)
 
 
 def _weight_match(et: pl.Expr, weights: dict[str, float]) -> pl.Expr:
@@ -415,6 +519,15 @@ def _parse_frame(
         flags["invalid_encoding"] = pl.col(PRE_REASON_COL) == "invalid_encoding"
     flags["null_user"] = pl.col("user_id").is_null()
     flags["null_item"] = pl.col("item_id").is_null()
+    bad_ids: list[pl.Expr] = []
+    for col, kind, out in ((cols.user, prof.user_kind, "user_id"), (cols.item, prof.item_kind, "item_id")):
+        if kind == "str":  # checked on the parsed (stripped) text
+            bad_ids.append(_bad_text_id(pl.col(out), cfg.max_id_length))
+        elif schema[col].is_float():  # checked on the raw floats, before "user_id"/"item_id" are replaced
+            stage1.append((pl.col(col).abs() >= _FLOAT_EXACT).alias(f"__bad_{out}"))
+            bad_ids.append(pl.col(f"__bad_{out}"))
+    if bad_ids:
+        flags["invalid_id"] = pl.any_horizontal(bad_ids)
     if cols.timestamp:
         ts, ts_missing, ts_text = _ts_exprs(cols.timestamp, schema[cols.timestamp], prof.ts_unit, tz, name)
         stage1 += [ts.alias("ts"), ts_missing.alias("__ts_missing")]
@@ -422,8 +535,16 @@ def _parse_frame(
             stage1.append(ts_text.alias(_TS_TEXT))
             aux.append(_TS_TEXT)
         flags["null_timestamp"] = pl.col("__ts_missing")
+        if prof.ts_off_band:  # auto unit over a column of several units: _time_flags quarantines the others
+            ts_dtype = schema[cols.timestamp]
+            num = pl.col(cols.timestamp) if ts_dtype.is_numeric() else _stripped(cols.timestamp)
+            num = num.cast(pl.Float64, strict=False)
+            stage1.append((_magnitude_unit(num) != prof.ts_unit).alias(_OFF_BAND))
+            aux.append(_OFF_BAND)
         # unparsable_timestamp and timestamp_out_of_window are flagged by _time_flags once text is parsed
-        late += ["unparsable_timestamp"] + (["timestamp_out_of_window"] if cfg.window_start or cfg.window_end else [])
+        late += ["unparsable_timestamp"]
+        late += ["implausible_timestamp"] if cfg.plausible_after or cfg.plausible_before or prof.ts_off_band else []
+        late += ["timestamp_out_of_window"] if cfg.window_start or cfg.window_end else []
     else:
         stage1.append(pl.lit(None, dtype=TS_DTYPE).alias("ts"))
 
@@ -512,6 +633,18 @@ def _time_flags(parsed: pl.DataFrame, units: list[str], cfg: IngestConfig) -> pl
     out = [ts, (ts.is_null() & ~parsed[_flag("null_timestamp")]).alias(_flag("unparsable_timestamp"))]
     outside: pl.Series | None = None
     tz = ZoneInfo(cfg.assume_timezone)
+    implausible: pl.Series | None = None
+    for bound, after in ((cfg.plausible_after, True), (cfg.plausible_before, False)):
+        if bound is not None:
+            edge = (bound.replace(tzinfo=tz) if bound.tzinfo is None else bound).astimezone(UTC)
+            cond = (ts <= edge) if after else (ts >= edge)
+            implausible = cond if implausible is None else implausible | cond
+    if _OFF_BAND in parsed.columns:  # null for files that were not checked
+        off = parsed[_OFF_BAND].fill_null(False)
+        implausible = off if implausible is None else implausible | off
+        parsed = _without(parsed, _OFF_BAND)
+    if implausible is not None:
+        out.append(implausible.fill_null(False).alias(_flag("implausible_timestamp")))
     for bound, after in ((cfg.window_start, False), (cfg.window_end, True)):
         if bound is not None:
             edge = (bound.replace(tzinfo=tz) if bound.tzinfo is None else bound).astimezone(UTC)
@@ -600,15 +733,18 @@ def _keep_mask(events: pl.DataFrame, n_files: int, has_time: bool) -> pl.Series 
     sizes = np.bincount(events[_FILE].to_numpy(), minlength=n_files)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     groups = _overlap_groups(events["ts"], offsets, has_time)
-    dup_hashes: list[pl.Series] = []
-    for group in groups:
+
+    def repeated(group: list[int]) -> pl.Series | None:
         parts = [h.slice(int(offsets[k]), int(sizes[k])) for k in group if sizes[k]]
         if not parts or sum(p.len() for p in parts) < 2:
-            continue
+            return None
         s = (pl.concat(parts) if len(parts) > 1 else parts[0]).sort()
         d = s.filter(s == s.shift(1))
-        if d.len():
-            dup_hashes.append(d)
+        return d if d.len() else None
+
+    # Polars sorts small series on one thread and releases the GIL: a pool sorts the groups side by side.
+    with ThreadPoolExecutor(max_workers=min(len(groups), os.cpu_count() or 1)) as pool:
+        dup_hashes = [d for d in pool.map(repeated, groups) if d is not None]
     if not dup_hashes:
         return None
     cand = h.is_in(pl.concat(dup_hashes).unique().implode())
@@ -761,7 +897,7 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
         files = [f for f in files if f.path.resolve() in only_files]
     report = RowReport()
     raws: list[RawFrame] = []
-    for f in files:
+    for f in track(files, "ingest: reading files", unit="files"):
         raw = read_source(f, cfg.source)
         report.sources[f.name] = raw.rows
         report.rows_read += raw.rows

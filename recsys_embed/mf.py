@@ -6,6 +6,13 @@ implicit only, a per-iteration callback that reports the training signal, valida
 ``eval_every`` iterations with ``evaluate`` and snapshots the best iteration's factors, and an
 ``Embeddings`` result. Training data contract: ``train.matrix`` is CSR (n_users x n_items) float32
 confidence; ALS scales it by ``alpha`` inside implicit (do not pre-scale), BPR reads it as binary.
+
+Warm start (``warm_start=`` a previous run's ``Embeddings`` of the same model): implicit 0.7 only draws random
+factors when ``user_factors`` / ``item_factors`` are still None at ``fit`` time and otherwise updates the arrays
+it finds in place, without checking their shape. So ``warm_start_factors`` builds arrays of exactly the new
+shape: rows of IDs the previous run knew (matched by original ID through both ID maps) start from the previous
+vectors, rows of new IDs get implicit's own random initialisation, and a previous model of another width is
+refused (a logged cold start, never a failed run).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from threadpoolctl import threadpool_limits
 from recsys_embed.config import ALSConfig, BPRConfig
 from recsys_embed.errors import ConfigError
 from recsys_embed.evaluate import evaluate, selection_metrics
+from recsys_embed.progress import bar as progress_bar
 from recsys_embed.types import Embeddings, Interactions
 
 log = logging.getLogger(__name__)
@@ -197,6 +205,85 @@ def _backend_name(gpu: bool) -> str:
     return "implicit-gpu" if gpu else "implicit-cpu"
 
 
+class WarmStartError(ValueError):
+    """A previous model cannot seed this fit (another width or model); the fit starts cold instead."""
+
+
+@dataclass
+class WarmStart:
+    """Initial factors for one fit, in the new ID maps' row order.
+
+    Attributes:
+        user, item: float32 C-contiguous (n_users, d) / (n_items, d).
+        users_reused, items_reused: rows that start from the previous run's vectors (the rest are new IDs).
+    """
+
+    user: np.ndarray
+    item: np.ndarray
+    users_reused: int
+    items_reused: int
+
+    def info(self) -> dict[str, Any]:
+        return {"warm_start": True, "warm_start_users": self.users_reused, "warm_start_items": self.items_reused}
+
+
+def _random_rows(name: str, n: int, factors: int, rng: np.random.Generator, user_side: bool) -> np.ndarray:
+    """implicit 0.7's own CPU initialisation for ``n`` fresh rows: ALS ``U[0, 0.01)``; BPR ``(U[0, 1) - 0.5) /
+    factors`` with a last column that is the item bias (users: fixed at 1)."""
+    if name == "als":
+        return rng.random((n, factors), dtype=np.float32) * np.float32(0.01)
+    rows = (rng.random((n, factors + 1), dtype=np.float32) - np.float32(0.5)) / np.float32(factors)
+    if user_side:
+        rows[:, factors] = 1.0
+    return rows
+
+
+def warm_start_factors(previous: Embeddings, train: Interactions, name: str, factors: int, seed: int) -> WarmStart:
+    """Map ``previous`` (an earlier fit of model ``name``) onto ``train``'s ID maps as initial factors.
+
+    Args:
+        previous: the earlier run's ``Embeddings`` (its ``users`` / ``items`` ID maps say which row is which ID).
+        train: this fit's interactions; rows follow ``train.users`` / ``train.items``.
+        name: "als" (d = ``factors``) or "bpr" (d = ``factors + 1``: implicit's item-bias column).
+        factors: this fit's configured factors.
+        seed: seeds the random rows of IDs the previous run did not know.
+
+    Returns:
+        ``WarmStart``: a previous vector wherever the original ID is in both maps (so extended maps, reordered maps
+        and IDs that dropped out are all handled by ID, not by position); implicit's random init elsewhere.
+
+    Raises:
+        WarmStartError: the previous model is another model or another width (e.g. ``factors`` changed).
+    """
+    d = factors if name == "als" else factors + 1
+    if previous.model != name:
+        raise WarmStartError(f"previous embeddings are of model {previous.model!r}, not {name!r}")
+    if previous.dim != d:
+        raise WarmStartError(f"previous {name} has {previous.dim} columns, this fit needs {d} (factors changed?)")
+    rng = np.random.default_rng([seed, 7])
+    out, reused = [], []
+    for side, new_map, old_map, old_vec in (
+        ("user", train.users, previous.users, previous.user_vectors),
+        ("item", train.items, previous.items, previous.item_vectors),
+    ):
+        mat = _random_rows(name, len(new_map), factors, rng, side == "user")
+        new_idx = new_map.lookup(old_map.ids.cast(new_map.dtype, strict=False))
+        hit = new_idx.is_not_null().to_numpy()
+        mat[new_idx.to_numpy()[hit].astype(np.int64)] = np.asarray(old_vec, dtype=np.float32)[hit]
+        out.append(np.ascontiguousarray(mat, dtype=np.float32))
+        reused.append(int(hit.sum()))
+    return WarmStart(out[0], out[1], reused[0], reused[1])
+
+
+def _set_factors(model: Any, gpu: bool, warm: WarmStart) -> None:
+    """Hand the initial factors to implicit (host arrays on CPU, ``implicit.gpu.Matrix`` on the GPU build)."""
+    if gpu:
+        model.user_factors = implicit.gpu.Matrix(warm.user)
+        model.item_factors = implicit.gpu.Matrix(warm.item)
+    else:
+        model.user_factors, model.item_factors = warm.user, warm.item
+
+
 def train_als(
     train: Interactions,
     cfg: ALSConfig,
@@ -204,7 +291,8 @@ def train_als(
     ks: Sequence[int] = (20,),
     metric: str = "ndcg_at_20",
     on_metrics: OnMetrics | None = None,
-    show_progress: bool = False,
+    show_progress: bool = True,
+    warm_start: Embeddings | None = None,
 ) -> Embeddings:
     """Fit implicit ALS on ``train.matrix`` (confidence; implicit multiplies it by ``cfg.alpha``).
 
@@ -216,13 +304,17 @@ def train_als(
         on_metrics: called with ``{"train_loss": ...}`` every iteration (when ``cfg.training_loss``) and
             ``{"val_<metric>": ...}`` every ``cfg.eval_every`` iterations and after the last one, with the
             1-based iteration. Validation scores at most ``cfg.val_max_users`` sampled users.
-        show_progress: implicit's tqdm bar (the CLI turns it on; iterations are logged either way).
+        show_progress: an iteration bar when ``recsys_embed.progress`` allows one (an interactive terminal
+            without ``--quiet``); iterations are logged either way.
+        warm_start: a previous run's ALS ``Embeddings``: known IDs start from their previous vectors, new IDs
+            from implicit's random init (``warm_start_factors``). None, or an incompatible one: a cold start.
 
     Returns:
         ``Embeddings`` (model "als", d = ``cfg.factors``) of the best validated iteration, or of the last
         one without validation. ``info``: backend, best_iteration, best_val_metric, returned_iteration,
         history (one dict per iteration), fit_seconds (implicit's fit, callbacks included), eval_seconds,
-        callback_seconds (the callback's own cost outside validation).
+        callback_seconds (the callback's own cost outside validation), warm_start (bool) with
+        warm_start_users / warm_start_items (rows reused) or warm_start_skipped (why a given one was not used).
     """
 
     def make_model(gpu: bool) -> Any:
@@ -240,7 +332,9 @@ def train_als(
     def signal(loss: float | None) -> dict[str, float]:
         return {} if loss is None else {"train_loss": float(loss)}
 
-    return _fit_implicit("als", train, cfg, make_model, signal, val_targets, ks, metric, on_metrics, show_progress, {})
+    return _fit_implicit(
+        "als", train, cfg, make_model, signal, val_targets, ks, metric, on_metrics, show_progress, {}, warm_start
+    )
 
 
 def train_bpr(
@@ -250,7 +344,8 @@ def train_bpr(
     ks: Sequence[int] = (20,),
     metric: str = "ndcg_at_20",
     on_metrics: OnMetrics | None = None,
-    show_progress: bool = False,
+    show_progress: bool = True,
+    warm_start: Embeddings | None = None,
 ) -> Embeddings:
     """Fit implicit BPR on ``train.matrix`` (any stored positive is a positive; weights are ignored).
 
@@ -281,7 +376,7 @@ def train_bpr(
 
     extra = {"num_threads": cfg.num_threads}
     return _fit_implicit(
-        "bpr", train, cfg, make_model, signal, val_targets, ks, metric, on_metrics, show_progress, extra
+        "bpr", train, cfg, make_model, signal, val_targets, ks, metric, on_metrics, show_progress, extra, warm_start
     )
 
 
@@ -297,11 +392,21 @@ def _fit_implicit(
     on_metrics: OnMetrics | None,
     show_progress: bool,
     extra_info: dict[str, Any],
+    warm_start: Embeddings | None = None,
 ) -> Embeddings:
     """The fit both implicit models share: validation sample, backend choice, single-threaded BLAS around
     implicit, per-iteration progress (``signal`` maps implicit's callback stats to training metrics),
-    best-iteration snapshots, timing."""
+    best-iteration snapshots, timing; a warm start when ``warm_start`` fits."""
     ks_list = _check_inputs(train, val_targets, ks, metric, name)
+    warm: WarmStart | None = None
+    warm_info: dict[str, Any] = {"warm_start": False}
+    if warm_start is not None:
+        try:
+            warm = warm_start_factors(warm_start, train, name, cfg.factors, cfg.seed)
+            warm_info = warm.info()
+        except WarmStartError as e:
+            log.warning("%s: not warm-starting (%s); training from a random start", name, e)
+            warm_info["warm_start_skipped"] = str(e)
     if val_targets is not None and cfg.eval_every:
         val_targets = sample_val_targets(val_targets, cfg.val_max_users, cfg.seed)
     gpu = use_gpu_backend(cfg.use_gpu, name)
@@ -316,8 +421,14 @@ def _fit_implicit(
         cfg.iterations,
         " ".join(f"{k}={v}" for k, v in extra_info.items()),
     )
-    with threadpool_limits(1, "blas"):
+    if warm is not None:
+        log.info("%s: warm start from the previous run: %d of %d users and %d of %d items keep their vectors",
+                 name, warm.users_reused, train.shape[0], warm.items_reused, train.shape[1])  # fmt: skip
+    bar_cm = progress_bar(f"{name} fit", cfg.iterations, "iterations", show=show_progress)
+    with threadpool_limits(1, "blas"), bar_cm as bar:
         model = make_model(gpu)
+        if warm is not None:
+            _set_factors(model, gpu, warm)
         progress = _Progress(
             name,
             train,
@@ -332,9 +443,10 @@ def _fit_implicit(
 
         def callback(iteration: int, seconds: float, *stats: Any) -> None:
             progress.step(iteration, seconds, signal(*stats))
+            bar.advance()
 
         t0 = time.perf_counter()
-        model.fit(train.matrix, show_progress=show_progress, callback=callback)
+        model.fit(train.matrix, show_progress=False, callback=callback)  # our bar, not implicit's tqdm
         fit_seconds = time.perf_counter() - t0
     log.info("%s: fitted in %.2f s (%.2f s of it validating)", name, fit_seconds, progress.eval_seconds)
-    return progress.result(backend, fit_seconds, extra_info)
+    return progress.result(backend, fit_seconds, {**extra_info, **warm_info})

@@ -14,9 +14,10 @@ import polars as pl
 
 from recsys_embed import plots
 from recsys_embed.config import PipelineConfig, flatten
+from recsys_embed.faults import checkpoint
 from recsys_embed.io import read_table, write_json_atomic, write_parquet_atomic
 from recsys_embed.store import load_csr, load_embeddings
-from recsys_embed.tracking import Tracker, redact_uri
+from recsys_embed.tracking import Tracker, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,12 @@ def log_model_run(
     """Metrics, embeddings, ID maps, exports (preview + full when small) and plots on the model's run."""
     name = model["model"]
     tracker.log_params(run_id, {f"info.{k}": v for k, v in model["info"].items() if not isinstance(v, dict | list)})
-    tracker.log_metrics(run_id, {**metrics, "train_seconds": model["train_seconds"]})
+    extra = {"ann_recall_at_k": export["ann_recall_at_k"]} if "ann_recall_at_k" in export else {}
+    tracker.log_metrics(run_id, {**metrics, "train_seconds": model["train_seconds"], **extra})
     tracker.log_artifact(run_id, model["embeddings"], f"embeddings/{name}")
     tracker.log_artifact(run_id, split["user_map"], "id_maps")
     tracker.log_artifact(run_id, split["item_map"], "id_maps")
+    checkpoint(f"log:{name}")  # the model's run is half logged (metrics and embeddings, no tables or plots yet)
     for table in ("topk", "similar_items"):
         path = export.get(table)
         if not path:
@@ -154,6 +157,7 @@ def format_metrics(table: pl.DataFrame, ks: list[int]) -> str:
 
 def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int]) -> str:
     """The Prefect markdown artifact: metrics, accounting, exports, MLflow link."""
+    manifest = redact_tree(manifest)
     lines = [f"# recsys-embed run `{manifest['run_name']}`", ""]
     lines.append(
         f"MLflow run: `{manifest['mlflow']['run_id']}` at `{manifest['mlflow']['tracking_uri']}` "
@@ -214,4 +218,15 @@ def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    return write_json_atomic(manifest, path)
+    """Write the run manifest (``summary.json``) atomically; any credentials in a URI are masked first."""
+    return write_json_atomic(redact_tree(manifest), path)
+
+
+def redact_tree(obj: Any) -> Any:
+    """A copy of a JSON-like tree with every string redacted (``tracking.redact_text``: ``//user:***@``,
+    ``password=***``): manifests and summaries never carry a secret, whatever a record put in them."""
+    if isinstance(obj, dict):
+        return {k: redact_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact_tree(v) for v in obj]
+    return redact_text(obj) if isinstance(obj, str) else obj

@@ -11,7 +11,9 @@ rows (``RAW_LINE_COL``). Hive partition values (``key=value`` folders, URL-decod
 a column the file itself holds wins. Parsing, validation and quarantine happen in ``recsys_embed.ingest``.
 
 A file that cannot be an event log (empty, binary, an image, a Parquet file with bad magic) raises a one-line
-``IngestError`` naming the file and the fix, never a bare Polars traceback.
+``IngestError`` naming the file and the fix, never a bare Polars traceback. Text with a byte order mark is
+repaired: a UTF-8 BOM is dropped, UTF-16 (with its BOM) is transcoded to UTF-8 with a ``DataWarning``; UTF-16
+without a BOM is reported as binary (it holds NUL bytes) with the fix.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import os
 import re
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,7 @@ from urllib.parse import unquote
 import polars as pl
 
 from recsys_embed.config import SourceConfig
-from recsys_embed.errors import IngestError
+from recsys_embed.errors import DataWarning, IngestError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ COMPRESSION_BY_EXTENSION: dict[str, Compression] = {".gz": "gzip", ".zst": "zstd
 FINGERPRINT_CONTENT_LIMIT = 256 * 1024**2
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _PARQUET_MAGIC = b"PAR1"
 # Leading bytes of common non-log files -> what they are (for the error message).
@@ -119,6 +124,8 @@ class RawFrame:
     frame: pl.LazyFrame
     schema: pl.Schema
     rows: int
+    duplicates: tuple[str, ...] = ()
+    """Header names that occur more than once (CSV; the copies are read as ``<name>_duplicated_<k>``)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,6 +303,7 @@ def _load_text_bytes(file: SourceFile) -> bytes:
         data = _decompress(file, data, magic)
         if not data:
             raise IngestError(f"events file '{file.name}' is empty once decompressed; remove it")
+    data = _as_utf8(file, data)
     head = data[:8192]
     what = _describe_magic(head)
     if what is not None or b"\x00" in head:
@@ -305,6 +313,28 @@ def _load_text_bytes(file: SourceFile) -> bytes:
             "at the event log or set ingest.source.format"
         )
     return data
+
+
+def _as_utf8(file: SourceFile, data: bytes) -> bytes:
+    """Drop a UTF-8 byte order mark; transcode UTF-16 that starts with its BOM to UTF-8 (with a warning)."""
+    if data.startswith(_UTF8_BOM):
+        return data[len(_UTF8_BOM) :]
+    if not data.startswith(_UTF16_BOMS):
+        return data
+    try:
+        text = data.decode("utf-16")  # the BOM says which byte order; it is consumed
+    except UnicodeDecodeError as e:
+        raise IngestError(
+            f"events file '{file.name}' starts with a UTF-16 byte order mark but is not valid UTF-16 ({e.reason} at "
+            f"byte {e.start}); re-encode it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)"
+        ) from None
+    msg = (
+        f"events file '{file.name}' is UTF-16 text; it was transcoded to UTF-8 to read it (re-encode it as UTF-8 "
+        "to skip this step)"
+    )
+    log.warning(msg)
+    warnings.warn(msg, DataWarning, stacklevel=2)
+    return text.encode("utf-8")
 
 
 def _read_lines(data: bytes) -> pl.Series | None:
@@ -536,7 +566,9 @@ def _read_ndjson(file: SourceFile) -> pl.DataFrame:
         )
     except READ_ERRORS as e:
         raise IngestError(
-            f"events file '{file.name}' could not be read as NDJSON ({_first_line(e)}); check its records"
+            f"events file '{file.name}' could not be read as NDJSON ({_first_line(e)}); a key holds different "
+            "kinds of JSON value on different lines (e.g. an object on one, a number on another): give each key "
+            "one kind"
         ) from None
     good = good.with_columns(pos.filter(valid).alias(ROW_COL))
     bad = pl.DataFrame(
@@ -584,7 +616,14 @@ def _scan_parquet(file: SourceFile) -> tuple[pl.LazyFrame, pl.Schema, int]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = int(pq.read_metadata(source).num_rows)  # the footer alone: no data pages read
+        meta = pq.read_metadata(source)  # the footer alone: no data pages read
+        rows = int(meta.num_rows)
+        dup = _repeated(meta.schema.to_arrow_schema().names)
+        if dup:
+            raise IngestError(
+                f"events file '{file.name}' has column {dup[0]!r} more than once; re-export it with unique column "
+                "names"
+            )
         if isinstance(source, io.BytesIO):
             source.seek(0)
         lf = pl.scan_parquet(source, row_index_name=ROW_COL, hive_partitioning=False)
@@ -594,6 +633,17 @@ def _scan_parquet(file: SourceFile) -> tuple[pl.LazyFrame, pl.Schema, int]:
             f"events file '{file.name}' is not a readable Parquet file ({_first_line(e)}); re-export it"
         ) from None
     return lf, schema, rows
+
+
+def _repeated(names: list[str]) -> list[str]:
+    """Names that occur more than once, in order of their second occurrence."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for n in names:
+        if n in seen:
+            out.append(n)
+        seen.add(n)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -609,6 +659,7 @@ def read_source(file: SourceFile, source: SourceConfig) -> RawFrame:
     Raises:
         IngestError: the file is empty, binary, compressed wrongly, or not readable in its format.
     """
+    duplicates: tuple[str, ...] = ()
     if file.format == "parquet":
         lf, schema, rows = _scan_parquet(file)
         names = [c for c in schema.names() if c != ROW_COL]
@@ -616,13 +667,16 @@ def read_source(file: SourceFile, source: SourceConfig) -> RawFrame:
         frame = _read_csv(file, source) if file.format == "csv" else _read_ndjson(file)
         rows = frame.height
         names = [c for c in frame.columns if c not in HELPER_COLUMNS]
+        if file.format == "csv":  # both CSV parsers name a repeated header `<name>_duplicated_<k>`
+            copies = (re.fullmatch(r"(.+)_duplicated_\d+", c) for c in names)
+            duplicates = tuple(dict.fromkeys(m.group(1) for m in copies if m and m.group(1) in names))
         lf = frame.with_row_index(ROW_COL).lazy()
         schema = frame.schema
     hive = {k: v for k, v in file.partitions.items() if k not in names}
     if hive:
         lf = lf.with_columns(pl.lit(v, dtype=pl.String).alias(k) for k, v in hive.items())
     out_schema = pl.Schema([(c, schema[c]) for c in names] + [(k, pl.String()) for k in hive])
-    return RawFrame(file=file, frame=lf, schema=out_schema, rows=rows)
+    return RawFrame(file=file, frame=lf, schema=out_schema, rows=rows, duplicates=duplicates)
 
 
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}

@@ -2,10 +2,19 @@
 
 Everything goes through ``MlflowClient`` with explicit run ids (no fluent "active run"), because Prefect
 runs tasks in worker threads and MLflow's active-run stack is per thread.
+
+Secrets: credentials in an http(s) tracking URI (``http://user:secret@host``) are moved into MLflow's own
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` variables and the URI MLflow sees carries none, so
+nothing MLflow logs ("View run at ..."), stores or raises can show them; our own messages use ``redact_uri``.
+
+Outages: the store is checked before any work (``check_reachable``: seconds, not minutes); each call is retried
+with backoff (``Tracker._retry``), and a server that stays down becomes one ``TrackingError`` that says where
+the local outputs are and how to recover.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
@@ -22,6 +31,10 @@ from recsys_embed.errors import RecsysEmbedError
 log = logging.getLogger(__name__)
 
 _MAX_PARAM = 6000  # MLflow's limit on a param value
+# MLflow's HTTP client defaults (7 retries, backoff factor 2) make one call to a dead server take minutes; these
+# keep a refused call to ~3 s, and Tracker._retry adds its own backoff on top (4 tries: ~14 s measured in all).
+# The request timeout stays MLflow's (120 s): large artifact uploads need it. Values in the environment win.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class TrackingError(RecsysEmbedError):
@@ -45,11 +58,38 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def redact_text(text: str) -> str:
+    """Free text (an error message, a log line) with ``//user:secret@`` and ``password=...`` masked."""
+    out = re.sub(r"//([^:/@\s]+):[^@\s/]*@", r"//\1:***@", text)
+    return re.sub(r"(?i)\b(password|token|secret)=[^&\s]*", r"\1=***", out)
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``http(s)://user:secret@host/...`` -> (``http(s)://host/...``, user, secret), percent-decoded; other URIs
+    come back unchanged with (None, None)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None, None
+    creds, host = parts.netloc.rsplit("@", 1)
+    user, _, secret = creds.partition(":")
+    clean = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return clean, urllib.parse.unquote(user), (urllib.parse.unquote(secret) if secret else None)
+
+
 def resolve_settings(settings: MlflowSettings, root: Path | None = None) -> MlflowSettings:
-    """Make a relative SQLite path and the artifact location absolute (relative to ``root``, default cwd)."""
+    """Make a relative SQLite path and the artifact location absolute (relative to ``root``, default cwd).
+
+    Credentials in an http(s) tracking URI move to ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``
+    (MLflow's own basic-auth variables, set in this process) and the returned URI holds none.
+    """
     root = (root or Path.cwd()).resolve()
     out = settings.model_copy()
-    uri = settings.tracking_uri
+    uri, user, secret = split_credentials(settings.tracking_uri)
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if secret is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = secret
+        out.tracking_uri = uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///") :])
         if not db.is_absolute():
@@ -83,17 +123,24 @@ def check_reachable(settings: MlflowSettings, timeout_s: float = 5.0) -> None:
     if uri.startswith(("http://", "https://")):
         import urllib.request
 
-        url = uri.rstrip("/") + "/health"
+        clean, user, secret = split_credentials(uri)  # urllib cannot take user:secret@ in the host
+        user = user or os.environ.get("MLFLOW_TRACKING_USERNAME")
+        secret = secret or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        request = urllib.request.Request(clean.rstrip("/") + "/health")
+        if user:
+            token = base64.b64encode(f"{user}:{secret or ''}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        t0 = time.perf_counter()
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            with urllib.request.urlopen(request, timeout=timeout_s) as resp:
                 if resp.status == 200:
                     return
                 reason = f"HTTP {resp.status}"
         except Exception as e:  # any network failure is the same answer for the user
-            reason = str(getattr(e, "reason", e))
+            reason = redact_text(str(getattr(e, "reason", e)))
         raise TrackingError(
-            f"MLflow tracking server {shown} is unreachable ({reason}); start it "
-            f"(`mlflow server ...`) or set MLFLOW_TRACKING_URI to a reachable store"
+            f"MLflow tracking server {shown} is unreachable ({reason}, after {time.perf_counter() - t0:.1f}s); "
+            "start it (`mlflow server ...`) or set MLFLOW_TRACKING_URI to a reachable store"
         )
 
 
@@ -110,12 +157,26 @@ def git_commit(root: Path | None = None) -> str | None:
 class Tracker:
     """Logs to one experiment of one store; every call names its run id explicitly."""
 
-    def __init__(self, settings: MlflowSettings, root: Path | None = None, retries: int = 3) -> None:
+    def __init__(
+        self, settings: MlflowSettings, root: Path | None = None, retries: int = 3, local_outputs: Path | None = None
+    ) -> None:
+        """Connect (failing within seconds when the store is unusable) and find or create the experiment.
+
+        Args:
+            settings: tracking settings; credentials in the URI are moved out of it (see the module doc).
+            root: folder that relative store paths are resolved against (default: the working directory).
+            retries: extra tries per MLflow call on a transient failure (backoff 0.5 s, 1 s, 2 s, ...).
+            local_outputs: where this run's local outputs live; named in the error when MLflow stays down
+                (set it later with ``tracker.local_outputs = run_dir`` once the run folder is known).
+        """
         import mlflow
         from mlflow import MlflowClient
 
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         self.settings = resolve_settings(settings, root)
         self.retries = retries
+        self.local_outputs = local_outputs
         check_reachable(self.settings)
         mlflow.set_tracking_uri(self.settings.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.settings.tracking_uri)
@@ -129,19 +190,35 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
 
-    def _retry(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call an MLflow client method, retrying transient failures with exponential backoff."""
+    def _retry(self, fn: Any, *args: Any, retries: int | None = None, **kwargs: Any) -> Any:
+        """Call an MLflow client method, retrying transient failures with exponential backoff.
+
+        Raises:
+            TrackingError: the store stayed unreachable through every try; the message names the (redacted)
+                URI, the number of tries, where the local outputs are, and how to recover.
+        """
+        retries = self.retries if retries is None else retries
         delay = 0.5
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             try:
                 return fn(*args, **kwargs)
             except Exception as e:
-                if attempt == self.retries or not _transient(e):
+                if not _transient(e):
                     raise
-                log.warning("MLflow call %s failed (%s); retrying in %.1fs", fn.__name__, e, delay)
+                if attempt == retries:
+                    raise self._unreachable(fn.__name__, attempt + 1, _short_reason(e)) from e
+                log.warning("MLflow call %s failed (%s); retrying in %.1fs", fn.__name__, _short_reason(e), delay)
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
+
+    def _unreachable(self, call: str, tries: int, reason: str) -> TrackingError:
+        where = f"in '{self.local_outputs}'" if self.local_outputs else "under the configured output folder"
+        return TrackingError(
+            f"MLflow at {redact_uri(self.settings.tracking_uri)} unreachable after {tries} tries ({call}: "
+            f"{reason}); local outputs are kept {where}; re-run the same command once the server is back: "
+            "completed stages are reused from the cache and the MLflow run left RUNNING is marked KILLED"
+        )
 
     @property
     def tracking_uri(self) -> str:
@@ -155,7 +232,17 @@ class Tracker:
         return str(run.info.run_id)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self._retry(self.client.set_terminated, run_id, status=status)
+        """Terminate a run. FINISHED retries like any call; FAILED/KILLED is best effort (one try, a warning
+        on failure), since it runs while another error is already on its way to the user."""
+        if status == "FINISHED":
+            self._retry(self.client.set_terminated, run_id, status=status)
+            return
+        try:
+            self._retry(self.client.set_terminated, run_id, status=status, retries=0)
+        except Exception as e:
+            reason = _short_reason(e.__cause__ if isinstance(e, TrackingError) and e.__cause__ else e)
+            log.warning("could not mark MLflow run %s %s at %s (%s); it stays RUNNING until the next run marks it "
+                        "KILLED", run_id, status, redact_uri(self.settings.tracking_uri), reason)  # fmt: skip
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -211,16 +298,49 @@ class Tracker:
         """Where to look at a run: the UI path (``recsys-embed ui`` serves it locally)."""
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"
 
-    def mark_stale_runs_failed(self, older_than_s: float = 0.0) -> list[str]:
-        """Runs still RUNNING from a killed process are marked KILLED so they don't stay RUNNING forever."""
-        runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=500)
+    def mark_stale_runs_failed(self, scope: Mapping[str, str], older_than_s: float = 0.0) -> list[str]:
+        """Mark KILLED the runs of ``scope`` that a killed process left RUNNING; returns their ids (logged).
+
+        ``scope``: tags a run must carry, e.g. ``{"pipeline": "retail", "output_root": "/abs/outputs/retail"}``;
+        the nested runs of a matching run are included. Call it only while holding that output folder's run lock
+        (``lock.run_lock``): then no live run of the scope exists, so every RUNNING one is stale. Runs of other
+        pipelines or output folders in the same experiment are never touched.
+        """
+        running: list[Any] = []
+        token = None
+        while True:  # tags are compared here, not in the filter string: values may hold quotes
+            page = self._retry(self.client.search_runs, [self.experiment_id], "attributes.status = 'RUNNING'",
+                               max_results=1000, page_token=token)  # fmt: skip
+            running.extend(page)
+            token = page.token
+            if not token:
+                break
         now = time.time() * 1000
-        killed = []
-        for r in runs:
-            if now - r.info.start_time >= older_than_s * 1000:
-                self.client.set_terminated(r.info.run_id, status="KILLED")
-                killed.append(r.info.run_id)
+        stale = {
+            r.info.run_id
+            for r in running
+            if all(r.data.tags.get(k) == v for k, v in scope.items()) and now - r.info.start_time >= older_than_s * 1000
+        }
+        stale |= {r.info.run_id for r in running if r.data.tags.get("mlflow.parentRunId") in stale}
+        killed = sorted(stale)
+        for run_id in killed:
+            self._retry(self.client.set_terminated, run_id, status="KILLED")
+        if killed:
+            shown = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in running if r.info.run_id in stale)
+            log.warning("marked %d MLflow run(s) of %s left RUNNING by a killed run as KILLED: %s",
+                        len(killed), dict(scope), shown)  # fmt: skip
         return killed
+
+
+def _short_reason(e: BaseException) -> str:
+    """The gist of a failed call, redacted: the OS error (``[Errno 111] Connection refused``) when there is one,
+    else the first line of the message (at most 200 characters)."""
+    text = redact_text(str(e).strip())
+    m = re.search(r"\[Errno -?\d+\][^'\")]*|(?:Read|Connect)?\s*timed out|HTTP \d{3}[^;]*", text)
+    if m:
+        return m.group(0).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first[:200]
 
 
 def _transient(e: Exception) -> bool:

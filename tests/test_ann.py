@@ -96,3 +96,20 @@ def test_exact_kind_is_the_exact_scorer_and_allow_deny_are_respected() -> None:
     _, items, _ = _all(iter_search(emb, 10, SearchConfig(kind="hnsw"), seen=seen, allow_items=allow,
                                    deny_items=deny))  # fmt: skip
     assert (items % 2 == 0).all() and not np.isin(items, deny).any()
+
+
+def test_export_with_an_index_writes_the_table_and_reports_its_recall(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from recsys_embed.config import ExportConfig
+    from recsys_embed.export import export_topk
+    from recsys_embed.io import read_table
+    from recsys_embed.stages import search_quality
+
+    emb = _clustered(200, 2000)
+    seen = _seen(200, 2000, 10)
+    cfg = ExportConfig(k=10, search=SearchConfig(kind="hnsw"))
+    res = export_topk(emb, seen, cfg, tmp_path, "run-1")
+    table = read_table(res.path)
+    assert table.height == 200 * 10 and res.users == 200
+    quality = search_quality(emb, seen, cfg)
+    assert quality["search"] == "hnsw" and 0.8 <= quality["ann_recall_at_k"] <= 1.0
+    assert search_quality(emb, seen, ExportConfig(k=10)) == {}, "exact search reports nothing to lose"

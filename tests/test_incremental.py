@@ -1,5 +1,6 @@
 """Incremental runs through the real flow: the second run, with one more day of log in a new file, reads only
-that file's rows, extends the ID maps without moving old indices, and moves ``champion`` only on a real gain."""
+that file's rows, extends the ID maps without moving old indices, warm-starts its models from the first run's,
+and moves ``champion`` only on a real gain."""
 
 from __future__ import annotations
 
@@ -34,12 +35,16 @@ def test_second_run_ingests_only_the_new_day(prefect_harness: None, tmp_path: Pa
         "models.bpr.enabled=false",
         "models.als.iterations=3",
         "models.als.eval_every=0",
+        "models.two_tower.max_epochs=2",
         "registry.margin=0.001",
     ]
     cfg = str(REPO / "configs/retail.yaml")
     first = embedding_pipeline(cfg, overrides, str(mlflow_yml))
     assert first["incremental"]["new_rows_read"] == old.height
     assert first["accounting"]["rows_read"] == old.height
+    assert first["incremental"]["previous_models"] is None
+    for name in ("als", "two_tower"):  # nothing to start from yet
+        assert first["exports"][name]["info"]["warm_start"] is False, name
 
     extra.write_parquet(logs / "day-001.parquet")  # one more day lands
     second = embedding_pipeline(cfg, overrides, str(mlflow_yml))
@@ -55,6 +60,20 @@ def test_second_run_ingests_only_the_new_day(prefect_harness: None, tmp_path: Pa
         after = IdMap.load(Path(second["run_dir"]) / "split" / f"{what}.parquet").ids
         assert after.len() >= before.len()
         assert after.head(before.len()).to_list() == before.to_list(), what  # old IDs keep their indices
+
+    # models warm-started from the first run's: recorded in the manifest and as MLflow params of the model run
+    first_models = Path(first["run_dir"]) / "models"
+    assert Path(inc["previous_models"]) == first_models
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=second["mlflow"]["tracking_uri"])
+    for name, source in (("als", first_models / "als"), ("two_tower", first_models / "two_tower_encoder" / "encoder")):
+        info = second["exports"][name]["info"]
+        assert info["warm_start"] is True and Path(info["warm_start_from"]).resolve() == source, (name, info)
+        params = client.get_run(second["mlflow"]["model_runs"][name]).data.params
+        assert params["info.warm_start"] == "True" and params["info.warm_start_from"] == info["warm_start_from"]
+    n_old_users = IdMap.load(first_models.parent / "split" / "user_map.parquet").ids.len()
+    assert second["exports"]["als"]["info"]["warm_start_users"] == n_old_users  # every old user kept its vector
 
     reg1, reg2 = first["registry"], second["registry"]
     assert reg1["alias"] == "champion"

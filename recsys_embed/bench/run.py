@@ -14,6 +14,8 @@ SUITES = {
     "als": "recsys_embed.bench.als_suite",
     "topk": "recsys_embed.bench.topk_suite",
     "lightning": "recsys_embed.bench.lightning_suite",
+    "ann": "recsys_embed.bench.ann_suite",
+    "e2e": "recsys_embed.bench.e2e_suite",
 }
 
 
@@ -32,4 +34,19 @@ def main(suites: list[str], size: str, repeats: int, json_path: str | None) -> i
     print(format_table(results))
     if json_path:
         print(f"results written to {write_json(results, json_path)}")
+    return 0
+
+
+def scaling_main(sizes: list[str], json_path: str | None) -> int:
+    """``recsys-embed bench scaling --sizes tiny,1m``: per size, each stage's time and peak memory (fresh process)."""
+    from recsys_embed.bench.scaling import format_scaling
+    from recsys_embed.bench.scaling import run as run_scaling
+    from recsys_embed.io import write_json_atomic
+
+    result = run_scaling(sizes)
+    m = machine()
+    print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}")
+    print(format_scaling(result))
+    if json_path:
+        print(f"results written to {write_json_atomic({'machine': m, **result}, json_path)}")
     return 0

@@ -272,6 +272,96 @@ class TwoTowerEncoder:
         )  # fmt: skip
 
 
+def warm_start_module(
+    module: TwoTowerModule,
+    folder: str | Path,
+    users: IdMap,
+    items: IdMap,
+    item_spec: TabularSpec,
+    user_spec: TabularSpec,
+) -> dict[str, Any]:
+    """Initialise ``module``'s trainable weights from a saved encoder (an earlier run's ``save``), in place.
+
+    - ID embedding tables (``item_tower.ids``, ``user_tower.ids``) are matched row by row through the ID maps:
+      an ID the earlier run knew starts from its old row (wherever it sits now), a new ID keeps its fresh init,
+      and the "unknown" row is carried over. Categorical tables are matched the same way by vocabulary value.
+    - Every other trainable tensor (MLPs, text-token table, numeric maps) is copied when its shape is unchanged
+      and the text hashing is the same version; otherwise it keeps its fresh init.
+    - Buffers (feature tables, log-Q counts) and frozen parameters (a fixed temperature) are never copied:
+      they describe this run's data and config.
+
+    Returns:
+        ``info`` entries: ``warm_start`` (True when at least one tensor was copied), ``warm_start_tensors``
+        (copied / total), ``warm_start_users`` / ``warm_start_items`` (ID rows reused), and
+        ``warm_start_skipped`` (why, when nothing or not everything could be used).
+    """
+    folder = Path(folder)
+    meta: dict[str, Any] = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    state: dict[str, torch.Tensor] = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    same_hash = meta.get("hash_version") == HASH_VERSION
+    old_item_spec, old_user_spec = TabularSpec.from_dict(meta["item_spec"]), TabularSpec.from_dict(meta["user_spec"])
+    # rows of each table: (new IDs, old IDs, leading special rows, trailing special rows)
+    id_rows: dict[str, tuple[pl.Series, pl.Series, int, int]] = {
+        "item_tower.ids.weight": (items.ids, IdMap.load(folder / "item_map.parquet").ids, 0, 1),
+        "user_tower.ids.weight": (users.ids, IdMap.load(folder / "user_map.parquet").ids, 0, 1),
+    }
+    source = {k: v for k, v in state.items() if ".tab.cat." not in k}  # old tensor of each new parameter
+    towers = (("item_tower", item_spec, old_item_spec), ("user_tower", user_spec, old_user_spec))
+    for tower, new_spec, old_spec in towers:
+        old_cols = list(old_spec.categorical)
+        for j, (col, vocab) in enumerate(new_spec.categorical.items()):
+            old_key = f"{tower}.tab.cat.{old_cols.index(col)}.weight" if col in old_cols else ""
+            if old_key in state:  # the same column, wherever it sat before
+                key = f"{tower}.tab.cat.{j}.weight"
+                source[key] = state[old_key]
+                old_vocab = old_spec.categorical[col]
+                id_rows[key] = (pl.Series(vocab, dtype=pl.String), pl.Series(old_vocab, dtype=pl.String), 1, 0)
+    copied, skipped, reused = 0, [], {"users": 0, "items": 0}
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for name, p in params:
+            old = source.get(name)
+            if old is None or old.ndim != p.ndim or old.shape[1:] != p.shape[1:]:
+                skipped.append(name)
+                continue
+            if name in id_rows:
+                new_ids, old_ids, lead, trail = id_rows[name]
+                if old.shape[0] != len(old_ids) + lead + trail:
+                    skipped.append(name)
+                    continue
+                pos = IdMap(new_ids).lookup(old_ids.cast(new_ids.dtype, strict=False))
+                hit = pos.is_not_null().to_numpy()
+                new_rows = torch.from_numpy(pos.to_numpy()[hit].astype(np.int64) + lead)
+                old_rows = torch.from_numpy(np.flatnonzero(hit).astype(np.int64) + lead)
+                p[new_rows] = old[old_rows].to(p.dtype)
+                for k in range(lead):  # leading special rows (categorical "unknown" = row 0)
+                    p[k] = old[k].to(p.dtype)
+                for k in range(1, trail + 1):  # trailing special rows (the ID tables' "unknown" = last row)
+                    p[-k] = old[-k].to(p.dtype)
+                if name.startswith("user_tower.ids"):
+                    reused["users"] = int(hit.sum())
+                elif name.startswith("item_tower.ids"):
+                    reused["items"] = int(hit.sum())
+            elif old.shape != p.shape or (name.startswith("item_tower.text") and not same_hash):
+                skipped.append(name)
+                continue
+            else:
+                p.copy_(old.to(p.dtype))
+            copied += 1
+    info: dict[str, Any] = {
+        "warm_start": copied > 0,
+        "warm_start_tensors": f"{copied}/{len(params)}",
+        "warm_start_users": reused["users"],
+        "warm_start_items": reused["items"],
+    }
+    if skipped:
+        info["warm_start_skipped"] = f"kept a fresh init for {', '.join(skipped)} (new, or its shape changed)"
+    log.info("two_tower: warm start from %s: %d of %d weight tensors copied, %d users and %d items keep their "
+             "ID rows%s", folder, copied, len(params), reused["users"], reused["items"],
+             f"; fresh: {', '.join(skipped)}" if skipped else "")  # fmt: skip
+    return info
+
+
 def _seconds(frame: pl.DataFrame, column: str | None) -> pl.Expr:
     """``column`` as float seconds (datetimes via epoch microseconds); 0 when absent."""
     if column is None or column not in frame.columns:

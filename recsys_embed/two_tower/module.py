@@ -291,8 +291,14 @@ class TwoTowerModule(pl_.LightningModule):
         metrics = self.val_metrics(idx_np, vec.cpu().numpy()[first], items)
         val = {f"val_{k}": float(v) for k, v in metrics.items() if k != "n_users_evaluated"}
         # every rank computed the same numbers from the gathered vectors (the all-reduce keeps Lightning's
-        # distributed bookkeeping happy and changes nothing)
-        self.log_dict(val, sync_dist=True)
+        # distributed bookkeeping happy and changes nothing). For early stopping and the checkpoint only:
+        self.log_dict(val, sync_dist=True, logger=False)
+        # ...the loggers get them here, once, from rank 0. Through self.log they would be a flush of their own,
+        # to which Lightning adds its "epoch" key a second time at the same step as the train epoch-end flush.
+        if self.trainer.is_global_zero:
+            step = max(self.global_step - 1, 0)  # the step Lightning gives epoch-end metrics: the last batch's
+            for logger in self.loggers:
+                logger.log_metrics(val, step=step)
         self._last_val = val
         seconds = time.perf_counter() - self._val_t0
         if "val_seconds" in self._epoch:

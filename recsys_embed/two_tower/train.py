@@ -36,6 +36,7 @@ import scipy.sparse as sp
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
+from recsys_embed import progress
 from recsys_embed.config import TwoTowerConfig
 from recsys_embed.errors import ConfigError
 from recsys_embed.two_tower.data import (
@@ -46,7 +47,7 @@ from recsys_embed.two_tower.data import (
     batch_loader,
     build_sequences,
 )
-from recsys_embed.two_tower.encoder import ItemContent, TwoTowerEncoder
+from recsys_embed.two_tower.encoder import ItemContent, TwoTowerEncoder, warm_start_module
 from recsys_embed.two_tower.features import TabularSpec, align, hash_tokens
 from recsys_embed.two_tower.module import FeatureTables, TwoTowerModule
 from recsys_embed.two_tower.task import FullCorpusMetrics
@@ -173,6 +174,7 @@ def train_two_tower(
     lightning_logger: Any | None = None,
     item_features: pl.DataFrame | None = None,
     user_features: pl.DataFrame | None = None,
+    warm_start: str | Path | None = None,
 ) -> Embeddings:
     """Train the two-tower model on ``train`` and return its ``Embeddings`` (model "two_tower").
 
@@ -189,13 +191,15 @@ def train_two_tower(
             ``lightning_logger`` is given, which logs the same numbers itself).
         lightning_logger: a Lightning logger (e.g. ``tracking.lightning_logger``: MLFlowLogger on the model's run).
         item_features, user_features: optional ``item_id`` / ``user_id`` frames with the configured columns.
+        warm_start: a saved ``TwoTowerEncoder`` folder of an earlier run: its weights initialise this model where
+            shapes allow, ID rows matched through the ID maps (``encoder.warm_start_module``). None: fresh init.
 
     Returns:
         ``Embeddings``: user vectors (n_users, d) = unit vector / temperature, item vectors (n_items, d)
         unit length, ``scoring="dot"`` (the dot product is the trained logit). ``info``: backend,
         accelerator, precision, devices, epochs_run, best_epoch, best_val_metric, val_metric,
         samples_per_second, fit_seconds, temperature, history (one dict per epoch), artifact_dir (the saved
-        ``TwoTowerEncoder`` for new users/items).
+        ``TwoTowerEncoder`` for new users/items), warm_start (bool) and its counts (``warm_start_module``).
     """
     if train.matrix.nnz == 0:
         raise ValueError(f"two_tower: the train matrix {train.shape} has no interactions; check ingest and split")
@@ -236,6 +240,13 @@ def train_two_tower(
         cfg, n_users, n_items, seq.item_count, items, users, content.item_spec.cardinalities,
         user_spec.cardinalities, metrics,
     )  # fmt: skip
+    warm_info: dict[str, Any] = {"warm_start": False}
+    if warm_start is not None:
+        try:
+            warm_info = warm_start_module(module, warm_start, train.users, train.items, content.item_spec, user_spec)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:  # an unreadable encoder must not fail the run
+            log.warning("two_tower: cannot warm-start from '%s' (%s); training from a fresh init", warm_start, e)
+            warm_info["warm_start_skipped"] = f"unreadable encoder: {e}"
     if lightning_logger is None:
         module.on_epoch = on_metrics
     module.record_path = workdir / "training.json"
@@ -260,6 +271,7 @@ def train_two_tower(
     trainer = pl_.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=precision,  # type: ignore[arg-type]
         max_epochs=cfg.max_epochs,
@@ -269,7 +281,7 @@ def train_two_tower(
         callbacks=callbacks,
         logger=lightning_logger if lightning_logger is not None else False,
         enable_checkpointing=True,
-        enable_progress_bar=cfg.progress_bar,
+        enable_progress_bar=cfg.progress_bar or progress.enabled(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=cfg.val_every_n_epochs,
@@ -321,6 +333,7 @@ def train_two_tower(
         "temperature": 1.0 / float(module.task.scale.detach()),
         "history": hist,
         **{f"text_{k}": v for k, v in text_stats.items()},
+        **warm_info,
     }
     if trainer.is_global_zero:
         encoder = TwoTowerEncoder(module, train.users, train.items, content, user_spec, history)

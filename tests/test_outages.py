@@ -1,0 +1,141 @@
+"""MLflow outages (issue 7), against real servers started by the tests:
+
+- unreachable at start: the run fails within seconds (a refused port at once, a server that accepts but never
+  answers after the 5 s health-check timeout), naming the redacted URI and the fix;
+- down mid-run: a real ``mlflow server`` is SIGKILLed between two stages; logging retries with backoff, then
+  fails with one line that names the URI, the tries, where the local outputs are and how to recover; the local
+  outputs stay intact and the completed stages are reused on the re-run.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys_embed.config import MlflowSettings, PipelineConfig
+from recsys_embed.tracking import Tracker, TrackingError, check_reachable
+from tests.conftest import REPO
+from tests.mlflow_server import free_port, mlflow_server
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts TCP connections (the kernel's backlog) but never answers: a hung server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield int(s.getsockname()[1])
+
+
+def test_refused_port_fails_at_once_naming_the_uri_and_the_fix() -> None:
+    port = free_port()
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError) as e:
+        Tracker(MlflowSettings(tracking_uri=f"http://ops:pw-123@127.0.0.1:{port}"))
+    elapsed = time.perf_counter() - t0
+    msg = str(e.value)
+    assert elapsed < 5.0, f"took {elapsed:.1f}s"
+    assert "\n" not in msg and f"http://127.0.0.1:{port}" in msg and "pw-123" not in msg
+    assert "mlflow server" in msg and "MLFLOW_TRACKING_URI" in msg
+
+
+def test_hung_server_fails_within_the_health_timeout(silent_server: int) -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError) as e:
+        check_reachable(MlflowSettings(tracking_uri=f"http://127.0.0.1:{silent_server}"), timeout_s=2.0)
+    elapsed = time.perf_counter() - t0
+    assert 1.5 < elapsed < 6.0, f"took {elapsed:.1f}s"
+    assert f"127.0.0.1:{silent_server}" in str(e.value) and "timed out" in str(e.value)
+
+
+def test_flow_with_a_hung_server_fails_in_seconds(prefect_harness: None, silent_server: int, tmp_path: Path) -> None:
+    from flows.embedding_pipeline import embedding_pipeline
+
+    yml = tmp_path / "mlflow.yml"
+    yml.write_text(f"tracking_uri: http://127.0.0.1:{silent_server}\nexperiment_name: x\n", encoding="utf-8")
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError, match="unreachable"):
+        embedding_pipeline(str(REPO / "configs/retail.yaml"), [f"output_root={tmp_path}"], str(yml))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 15.0, f"took {elapsed:.1f}s"  # the 5 s health timeout plus flow start-up
+    assert not (tmp_path / "retail").exists()  # nothing was started before the store was known to work
+
+
+def _tiny_log(path: Path) -> Path:
+    rng = np.random.default_rng(7)
+    n = 3000
+    users, items = rng.integers(0, 60, n), rng.zipf(1.6, n) % 80
+    pl.DataFrame(
+        {
+            "user_id": [f"u{u}" for u in users],
+            "item_id": [f"i{i}" for i in items],
+            "timestamp": 1_700_000_000 + np.sort(rng.integers(0, 90 * 86_400, n)),
+            "event_type": "view",
+        }
+    ).write_csv(path)
+    return path
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_keeps_local_outputs_and_says_how_to_recover(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recsys_embed import reporting, stages
+    from recsys_embed.io import is_complete_table, read_table
+
+    cfg = PipelineConfig.model_validate(
+        {
+            "ingest": {"source": {"path": str(_tiny_log(tmp_path / "events.csv"))}, "event_weights": {"view": 1.0}},
+            "models": {"popularity": {"enabled": True}},
+        }
+    )
+    root = tmp_path / "out"
+    run_dir = root / "runs" / "r1"
+    with mlflow_server(tmp_path / "mlflow") as server:
+        settings = MlflowSettings(tracking_uri=server.url, artifact_location=str(tmp_path / "art"), experiment_name="o")
+        tracker = Tracker(settings, local_outputs=run_dir)
+        parent = tracker.start_run("r1", tags={"pipeline": cfg.name})
+        ingest = stages.run_ingest(cfg.ingest, root / "cache")
+        split = stages.run_split(ingest, cfg.ingest, cfg.split, run_dir / "split", root / "cache")
+        reporting.log_run_inputs(tracker, parent, cfg, ingest, split, None)  # logged while the server is up
+        child = tracker.start_run("popularity", parent_run_id=parent)
+        model = stages.run_train("popularity", split, cfg.models, cfg.eval, run_dir / "models")
+        metrics = stages.run_evaluate(model, split, cfg.eval)
+        export = stages.run_export(model, split, cfg.export, run_dir / "exports", parent)
+
+        server.kill()  # the outage: between the export and the model's MLflow logging
+        # keep the test quick: no retries inside MLflow's HTTP client (Tracker defaults it to 2, ~3 s per call,
+        # which made this failure take ~14 s in all); Tracker's own 4 tries with backoff still run
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        t0 = time.perf_counter()
+        with caplog.at_level(logging.WARNING, logger="recsys_embed.tracking"), pytest.raises(TrackingError) as e:
+            reporting.log_model_run(tracker, child, model, metrics, export, split)
+        failed_after = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        tracker.end_run(child, "FAILED")  # best effort: one try, a warning, no second error on top
+        end_after = time.perf_counter() - t1
+
+    msg = str(e.value)
+    print(f"\nMLflow killed mid-run: TrackingError after {failed_after:.1f}s, end_run(FAILED) gave up after "
+          f"{end_after:.1f}s; server start took {server.started_s:.1f}s")  # fmt: skip
+    assert "\n" not in msg
+    assert f"MLflow at {server.url} unreachable after 4 tries (log_batch: [Errno 111] Connection refused)" in msg
+    assert f"local outputs are kept in '{run_dir}'" in msg
+    assert "re-run the same command once the server is back" in msg
+    assert failed_after < 90, f"took {failed_after:.1f}s"
+    assert caplog.text.count("retrying in") == 3  # backoff 0.5 s, 1 s, 2 s between the 4 tries
+    assert "could not mark MLflow run" in caplog.text and end_after < 30
+
+    # local outputs intact and readable
+    assert is_complete_table(export["topk"]) and read_table(export["topk"]).height == export["topk_rows"] > 0
+    assert Path(model["embeddings"]).is_dir() and (run_dir / "split" / "record.json").exists()
+    # the re-run reuses what was completed (no MLflow needed for that)
+    assert stages.run_ingest(cfg.ingest, root / "cache")["cached"] is True
+    assert stages.run_split(ingest, cfg.ingest, cfg.split, tmp_path / "rerun-split", root / "cache")["cached"] is True
