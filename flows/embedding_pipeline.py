@@ -133,9 +133,11 @@ def register_task(
     cfg: RegistryConfig,
     primary_metric: str,
     pipeline_run_id: str,
+    split: dict[str, Any] | None = None,
+    eval_cfg: EvalConfig | None = None,
 ) -> dict[str, Any]:
     return stages.run_register(settings, model_run_id, model, embeddings, seen, metrics, export_cfg, cfg,
-                               primary_metric, pipeline_run_id)  # fmt: skip
+                               primary_metric, pipeline_run_id, split, eval_cfg)  # fmt: skip
 
 
 @task(name="db-export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
@@ -232,7 +234,7 @@ def _run_pipeline(
             if cfg.registry.enabled:
                 decision = register_task(
                     settings, model_runs[best], best, exports[best]["embeddings"], split["train"], metrics[best],
-                    cfg.export, cfg.registry, cfg.eval.primary_metric, parent,
+                    cfg.export, cfg.registry, cfg.eval.primary_metric, parent, split, cfg.eval,
                 )  # fmt: skip
                 tracker.set_tags(parent, {"champion_decision": f"v{decision['version']} {decision['alias']}: "
                                                                f"{decision['reason']}"})  # fmt: skip

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run benchmark suites and print measured ratios side by side")
     b.add_argument("suites", nargs="*", default=["ingest", "als", "topk"],
-                   help="ingest | als | topk | lightning | e2e | scaling (scaling uses --sizes)")  # fmt: skip
+                   help="ingest | als | topk | lightning | e2e | ann | scaling (scaling uses --sizes)")  # fmt: skip
     b.add_argument("--size", default="1m", help="tiny | 1m | 20m | 100m")
     b.add_argument("--sizes", default="tiny,1m", help="scaling: comma-separated sizes, e.g. 1m,20m,100m (100m is "
                    "skipped with a message when memory would not allow it)")  # fmt: skip

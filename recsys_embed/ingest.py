@@ -27,25 +27,35 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import operator
-import os
 import re
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import numpy as np
 import polars as pl
 
 from recsys_embed.config import ColumnMap, IngestConfig
+from recsys_embed.dedup import first_occurrence_mask
 from recsys_embed.errors import DataWarning, IngestError
 from recsys_embed.io import write_parquet_atomic
+from recsys_embed.parsing import (
+    NULL_TOKENS,
+    TS_DTYPE,
+    guess_unit,
+    id_expr,
+    id_kind,
+    is_text_dtype,
+    magnitude_unit,
+    number_expr,
+    parse_time_text,
+    stripped,
+    ts_exprs,
+)
 from recsys_embed.progress import track
 from recsys_embed.sources import (
     PRE_REASON_COL,
@@ -63,7 +73,6 @@ log = logging.getLogger(__name__)
 
 EVENT_COLUMNS = ("user_id", "item_id", "ts", "weight", "event_type", "rating")
 """The clean event table's columns, in order."""
-TS_DTYPE = pl.Datetime("us", "UTC")
 REASONS = (
     "malformed_row",
     "invalid_encoding",
@@ -79,9 +88,6 @@ REASONS = (
 )
 """Quarantine reasons, in precedence order (a row gets the first that applies)."""
 RATING_RULE = "rating_below_threshold"
-
-# Text that means "no value" in exported logs (pandas, R, SQL dumps); compared after stripping whitespace.
-NULL_TOKENS = ["", "null", "NULL", "Null", "none", "None", "NONE", "nan", "NaN", "NAN", "na", "NA", "n/a", "N/A"]
 
 _FIX = {
     "malformed_row": "rows do not have the header's number of fields; check ingest.source.csv_separator and quoting",
@@ -111,7 +117,6 @@ _TS_TEXT = "__ts_text"
 _OFF_BAND = "__ts_off_band"
 _FILE = "__file"
 _I64_MAX = 2**63 - 1
-_UNIT_MICROS = {"s": 1_000_000, "ms": 1_000, "us": 1}  # multiply to get microseconds ("ns": divide by 1000)
 _FLOAT_EXACT = 2**53  # floats hold every integer below this exactly, and not all above it
 # A text ID that is not one: a control character (NUL, newline, ...), a JSON object ({"key": ...}) or array
 # ([1, ...]), or a number in the scientific notation a spreadsheet writes (a mantissa with a point, or an
@@ -154,191 +159,6 @@ class EventLog:
 
 # ----------------------------------------------------------------------------------------------------------
 # Column parsing (expressions)
-
-
-def _is_int(dtype: pl.DataType) -> bool:
-    return dtype.is_integer()
-
-
-def _is_text(dtype: pl.DataType) -> bool:
-    return dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum)
-
-
-def _stripped(name: str) -> pl.Expr:
-    """String column stripped; blank and null tokens become null."""
-    s = pl.col(name).cast(pl.String).str.strip_chars()
-    return pl.when(s.is_in(NULL_TOKENS)).then(pl.lit(None, dtype=pl.String)).otherwise(s)
-
-
-def _id_kind(dtype: pl.DataType, file: str, col: str, role: str) -> str:
-    if dtype == pl.Null:
-        raise IngestError(
-            f"events file '{file}' column '{col}' is null in every row (no {role} IDs at all); map the {role} "
-            f"column with ingest.columns.{role}"
-        )
-    if _is_int(dtype):
-        return "int"
-    if dtype.is_float():
-        return "float"
-    if _is_text(dtype):
-        return "str"
-    raise IngestError(
-        f"events file '{file}' column '{col}' holds {dtype} values; {role} IDs must be integers or strings, "
-        f"map another column with ingest.columns.{role}"
-    )
-
-
-def _id_expr(col: str, kind: str, target: pl.DataType) -> pl.Expr:
-    """IDs as ``target`` (Int64 or String); null/blank/null-token -> null."""
-    if kind == "str":
-        return _stripped(col)
-    expr = pl.col(col).cast(pl.Int64, strict=False)  # floats were checked to be integral
-    return expr.cast(pl.String) if target == pl.String else expr
-
-
-def _number_expr(col: str, dtype: pl.DataType, file: str, role: str) -> tuple[pl.Expr, pl.Expr]:
-    """(value as Float64 or null, "a value was given") for a numeric column that may arrive as text."""
-    if dtype == pl.Null:  # e.g. an NDJSON key that is null on every line: no value was given
-        return pl.lit(None, dtype=pl.Float64), pl.lit(False)
-    if dtype.is_numeric() or dtype == pl.Boolean:
-        return pl.col(col).cast(pl.Float64), pl.col(col).is_not_null()
-    if _is_text(dtype):
-        s = _stripped(col)
-        return s.cast(pl.Float64, strict=False), s.is_not_null()
-    raise IngestError(
-        f"events file '{file}' column '{col}' holds {dtype} values, not numbers; map a numeric column with "
-        f"ingest.columns.{role}"
-    )
-
-
-def _guess_unit(magnitude: float | None) -> str:
-    """Epoch unit from the median absolute value: <1e11 s, <1e14 ms, <1e17 us, else ns."""
-    if magnitude is None or not math.isfinite(magnitude) or magnitude < 1e11:
-        return "s"
-    if magnitude < 1e14:
-        return "ms"
-    return "us" if magnitude < 1e17 else "ns"
-
-
-def _magnitude_unit(x: pl.Expr) -> pl.Expr:
-    """Each value's epoch unit by its magnitude (String), with ``_guess_unit``'s thresholds."""
-    return _per_row_unit(x, pl.lit("s"), pl.lit("ms"), pl.lit("us"), pl.lit("ns"))
-
-
-def _per_row_unit(x: pl.Expr, s: pl.Expr, ms: pl.Expr, us: pl.Expr, ns: pl.Expr) -> pl.Expr:
-    """``s``/``ms``/``us``/``ns`` by the magnitude of each value, with ``_guess_unit``'s thresholds."""
-    a = x.abs()
-    return pl.when(a < 10**11).then(s).when(a < 10**14).then(ms).when(a < 10**17).then(us).otherwise(ns)
-
-
-def _epoch_int(x: pl.Expr, unit: str) -> pl.Expr:
-    """Integer epoch in ``unit`` (``mixed``: each value's unit by its magnitude) -> Datetime[us, UTC]; values
-    that would overflow -> null."""
-    if unit == "mixed":  # |x| < 1e11 s, 1e14 ms, 1e17 us: none of the products can overflow
-        return _per_row_unit(x, x * 1_000_000, x * 1_000, x, x // 1000).cast(TS_DTYPE)
-    if unit == "ns":
-        micros = x // 1000
-    else:
-        mult = _UNIT_MICROS[unit]
-        micros = pl.when(x.abs() <= _I64_MAX // mult).then(x * mult)
-    return micros.cast(TS_DTYPE)
-
-
-def _epoch_float(x: pl.Expr, unit: str) -> pl.Expr:
-    if unit == "mixed":
-        micros = x * _per_row_unit(x, pl.lit(1e6), pl.lit(1e3), pl.lit(1.0), pl.lit(1e-3))
-    else:
-        micros = x * (1e-3 if unit == "ns" else float(_UNIT_MICROS[unit]))
-    ok = micros.is_finite() & (micros.abs() < 9.2e18)
-    return pl.when(ok).then(micros.round()).cast(pl.Int64, strict=False).cast(TS_DTYPE)
-
-
-def _localize(x: pl.Expr, tz: str) -> pl.Expr:
-    """Naive datetime taken in ``tz`` -> UTC (ambiguous DST times: earliest; nonexistent: null)."""
-    return x.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null").dt.convert_time_zone("UTC")
-
-
-_ISO_FORMATS = (
-    # (format, aware); chrono's %#z takes Z, +hh, +hhmm and +hh:mm; %.f takes zero or more fraction digits
-    ("%Y-%m-%dT%H:%M:%S%.f%#z", True),
-    ("%Y-%m-%d %H:%M:%S%.f%#z", True),
-    ("%Y-%m-%dT%H:%M:%S%.f", False),
-    ("%Y-%m-%d %H:%M:%S%.f", False),
-    ("%Y-%m-%dT%H:%M%#z", True),
-    ("%Y-%m-%d %H:%M%#z", True),
-    ("%Y-%m-%dT%H:%M", False),
-    ("%Y-%m-%d %H:%M", False),
-    ("%Y-%m-%d", False),
-)
-
-
-def _parse_time_text(text: pl.Series, unit: str, tz: str) -> pl.Series:
-    """Stripped non-integer time strings -> Datetime[us, UTC] (null where unparsable).
-
-    Tries a decimal epoch (``1.7e9``, ``1700000000.5``) in ``unit``, then ISO-8601 formats one at a time on
-    the rows still unparsed, so a column in one format costs one parse; a last pass normalises odd
-    spellings (``t`` separator, `` UTC`` suffix, a space before the offset) and retries.
-    """
-    out: pl.Series = pl.select(_epoch_float(pl.lit(text).cast(pl.Float64, strict=False), unit)).to_series()
-    for attempt in range(2):
-        todo = out.is_null()
-        if not todo.any():
-            break
-        idx = todo.arg_true()
-        rest = text.gather(idx)
-        if attempt == 1:
-            rest = (
-                rest.str.replace(r"^(\d{4}-\d{2}-\d{2})[Tt]", "${1}T")
-                .str.replace(r"\s*(?:[Zz]|UTC|GMT)$", "+00:00")
-                .str.replace(r"\s+([+-]\d{2}(?::?\d{2})?)$", "${1}")
-            )
-        got = pl.repeat(None, rest.len(), dtype=TS_DTYPE, eager=True)
-        for fmt, aware in _ISO_FORMATS:
-            miss = got.is_null()
-            if not miss.any():
-                break
-            sub_idx = miss.arg_true()
-            sub = rest.gather(sub_idx)
-            if aware:
-                parsed = sub.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
-            else:
-                naive = sub.str.to_datetime(fmt, strict=False, time_unit="us")
-                parsed = pl.select(_localize(pl.lit(naive), tz)).to_series()
-            got = got.scatter(sub_idx, parsed.cast(TS_DTYPE))
-        out = out.scatter(idx, got)
-    return out
-
-
-def _ts_exprs(col: str, dtype: pl.DataType, unit: str, tz: str, file: str) -> tuple[pl.Expr, pl.Expr, pl.Expr | None]:
-    """(timestamp as Datetime[us, UTC] or null, "no value was given", text left for ``_parse_time_text``).
-
-    Text columns are parsed as integer epochs here (the common, cheap case); any other text is handed on
-    as the third expression, non-null only on the rows that still need parsing.
-    """
-    c = pl.col(col)
-    if _is_int(dtype):
-        return _epoch_int(c.cast(pl.Int64, strict=False), unit), c.is_null(), None
-    if dtype.is_float():
-        return _epoch_float(c.cast(pl.Float64), unit), c.is_null(), None
-    if isinstance(dtype, pl.Datetime):
-        x = c.dt.cast_time_unit("us")
-        x = _localize(x, tz) if dtype.time_zone is None else x.dt.convert_time_zone("UTC")
-        return x.cast(TS_DTYPE), c.is_null(), None
-    if dtype == pl.Date:
-        return _localize(c.cast(pl.Datetime("us")), tz).cast(TS_DTYPE), c.is_null(), None
-    if _is_text(dtype):
-        s = _stripped(col)
-        ts = _epoch_int(s.cast(pl.Int64, strict=False), unit)
-        return ts, s.is_null(), pl.when(ts.is_null()).then(s)
-    if dtype == pl.Null:
-        raise IngestError(
-            f"events file '{file}' column '{col}' is null in every row (no times at all); map the time column "
-            "with ingest.columns.timestamp, or set it to null for a log without time"
-        )
-    raise IngestError(
-        f"events file '{file}' column '{col}' holds {dtype} values, not times; map the time column with "
-        "ingest.columns.timestamp"
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,8 +215,8 @@ def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
     cols = cfg.columns
     name = raw.file.name
     kinds = {
-        "user": _id_kind(raw.schema[cols.user], name, cols.user, "user"),
-        "item": _id_kind(raw.schema[cols.item], name, cols.item, "item"),
+        "user": id_kind(raw.schema[cols.user], name, cols.user, "user"),
+        "item": id_kind(raw.schema[cols.item], name, cols.item, "item"),
     }
     aggs: list[pl.Expr] = []
     for role, col in (("user", cols.user), ("item", cols.item)):
@@ -412,8 +232,8 @@ def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
         size: pl.Expr | None = None
         if ts_dtype.is_numeric():
             size = pl.col(cols.timestamp).cast(pl.Float64).abs()
-        elif _is_text(ts_dtype):
-            size = _stripped(cols.timestamp).cast(pl.Float64, strict=False).abs()
+        elif is_text_dtype(ts_dtype):
+            size = stripped(cols.timestamp).cast(pl.Float64, strict=False).abs()
         if size is not None:  # median picks the unit; the range tells a column that mixes units
             ok = size.filter(size.is_finite() & (size > 0))
             aggs += [size.median().alias("ts_mag"), ok.min().alias("ts_lo"), ok.max().alias("ts_hi")]
@@ -440,10 +260,10 @@ def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
     unit: str = cfg.timestamp_unit
     if unit == "auto":
         mag = stats.get("ts_mag")
-        unit = _guess_unit(None if mag is None else float(mag))
+        unit = guess_unit(None if mag is None else float(mag))
         lo, hi = stats.get("ts_lo"), stats.get("ts_hi")
-        lo_unit = _guess_unit(None if lo is None else float(lo))
-        hi_unit = _guess_unit(None if hi is None else float(hi))
+        lo_unit = guess_unit(None if lo is None else float(lo))
+        hi_unit = guess_unit(None if hi is None else float(hi))
         off_band = lo is not None and hi is not None and lo_unit != hi_unit
         if off_band:
             msg = (
@@ -505,7 +325,7 @@ def _parse_frame(
     def id_col(col: str, kind: str, target: pl.DataType) -> pl.Expr:
         if kind == "float_str":  # non-integral float IDs: keep the text form ("NaN" is a null token)
             return pl.col(col).cast(pl.String).str.strip_chars().replace(NULL_TOKENS, None)
-        return _id_expr(col, "int" if kind == "int" else "str", target)
+        return id_expr(col, "int" if kind == "int" else "str", target)
 
     stage1: list[pl.Expr] = [
         id_col(cols.user, prof.user_kind, id_dtypes[0]).alias("user_id"),
@@ -529,7 +349,7 @@ def _parse_frame(
     if bad_ids:
         flags["invalid_id"] = pl.any_horizontal(bad_ids)
     if cols.timestamp:
-        ts, ts_missing, ts_text = _ts_exprs(cols.timestamp, schema[cols.timestamp], prof.ts_unit, tz, name)
+        ts, ts_missing, ts_text = ts_exprs(cols.timestamp, schema[cols.timestamp], prof.ts_unit, tz, name)
         stage1 += [ts.alias("ts"), ts_missing.alias("__ts_missing")]
         if ts_text is not None:
             stage1.append(ts_text.alias(_TS_TEXT))
@@ -537,9 +357,9 @@ def _parse_frame(
         flags["null_timestamp"] = pl.col("__ts_missing")
         if prof.ts_off_band:  # auto unit over a column of several units: _time_flags quarantines the others
             ts_dtype = schema[cols.timestamp]
-            num = pl.col(cols.timestamp) if ts_dtype.is_numeric() else _stripped(cols.timestamp)
+            num = pl.col(cols.timestamp) if ts_dtype.is_numeric() else stripped(cols.timestamp)
             num = num.cast(pl.Float64, strict=False)
-            stage1.append((_magnitude_unit(num) != prof.ts_unit).alias(_OFF_BAND))
+            stage1.append((magnitude_unit(num) != prof.ts_unit).alias(_OFF_BAND))
             aux.append(_OFF_BAND)
         # unparsable_timestamp and timestamp_out_of_window are flagged by _time_flags once text is parsed
         late += ["unparsable_timestamp"]
@@ -549,7 +369,7 @@ def _parse_frame(
         stage1.append(pl.lit(None, dtype=TS_DTYPE).alias("ts"))
 
     if cols.event_type:  # with weights: exact match first, strip only the misses (see _rematch_event_types)
-        et = pl.col(cols.event_type).cast(pl.String) if cfg.event_weights else _stripped(cols.event_type)
+        et = pl.col(cols.event_type).cast(pl.String) if cfg.event_weights else stripped(cols.event_type)
     else:
         et = pl.lit(None, dtype=pl.String)
     stage1.append(et.alias("event_type"))
@@ -557,25 +377,25 @@ def _parse_frame(
     rest: list[pl.Expr] = []
     bad_w: list[pl.Expr] = []
     if cols.quantity:
-        q, _q_given = _number_expr(cols.quantity, schema[cols.quantity], name, "quantity")
+        q, _q_given = number_expr(cols.quantity, schema[cols.quantity], name, "quantity")
         stage1.append(q.alias(_QTY))
         aux.append(_QTY)
         if cfg.use_quantity:  # |quantity|: retail cancellations carry negative quantities
             bad_w.append(pl.col(_QTY).is_null() | ~pl.col(_QTY).is_finite() | (pl.col(_QTY) == 0))
             rest.append(pl.col(_QTY).abs())
     if cols.weight:
-        w, _w_given = _number_expr(cols.weight, schema[cols.weight], name, "weight")
+        w, _w_given = number_expr(cols.weight, schema[cols.weight], name, "weight")
         stage1.append(w.alias("__w"))
         bad_w.append(pl.col("__w").is_null() | ~pl.col("__w").is_finite() | (pl.col("__w") < 0))
         rest.append(pl.col("__w"))
     if cols.rating:
-        r, r_given = _number_expr(cols.rating, schema[cols.rating], name, "rating")
+        r, r_given = number_expr(cols.rating, schema[cols.rating], name, "rating")
         stage1 += [r.alias("rating"), r_given.alias("__r_given")]
         bad_w.append(pl.col("__r_given") & (pl.col("rating").is_null() | ~pl.col("rating").is_finite()))
     else:
         stage1.append(pl.lit(None, dtype=pl.Float64).alias("rating"))
     if cols.item_text:
-        stage1.append(_stripped(cols.item_text).alias(_TEXT))
+        stage1.append(stripped(cols.item_text).alias(_TEXT))
         aux.append(_TEXT)
 
     rest_expr = None
@@ -628,7 +448,7 @@ def _time_flags(parsed: pl.DataFrame, units: list[str], cfg: IngestConfig) -> pl
             files = parsed[_FILE].gather(todo)
             for k in files.unique().sort().to_list():
                 idx = todo.filter(files == k)
-                ts.scatter(idx, _parse_time_text(text.gather(idx), units[k], cfg.assume_timezone))
+                ts.scatter(idx, parse_time_text(text.gather(idx), units[k], cfg.assume_timezone))
         parsed = _without(parsed, _TS_TEXT)
     out = [ts, (ts.is_null() & ~parsed[_flag("null_timestamp")]).alias(_flag("unparsable_timestamp"))]
     outside: pl.Series | None = None
@@ -716,68 +536,6 @@ def _empty_quarantine() -> pl.DataFrame:
 
 # ----------------------------------------------------------------------------------------------------------
 # Whole-log steps
-
-
-def _keep_mask(events: pl.DataFrame, n_files: int, has_time: bool) -> pl.Series | None:
-    """Boolean mask keeping the first occurrence of every distinct row; None when there are no duplicates.
-
-    ``events`` holds each file's rows contiguously, in file order, tagged by ``__file``. A 64-bit hash of
-    (user, item, time) -- equal rows have equal keys -- is sorted to find candidate duplicates; only the
-    candidates are compared exactly on every column, so a hash collision can never drop a distinct row.
-    Sorting per file keeps the sorts cache-sized; rows of two files can only be equal when the files' time
-    ranges overlap, so only such groups of files are sorted together (without time: all files).
-    """
-    if events.height < 2:
-        return None
-    h = events[["user_id", "item_id", "ts"]].hash_rows(seed=0x5EED)
-    sizes = np.bincount(events[_FILE].to_numpy(), minlength=n_files)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    groups = _overlap_groups(events["ts"], offsets, has_time)
-
-    def repeated(group: list[int]) -> pl.Series | None:
-        parts = [h.slice(int(offsets[k]), int(sizes[k])) for k in group if sizes[k]]
-        if not parts or sum(p.len() for p in parts) < 2:
-            return None
-        s = (pl.concat(parts) if len(parts) > 1 else parts[0]).sort()
-        d = s.filter(s == s.shift(1))
-        return d if d.len() else None
-
-    # Polars sorts small series on one thread and releases the GIL: a pool sorts the groups side by side.
-    with ThreadPoolExecutor(max_workers=min(len(groups), os.cpu_count() or 1)) as pool:
-        dup_hashes = [d for d in pool.map(repeated, groups) if d is not None]
-    if not dup_hashes:
-        return None
-    cand = h.is_in(pl.concat(dup_hashes).unique().implode())
-    keys = [c for c in events.columns if c != _FILE]
-    first = events[keys].filter(cand).select(pl.struct(keys).is_first_distinct()).to_series()
-    drop = cand.arg_true().filter(~first)
-    if drop.len() == 0:
-        return None
-    return pl.repeat(True, events.height, eager=True).scatter(drop, False)
-
-
-def _overlap_groups(ts: pl.Series, offsets: np.ndarray, has_time: bool) -> list[list[int]]:
-    """Files (contiguous slices of ``ts`` at ``offsets``) grouped where their [min, max] times overlap."""
-    n_files = len(offsets) - 1
-    if not has_time:
-        return [list(range(n_files))]
-    phys = ts.to_physical()
-    bounds: list[tuple[int, int, int]] = []
-    for k in range(n_files):
-        part = phys.slice(int(offsets[k]), int(offsets[k + 1] - offsets[k]))
-        if part.len():  # clean rows always have a time when the log has one
-            bounds.append((int(part.min()), int(part.max()), k))  # type: ignore[arg-type]
-    bounds.sort()
-    groups: list[list[int]] = []
-    hi = 0
-    for lo, top, k in bounds:
-        if groups and lo <= hi:
-            groups[-1].append(k)
-            hi = max(hi, top)
-        else:
-            groups.append([k])
-            hi = top
-    return [sorted(g) for g in groups]
 
 
 def _apply_filters(events: pl.DataFrame, cfg: IngestConfig, report: RowReport) -> pl.DataFrame:
@@ -955,7 +713,7 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
     del parsed
 
     before = events.height
-    keep = _keep_mask(events, len(raws), cfg.columns.timestamp is not None)
+    keep = first_occurrence_mask(events, _FILE, len(raws), cfg.columns.timestamp is not None)
     if keep is not None:
         events = events.filter(keep)
     # One chunk per numeric column keeps later steps (and callers') fast; the string columns (event type) are

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from mlflow.pyfunc.model import PythonModel
 
 from recsys_embed.config import ExportConfig, MlflowSettings, RegistryConfig
 from recsys_embed.errors import RecsysEmbedError
+from recsys_embed.types import Embeddings
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +135,13 @@ def register_best(
     cfg: RegistryConfig,
     primary_metric: str,
     pipeline_run_id: str,
+    rescore: Callable[[Embeddings], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Log the recommender on ``model_run_id``, register a new version, and move ``champion`` or ``challenger``.
+
+    With ``rescore`` (``compare.rescore`` bound to this run's split), the champion is evaluated on this run's
+    test window and compared on that; without it (or if the champion cannot be loaded) its stored metric is used.
+    The decision says which (``champion_basis``).
 
     Returns:
         The decision record: ``name``, ``version``, ``alias`` (champion | challenger), ``promoted``, ``reason``,
@@ -169,12 +176,25 @@ def register_best(
     )
     champ = _alias_version(client, name, CHAMPION)
     champ_value = None
-    if champ is not None and champ.tags.get("metric") == metric and "metric_value" in champ.tags:
-        champ_value = float(champ.tags["metric_value"])
-    elif champ is not None:
-        log.warning("registry: champion v%s has no %s tag; the new version is compared as if none", champ.version,
-                    metric)  # fmt: skip
+    basis = None
+    if champ is not None and rescore is not None:
+        try:
+            champ_emb = mlflow.pyfunc.load_model(f"models:/{name}/{champ.version}").unwrap_python_model().emb
+            champ_value = float(rescore(champ_emb)[metric])
+            basis = "re-scored on this run's test window"
+        except Exception as e:  # an unloadable old version must not block registering the new one
+            log.warning("registry: champion v%s could not be re-scored on this split (%s); comparing with its "
+                        "stored %s", champ.version, str(e).splitlines()[0], metric)  # fmt: skip
+    if champ is not None and basis is None:
+        if champ.tags.get("metric") == metric and "metric_value" in champ.tags:
+            champ_value = float(champ.tags["metric_value"])
+            basis = "its own run's test window (stored)"
+        else:
+            log.warning("registry: champion v%s has no %s tag; the new version is compared as if none",
+                        champ.version, metric)  # fmt: skip
     promote, reason = decide(value, champ_value, cfg.margin)
+    if basis is not None:
+        reason = f"{reason} (champion v{champ.version} on {basis})"  # type: ignore[union-attr]
     alias = CHAMPION if promote else CHALLENGER
     client.set_registered_model_alias(name, alias, mv.version)
     client.set_model_version_tag(name, mv.version, "decision", reason)
@@ -188,6 +208,8 @@ def register_best(
         "value": value,
         "margin": cfg.margin,
         "previous_champion": str(champ.version) if champ is not None else None,
+        "champion_value": champ_value,
+        "champion_basis": basis,
         "uri": f"models:/{name}/{mv.version}",
     }
     log.info("registry: %s v%s is %s (%s)", name, mv.version, alias, reason)

@@ -573,14 +573,29 @@ def run_register(
     cfg: RegistryConfig,
     primary_metric: str,
     pipeline_run_id: str,
+    split: Record | None = None,
+    eval_cfg: EvalConfig | None = None,
 ) -> Record:
     """Register the run's best model (``registry.register_best``); the decision record.
+
+    With ``split`` and ``eval_cfg``, the current champion is re-scored on this split's test targets
+    (``compare.rescore``) so that both sides of the champion decision sit the same exam.
 
     Not cached: a re-run after a kill registers again (a new version; ``champion`` moves only on a real gain).
     """
     from recsys_embed.registry import register_best
 
+    rescore = None
+    if split is not None and eval_cfg is not None and split.get("test_targets"):
+        from recsys_embed.compare import rescore as rescore_on
+
+        train, targets = load_csr(split["train"]), load_csr(split["test_targets"])
+        users, items = IdMap.load(split["user_map"]), IdMap.load(split["item_map"])
+
+        def rescore(emb: Embeddings) -> dict[str, float]:
+            return rescore_on(emb, users, items, train, targets, eval_cfg.ks, eval_cfg.batch_users)
+
     decision = register_best(settings, model_run_id, model, embeddings, seen, metrics, export_cfg, cfg,
-                             primary_metric, pipeline_run_id)  # fmt: skip
+                             primary_metric, pipeline_run_id, rescore)  # fmt: skip
     checkpoint("register")  # the version is registered, the run has not finished
     return decision

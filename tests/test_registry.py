@@ -68,6 +68,9 @@ def test_champion_pyfunc_and_database(prefect_harness: None, tmp_path: Path, mlf
     reg2 = second["registry"]
     assert reg2["version"] == "2" and reg2["alias"] == "challenger", reg2
     assert "does not beat" in reg2["reason"] and reg2["previous_champion"] == "1"
+    # re-scored on run 2's split (the same log, hence the same split), the champion scores what run 1 measured
+    assert reg2["champion_basis"] == "re-scored on this run's test window"
+    assert reg2["champion_value"] == pytest.approx(first["registry"]["value"], abs=1e-6)
     settings = resolve_settings(load_mlflow_settings(mlflow_yml))
     client = MlflowClient(settings.tracking_uri)
     name = settings.registered_model_name

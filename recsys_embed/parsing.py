@@ -1,0 +1,208 @@
+"""Raw column values -> typed values, as Polars expressions over one raw file: IDs, numbers and timestamps.
+
+Ingest builds each file's parsing query from these. Nothing here reads files or decides quarantine reasons; the
+expressions return nulls (or a "no value was given" flag) that ingest turns into reasons.
+
+Timestamps: integer / float epochs in s, ms, us or ns (``guess_unit`` picks one by magnitude, or per row for a
+column that mixes units), ``Datetime`` / ``Date`` columns, and ISO-8601 text with or without a zone (naive
+times are localized to ``ingest.assume_timezone``). Everything ends as ``TS_DTYPE`` (Datetime[us, UTC]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+
+from recsys_embed.errors import IngestError
+
+TS_DTYPE = pl.Datetime("us", "UTC")
+# Text that means "no value" in exported logs (pandas, R, SQL dumps); compared after stripping whitespace.
+NULL_TOKENS = ["", "null", "NULL", "Null", "none", "None", "NONE", "nan", "NaN", "NAN", "na", "NA", "n/a", "N/A"]
+UNIT_MICROS = {"s": 1_000_000, "ms": 1_000, "us": 1}  # multiply to get microseconds ("ns": divide by 1000)
+_I64_MAX = 2**63 - 1
+
+
+def is_int_dtype(dtype: pl.DataType) -> bool:
+    return dtype.is_integer()
+
+
+def is_text_dtype(dtype: pl.DataType) -> bool:
+    return dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum)
+
+
+def stripped(name: str) -> pl.Expr:
+    """String column stripped; blank and null tokens become null."""
+    s = pl.col(name).cast(pl.String).str.strip_chars()
+    return pl.when(s.is_in(NULL_TOKENS)).then(pl.lit(None, dtype=pl.String)).otherwise(s)
+
+
+def id_kind(dtype: pl.DataType, file: str, col: str, role: str) -> str:
+    if dtype == pl.Null:
+        raise IngestError(
+            f"events file '{file}' column '{col}' is null in every row (no {role} IDs at all); map the {role} "
+            f"column with ingest.columns.{role}"
+        )
+    if is_int_dtype(dtype):
+        return "int"
+    if dtype.is_float():
+        return "float"
+    if is_text_dtype(dtype):
+        return "str"
+    raise IngestError(
+        f"events file '{file}' column '{col}' holds {dtype} values; {role} IDs must be integers or strings, "
+        f"map another column with ingest.columns.{role}"
+    )
+
+
+def id_expr(col: str, kind: str, target: pl.DataType) -> pl.Expr:
+    """IDs as ``target`` (Int64 or String); null/blank/null-token -> null."""
+    if kind == "str":
+        return stripped(col)
+    expr = pl.col(col).cast(pl.Int64, strict=False)  # floats were checked to be integral
+    return expr.cast(pl.String) if target == pl.String else expr
+
+
+def number_expr(col: str, dtype: pl.DataType, file: str, role: str) -> tuple[pl.Expr, pl.Expr]:
+    """(value as Float64 or null, "a value was given") for a numeric column that may arrive as text."""
+    if dtype == pl.Null:  # e.g. an NDJSON key that is null on every line: no value was given
+        return pl.lit(None, dtype=pl.Float64), pl.lit(False)
+    if dtype.is_numeric() or dtype == pl.Boolean:
+        return pl.col(col).cast(pl.Float64), pl.col(col).is_not_null()
+    if is_text_dtype(dtype):
+        s = stripped(col)
+        return s.cast(pl.Float64, strict=False), s.is_not_null()
+    raise IngestError(
+        f"events file '{file}' column '{col}' holds {dtype} values, not numbers; map a numeric column with "
+        f"ingest.columns.{role}"
+    )
+
+
+def guess_unit(magnitude: float | None) -> str:
+    """Epoch unit from the median absolute value: <1e11 s, <1e14 ms, <1e17 us, else ns."""
+    if magnitude is None or not math.isfinite(magnitude) or magnitude < 1e11:
+        return "s"
+    if magnitude < 1e14:
+        return "ms"
+    return "us" if magnitude < 1e17 else "ns"
+
+
+def magnitude_unit(x: pl.Expr) -> pl.Expr:
+    """Each value's epoch unit by its magnitude (String), with ``guess_unit``'s thresholds."""
+    return per_row_unit(x, pl.lit("s"), pl.lit("ms"), pl.lit("us"), pl.lit("ns"))
+
+
+def per_row_unit(x: pl.Expr, s: pl.Expr, ms: pl.Expr, us: pl.Expr, ns: pl.Expr) -> pl.Expr:
+    """``s``/``ms``/``us``/``ns`` by the magnitude of each value, with ``guess_unit``'s thresholds."""
+    a = x.abs()
+    return pl.when(a < 10**11).then(s).when(a < 10**14).then(ms).when(a < 10**17).then(us).otherwise(ns)
+
+
+def epoch_int(x: pl.Expr, unit: str) -> pl.Expr:
+    """Integer epoch in ``unit`` (``mixed``: each value's unit by its magnitude) -> Datetime[us, UTC]; values
+    that would overflow -> null."""
+    if unit == "mixed":  # |x| < 1e11 s, 1e14 ms, 1e17 us: none of the products can overflow
+        return per_row_unit(x, x * 1_000_000, x * 1_000, x, x // 1000).cast(TS_DTYPE)
+    if unit == "ns":
+        micros = x // 1000
+    else:
+        mult = UNIT_MICROS[unit]
+        micros = pl.when(x.abs() <= _I64_MAX // mult).then(x * mult)
+    return micros.cast(TS_DTYPE)
+
+
+def epoch_float(x: pl.Expr, unit: str) -> pl.Expr:
+    if unit == "mixed":
+        micros = x * per_row_unit(x, pl.lit(1e6), pl.lit(1e3), pl.lit(1.0), pl.lit(1e-3))
+    else:
+        micros = x * (1e-3 if unit == "ns" else float(UNIT_MICROS[unit]))
+    ok = micros.is_finite() & (micros.abs() < 9.2e18)
+    return pl.when(ok).then(micros.round()).cast(pl.Int64, strict=False).cast(TS_DTYPE)
+
+
+def localize(x: pl.Expr, tz: str) -> pl.Expr:
+    """Naive datetime taken in ``tz`` -> UTC (ambiguous DST times: earliest; nonexistent: null)."""
+    return x.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null").dt.convert_time_zone("UTC")
+
+
+ISO_FORMATS = (
+    # (format, aware); chrono's %#z takes Z, +hh, +hhmm and +hh:mm; %.f takes zero or more fraction digits
+    ("%Y-%m-%dT%H:%M:%S%.f%#z", True),
+    ("%Y-%m-%d %H:%M:%S%.f%#z", True),
+    ("%Y-%m-%dT%H:%M:%S%.f", False),
+    ("%Y-%m-%d %H:%M:%S%.f", False),
+    ("%Y-%m-%dT%H:%M%#z", True),
+    ("%Y-%m-%d %H:%M%#z", True),
+    ("%Y-%m-%dT%H:%M", False),
+    ("%Y-%m-%d %H:%M", False),
+    ("%Y-%m-%d", False),
+)
+
+
+def parse_time_text(text: pl.Series, unit: str, tz: str) -> pl.Series:
+    """Stripped non-integer time strings -> Datetime[us, UTC] (null where unparsable).
+
+    Tries a decimal epoch (``1.7e9``, ``1700000000.5``) in ``unit``, then ISO-8601 formats one at a time on
+    the rows still unparsed, so a column in one format costs one parse; a last pass normalises odd
+    spellings (``t`` separator, `` UTC`` suffix, a space before the offset) and retries.
+    """
+    out: pl.Series = pl.select(epoch_float(pl.lit(text).cast(pl.Float64, strict=False), unit)).to_series()
+    for attempt in range(2):
+        todo = out.is_null()
+        if not todo.any():
+            break
+        idx = todo.arg_true()
+        rest = text.gather(idx)
+        if attempt == 1:
+            rest = (
+                rest.str.replace(r"^(\d{4}-\d{2}-\d{2})[Tt]", "${1}T")
+                .str.replace(r"\s*(?:[Zz]|UTC|GMT)$", "+00:00")
+                .str.replace(r"\s+([+-]\d{2}(?::?\d{2})?)$", "${1}")
+            )
+        got = pl.repeat(None, rest.len(), dtype=TS_DTYPE, eager=True)
+        for fmt, aware in ISO_FORMATS:
+            miss = got.is_null()
+            if not miss.any():
+                break
+            sub_idx = miss.arg_true()
+            sub = rest.gather(sub_idx)
+            if aware:
+                parsed = sub.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+            else:
+                naive = sub.str.to_datetime(fmt, strict=False, time_unit="us")
+                parsed = pl.select(localize(pl.lit(naive), tz)).to_series()
+            got = got.scatter(sub_idx, parsed.cast(TS_DTYPE))
+        out = out.scatter(idx, got)
+    return out
+
+
+def ts_exprs(col: str, dtype: pl.DataType, unit: str, tz: str, file: str) -> tuple[pl.Expr, pl.Expr, pl.Expr | None]:
+    """(timestamp as Datetime[us, UTC] or null, "no value was given", text left for ``parse_time_text``).
+
+    Text columns are parsed as integer epochs here (the common, cheap case); any other text is handed on
+    as the third expression, non-null only on the rows that still need parsing.
+    """
+    c = pl.col(col)
+    if is_int_dtype(dtype):
+        return epoch_int(c.cast(pl.Int64, strict=False), unit), c.is_null(), None
+    if dtype.is_float():
+        return epoch_float(c.cast(pl.Float64), unit), c.is_null(), None
+    if isinstance(dtype, pl.Datetime):
+        x = c.dt.cast_time_unit("us")
+        x = localize(x, tz) if dtype.time_zone is None else x.dt.convert_time_zone("UTC")
+        return x.cast(TS_DTYPE), c.is_null(), None
+    if dtype == pl.Date:
+        return localize(c.cast(pl.Datetime("us")), tz).cast(TS_DTYPE), c.is_null(), None
+    if is_text_dtype(dtype):
+        s = stripped(col)
+        ts = epoch_int(s.cast(pl.Int64, strict=False), unit)
+        return ts, s.is_null(), pl.when(ts.is_null()).then(s)
+    if dtype == pl.Null:
+        raise IngestError(
+            f"events file '{file}' column '{col}' is null in every row (no times at all); map the time column "
+            "with ingest.columns.timestamp, or set it to null for a log without time"
+        )
+    raise IngestError(
+        f"events file '{file}' column '{col}' holds {dtype} values, not times; map the time column with "
+        "ingest.columns.timestamp"
+    )
