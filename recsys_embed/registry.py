@@ -188,13 +188,13 @@ def register_best(
     if champ is not None and basis is None:
         if champ.tags.get("metric") == metric and "metric_value" in champ.tags:
             champ_value = float(champ.tags["metric_value"])
-            basis = "its own run's test window (stored)"
+            basis = "stored metric from its own run's test window"
         else:
             log.warning("registry: champion v%s has no %s tag; the new version is compared as if none",
                         champ.version, metric)  # fmt: skip
     promote, reason = decide(value, champ_value, cfg.margin)
     if basis is not None:
-        reason = f"{reason} (champion v{champ.version} on {basis})"  # type: ignore[union-attr]
+        reason = f"{reason} (champion v{champ.version} {basis})"  # type: ignore[union-attr]
     alias = CHAMPION if promote else CHALLENGER
     client.set_registered_model_alias(name, alias, mv.version)
     client.set_model_version_tag(name, mv.version, "decision", reason)
