@@ -27,8 +27,10 @@ def first_occurrence_mask(events: pl.DataFrame, file_col: str, n_files: int, has
     if events.height < 2:
         return None
     h = events[["user_id", "item_id", "ts"]].hash_rows(seed=0x5EED)
-    sizes = np.bincount(events[file_col].to_numpy(), minlength=n_files)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    # the file tags ascend (files are contiguous, in order): binary search finds each file's first row
+    bounds = pl.Series(np.arange(n_files + 1), dtype=events[file_col].dtype)
+    offsets = events[file_col].search_sorted(bounds, side="left").to_numpy().astype(np.int64)
+    sizes = np.diff(offsets)
     groups = overlap_groups(events["ts"], offsets, has_time)
 
     def repeated(group: list[int]) -> pl.Series | None:

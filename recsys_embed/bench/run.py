@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from typing import Any
 
 from recsys_embed.bench.harness import BenchResult, format_table, machine, write_json
 
@@ -27,14 +28,18 @@ def main(suites: list[str], size: str, repeats: int, json_path: str | None) -> i
     for name in suites:
         module = importlib.import_module(SUITES[name])
         log.info("bench: running suite %s at %s x%d", name, size, repeats)
-        results.extend(module.run(size=size, repeats=repeats))
-        print(format_table(results[-1:]), flush=True)
-    m = machine()
-    print(f"\nMachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}")
+        suite_results = module.run(size=size, repeats=repeats)
+        results.extend(suite_results)
+        print(format_table(suite_results), flush=True)
+    print(f"\n{_machine_line(machine())}")
     print(format_table(results))
     if json_path:
         print(f"results written to {write_json(results, json_path)}")
     return 0
+
+
+def _machine_line(m: dict[str, Any]) -> str:
+    return f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}"
 
 
 def scaling_main(sizes: list[str], json_path: str | None) -> int:
@@ -45,7 +50,7 @@ def scaling_main(sizes: list[str], json_path: str | None) -> int:
 
     result = run_scaling(sizes)
     m = machine()
-    print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}")
+    print(_machine_line(m))
     print(format_scaling(result))
     if json_path:
         print(f"results written to {write_json_atomic({'machine': m, **result}, json_path)}")
