@@ -40,7 +40,7 @@ from recsys_embed.io import write_json_atomic
 from recsys_embed.lock import run_lock
 from recsys_embed.models import enabled_models
 from recsys_embed.tracking import Tracker, git_commit, lightning_logger, redact_uri
-from recsys_embed.types import RowReport
+from recsys_embed.types import Candidate, RowReport
 
 
 def _ingest_cache_key(context: Any, params: dict[str, Any]) -> str | None:
@@ -124,20 +124,13 @@ def log_model_task(
 @task(name="register", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
 def register_task(
     settings: MlflowSettings,
-    model_run_id: str,
-    model: str,
-    embeddings: str,
-    seen: str,
-    metrics: dict[str, float],
+    candidate: Candidate,
     export_cfg: ExportConfig,
     cfg: RegistryConfig,
-    primary_metric: str,
-    pipeline_run_id: str,
-    split: dict[str, Any] | None = None,
-    eval_cfg: EvalConfig | None = None,
+    eval_cfg: EvalConfig,
+    split: dict[str, Any],
 ) -> dict[str, Any]:
-    return stages.run_register(settings, model_run_id, model, embeddings, seen, metrics, export_cfg, cfg,
-                               primary_metric, pipeline_run_id, split, eval_cfg)  # fmt: skip
+    return stages.run_register(settings, candidate, export_cfg, cfg, eval_cfg, split)
 
 
 @task(name="db-export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
@@ -232,10 +225,9 @@ def _run_pipeline(
             tracker.set_tags(model_runs[best], {"best_model": "true"})
             tracker.set_tags(parent, {"best_model": best})
             if cfg.registry.enabled:
-                decision = register_task(
-                    settings, model_runs[best], best, exports[best]["embeddings"], split["train"], metrics[best],
-                    cfg.export, cfg.registry, cfg.eval.primary_metric, parent, split, cfg.eval,
-                )  # fmt: skip
+                candidate = Candidate(best, model_runs[best], parent, exports[best]["embeddings"], split["train"],
+                                      metrics[best])  # fmt: skip
+                decision = register_task(settings, candidate, cfg.export, cfg.registry, cfg.eval, split)
                 tracker.set_tags(parent, {"champion_decision": f"v{decision['version']} {decision['alias']}: "
                                                                f"{decision['reason']}"})  # fmt: skip
                 logger.info("registry: %s v%s -> %s (%s)", decision["name"], decision["version"],

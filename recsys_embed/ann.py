@@ -1,6 +1,6 @@
 """Approximate top-k through faiss, for catalogs where the exact GEMM of ``recsys_embed.topk`` is too slow.
 
-``iter_search`` is what export calls: exact (``topk.iter_topk``) unless ``export.search.kind`` names an index.
+``searcher`` is what export calls: exact (``topk.iter_topk``) unless ``export.search.kind`` names an index.
 
 - ``hnsw``: ``IndexHNSWFlat`` over the item vectors, inner-product metric; ``ef_search`` trades speed for recall.
 - ``ivf``: ``IndexIVFFlat`` with ``nlist`` k-means cells; ``nprobe`` cells are scanned per query.
@@ -17,10 +17,11 @@ faiss is an optional extra (``pip install 'recsys-embed[faiss]'``); exact search
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -106,17 +107,17 @@ def _seen_mask(seen: sp.csr_matrix | None, rows: np.ndarray, cand: np.ndarray) -
 def iter_topk_ann(
     emb: Embeddings,
     k: int,
-    cfg: SearchConfig,
     users: np.ndarray | None = None,
     seen: sp.csr_matrix | None = None,
     chunk_users: int = 4096,
     allow_items: np.ndarray | None = None,
     deny_items: np.ndarray | None = None,
     *,
+    search: SearchConfig,
     threads: int | None = None,
     index: Any | None = None,
 ) -> Iterator[TopK]:
-    """``iter_topk``'s contract, answered by a faiss index (built here unless ``index`` is given).
+    """``iter_topk``'s contract, answered by a faiss index as ``search`` says (built here unless ``index`` is given).
 
     Users whose filtered candidate list is shorter than ``k`` are re-ranked exactly (counted in the log).
     """
@@ -131,7 +132,7 @@ def iter_topk_ann(
             keep[np.asarray(deny_items, dtype=np.int64)] = False
         cols = np.flatnonzero(keep)
     if index is None:
-        index = build_index(ivec if cols is None else ivec[cols], cfg, threads)
+        index = build_index(ivec if cols is None else ivec[cols], search, threads)
     n_index = index.ntotal
     user_ids = np.arange(uvec.shape[0], dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
     seen_counts = np.diff(seen.indptr) if seen is not None else None
@@ -139,7 +140,7 @@ def iter_topk_ann(
     for start in range(0, len(user_ids), max(1, chunk_users)):
         rows = user_ids[start : start + chunk_users]
         extra = int(seen_counts[rows].max()) if seen_counts is not None and len(rows) else 0
-        kk = min(n_index, k + min(extra, max(cfg.max_candidates - k, 0)))
+        kk = min(n_index, k + min(extra, max(search.max_candidates - k, 0)))
         scores, cand = index.search(np.ascontiguousarray(uvec[rows], dtype=np.float32), kk)
         if cols is not None:
             cand = np.where(cand >= 0, cols[np.maximum(cand, 0)], -1)
@@ -158,22 +159,11 @@ def iter_topk_ann(
                  len(user_ids))  # fmt: skip
 
 
-def iter_search(
-    emb: Embeddings,
-    k: int,
-    cfg: SearchConfig,
-    users: np.ndarray | None = None,
-    seen: sp.csr_matrix | None = None,
-    chunk_users: int = 4096,
-    allow_items: np.ndarray | None = None,
-    deny_items: np.ndarray | None = None,
-    *,
-    threads: int | None = None,
-) -> Iterator[TopK]:
-    """Top-k chunks by the search ``cfg.kind`` names: exact (the default) or a faiss index."""
+def searcher(cfg: SearchConfig) -> Callable[..., Iterator[TopK]]:
+    """The top-k function ``cfg.kind`` names, called like ``topk.iter_topk``: exact, or a faiss index."""
     if cfg.kind == "exact":
-        return iter_topk(emb, k, users, seen, chunk_users, allow_items, deny_items, threads=threads)
-    return iter_topk_ann(emb, k, cfg, users, seen, chunk_users, allow_items, deny_items, threads=threads)
+        return iter_topk
+    return functools.partial(iter_topk_ann, search=cfg)
 
 
 def recall_against_exact(
@@ -190,7 +180,7 @@ def recall_against_exact(
     rng = np.random.default_rng(cfg.seed)
     users = np.sort(rng.choice(n_users, min(sample_users, n_users), replace=False)).astype(np.int64)
     exact = next(iter_topk(emb, k, users=users, seen=seen, chunk_users=len(users), threads=threads))
-    approx = next(iter_topk_ann(emb, k, cfg, users=users, seen=seen, chunk_users=len(users), threads=threads))
+    approx = next(iter_topk_ann(emb, k, users=users, seen=seen, chunk_users=len(users), search=cfg, threads=threads))
     hits = 0
     total = 0
     for e, a in zip(exact.items, approx.items, strict=True):

@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from recsys_embed.ann import iter_search
+from recsys_embed.ann import searcher
 from recsys_embed.config import ExportConfig
 from recsys_embed.errors import DataWarning
 from recsys_embed.io import (
@@ -284,7 +284,7 @@ def export_topk(
         if len(np.unique(users)) != len(users):
             raise ValueError("export_topk: users holds duplicate indices; pass each user index once (np.unique)")
     allow, deny = _item_filters(emb, cfg)
-    chunks = iter_search(emb, cfg.k, cfg.search, users=users, seen=seen, chunk_users=cfg.chunk_users,
+    chunks = searcher(cfg.search)(emb, cfg.k, users=users, seen=seen, chunk_users=cfg.chunk_users,
                          allow_items=allow, deny_items=deny)  # fmt: skip
     n_users = len(emb.users) if users is None else len(users)
     log.info("export: %s top-%d for %d users of model %s", name, cfg.k, n_users, emb.model)

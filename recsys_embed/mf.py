@@ -35,7 +35,7 @@ from recsys_embed.config import ALSConfig, BPRConfig
 from recsys_embed.errors import ConfigError
 from recsys_embed.evaluate import evaluate, selection_metrics
 from recsys_embed.progress import bar as progress_bar
-from recsys_embed.types import Embeddings, Interactions
+from recsys_embed.types import Embeddings, Interactions, check_trainable
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,7 @@ def sample_val_targets(targets: sp.csr_matrix, max_users: int, seed: int) -> sp.
 def _check_inputs(
     train: Interactions, val_targets: sp.csr_matrix | None, ks: Sequence[int], metric: str, name: str
 ) -> list[int]:
-    if train.matrix.nnz == 0:
-        raise ValueError(f"{name}: the train matrix {train.shape} has no interactions; check ingest and split")
-    if val_targets is not None and val_targets.shape != train.shape:
-        raise ValueError(
-            f"{name}: val_targets shape {val_targets.shape} != train matrix shape {train.shape}; "
-            "build the validation targets over the train ID maps"
-        )
+    check_trainable(train, val_targets, name)
     ks_list = sorted({int(k) for k in ks})
     allowed = selection_metrics(ks_list)
     if metric not in allowed:
@@ -284,6 +278,20 @@ def _set_factors(model: Any, gpu: bool, warm: WarmStart) -> None:
         model.user_factors, model.item_factors = warm.user, warm.item
 
 
+def als_model(cfg: ALSConfig, gpu: bool, training_loss: bool | None = None) -> Any:
+    """implicit's ``AlternatingLeastSquares`` as ``cfg`` configures it (``training_loss`` overrides the config's)."""
+    return implicit.als.AlternatingLeastSquares(
+        factors=cfg.factors,
+        regularization=cfg.regularization,
+        alpha=cfg.alpha,
+        iterations=cfg.iterations,
+        use_cg=cfg.use_cg,
+        use_gpu=gpu,
+        calculate_training_loss=cfg.training_loss if training_loss is None else training_loss,
+        random_state=cfg.seed,
+    )
+
+
 def train_als(
     train: Interactions,
     cfg: ALSConfig,
@@ -318,16 +326,7 @@ def train_als(
     """
 
     def make_model(gpu: bool) -> Any:
-        return implicit.als.AlternatingLeastSquares(
-            factors=cfg.factors,
-            regularization=cfg.regularization,
-            alpha=cfg.alpha,
-            iterations=cfg.iterations,
-            use_cg=cfg.use_cg,
-            use_gpu=gpu,
-            calculate_training_loss=cfg.training_loss,
-            random_state=cfg.seed,
-        )
+        return als_model(cfg, gpu)
 
     def signal(loss: float | None) -> dict[str, float]:
         return {} if loss is None else {"train_loss": float(loss)}

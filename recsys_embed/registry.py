@@ -27,7 +27,7 @@ from mlflow.pyfunc.model import PythonModel
 
 from recsys_embed.config import ExportConfig, MlflowSettings, RegistryConfig
 from recsys_embed.errors import RecsysEmbedError
-from recsys_embed.types import Embeddings
+from recsys_embed.types import Candidate, Embeddings
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +126,14 @@ def decide(new_value: float, champion_value: float | None, margin: float) -> tup
 
 def register_best(
     settings: MlflowSettings,
-    model_run_id: str,
-    model: str,
-    embeddings: str,
-    seen: str,
-    metrics: dict[str, float],
+    candidate: Candidate,
     export_cfg: ExportConfig,
     cfg: RegistryConfig,
     primary_metric: str,
-    pipeline_run_id: str,
     rescore: Callable[[Embeddings], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Log the recommender on ``model_run_id``, register a new version, and move ``champion`` or ``challenger``.
+    """Log ``candidate`` as a pyfunc recommender on its model run, register a new version, and move ``champion``
+    or ``challenger``.
 
     With ``rescore`` (``compare.rescore`` bound to this run's split), the champion is evaluated on this run's
     test window and compared on that; without it (or if the champion cannot be loaded) its stored metric is used.
@@ -148,6 +144,7 @@ def register_best(
         ``metric``, ``value``, ``previous_champion`` (version or None), ``uri`` (``models:/name/version``).
     """
     metric = cfg.metric or primary_metric
+    model, model_run_id, metrics = candidate.model, candidate.model_run_id, candidate.metrics
     if metric not in metrics:
         raise RegistryError(f"registry.metric {metric!r} is not among the model's metrics ({sorted(metrics)})")
     value = float(metrics[metric])
@@ -160,7 +157,7 @@ def register_best(
         mlflow.pyfunc.save_model(
             path=str(local),
             python_model=Recommender(),
-            artifacts={"embeddings": embeddings, "seen": seen, "meta": str(meta)},
+            artifacts={"embeddings": candidate.embeddings, "seen": candidate.seen, "meta": str(meta)},
             signature=_signature(cfg.default_k),
             pip_requirements=_requirements(),
         )
@@ -172,7 +169,12 @@ def register_best(
         name,
         source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
         run_id=model_run_id,
-        tags={"metric": metric, "metric_value": repr(value), "model": model, "pipeline_run_id": pipeline_run_id},
+        tags={
+            "metric": metric,
+            "metric_value": repr(value),
+            "model": model,
+            "pipeline_run_id": candidate.pipeline_run_id,
+        },
     )
     champ = _alias_version(client, name, CHAMPION)
     champ_value = None

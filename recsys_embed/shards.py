@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from recsys_embed import faults
-from recsys_embed.ann import iter_search
+from recsys_embed.ann import searcher
 from recsys_embed.config import ExportConfig
 from recsys_embed.errors import RecsysEmbedError
 from recsys_embed.export import (
@@ -209,7 +209,7 @@ def export_topk_shard(
         )
     allow, deny = _item_filters(emb, cfg)
     users = np.arange(shard.start, shard.stop, dtype=np.int64)
-    chunks = iter_search(emb, cfg.k, cfg.search, users=users, seen=seen, chunk_users=cfg.chunk_users,
+    chunks = searcher(cfg.search)(emb, cfg.k, users=users, seen=seen, chunk_users=cfg.chunk_users,
                          allow_items=allow, deny_items=deny)  # fmt: skip
     counted = {"users": 0}
     frames = _table_frames(chunks, emb.users, emb.items, _NAMES, emb.model, run_id, counted)

@@ -55,7 +55,7 @@ from recsys_embed.faults import checkpoint
 from recsys_embed.io import SUCCESS_MARKER, is_complete_table, staged_table, write_json_atomic, write_parquet_atomic
 from recsys_embed.models import OnMetrics, train_model, warm_start_source
 from recsys_embed.store import load_csr, load_embeddings, save_csr, save_embeddings
-from recsys_embed.types import Embeddings, IdMap, Interactions, RowReport
+from recsys_embed.types import Candidate, Embeddings, IdMap, Interactions, RowReport
 
 log = logging.getLogger(__name__)
 
@@ -564,29 +564,24 @@ def run_db_export(
 
 def run_register(
     settings: MlflowSettings,
-    model_run_id: str,
-    model: str,
-    embeddings: str,
-    seen: str,
-    metrics: dict[str, float],
+    candidate: Candidate,
     export_cfg: ExportConfig,
     cfg: RegistryConfig,
-    primary_metric: str,
-    pipeline_run_id: str,
+    eval_cfg: EvalConfig,
     split: Record | None = None,
-    eval_cfg: EvalConfig | None = None,
 ) -> Record:
-    """Register the run's best model (``registry.register_best``); the decision record.
+    """Register the run's best model (``registry.register_best``, judged on ``eval_cfg.primary_metric`` unless
+    ``registry.metric`` names another); the decision record.
 
-    With ``split`` and ``eval_cfg``, the current champion is re-scored on this split's test targets
-    (``compare.rescore``) so that both sides of the champion decision sit the same exam.
+    With ``split``, the current champion is re-scored on this split's test targets (``compare.rescore``) so that
+    both sides of the champion decision sit the same exam.
 
     Not cached: a re-run after a kill registers again (a new version; ``champion`` moves only on a real gain).
     """
     from recsys_embed.registry import register_best
 
     rescore = None
-    if split is not None and eval_cfg is not None and split.get("test_targets"):
+    if split is not None and split.get("test_targets"):
         from recsys_embed.compare import rescore as rescore_on
 
         train, targets = load_csr(split["train"]), load_csr(split["test_targets"])
@@ -595,7 +590,6 @@ def run_register(
         def rescore(emb: Embeddings) -> dict[str, float]:
             return rescore_on(emb, users, items, train, targets, eval_cfg.ks, eval_cfg.batch_users)
 
-    decision = register_best(settings, model_run_id, model, embeddings, seen, metrics, export_cfg, cfg,
-                             primary_metric, pipeline_run_id, rescore)  # fmt: skip
+    decision = register_best(settings, candidate, export_cfg, cfg, eval_cfg.primary_metric, rescore)
     checkpoint("register")  # the version is registered, the run has not finished
     return decision

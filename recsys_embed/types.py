@@ -269,3 +269,36 @@ class Embeddings:
             return (x / np.maximum(n, 1e-12)).astype(np.float32)
 
         return _norm(self.user_vectors), _norm(self.item_vectors)
+
+
+def check_trainable(train: Interactions, val_targets: sp.csr_matrix | None, name: str) -> None:
+    """Raise ``ValueError`` (naming the model and the fix) if ``train`` is empty or ``val_targets`` is not
+    indexed like it. Every model family checks its inputs with this."""
+    if train.matrix.nnz == 0:
+        raise ValueError(f"{name}: the train matrix {train.shape} has no interactions; check ingest and split")
+    if val_targets is not None and val_targets.shape != train.shape:
+        raise ValueError(
+            f"{name}: val_targets shape {val_targets.shape} != train matrix shape {train.shape}; "
+            "build the validation targets over the train ID maps"
+        )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A run's best model as the registry sees it: where its vectors and seen filter are, and how it scored.
+
+    Attributes:
+        model: the model family ("als", "two_tower", ...).
+        model_run_id: its nested MLflow run (the pyfunc is logged there).
+        pipeline_run_id: the parent MLflow run of the pipeline run.
+        embeddings: the saved ``Embeddings`` folder.
+        seen: the train CSR (``.npz``) used as the seen-item filter.
+        metrics: its test metrics (``evaluate``).
+    """
+
+    model: str
+    model_run_id: str
+    pipeline_run_id: str
+    embeddings: str
+    seen: str
+    metrics: dict[str, float]

@@ -13,7 +13,7 @@ from recsys_embed.types import Embeddings, IdMap
 
 faiss = pytest.importorskip("faiss", reason="faiss is the optional [faiss] extra")
 
-from recsys_embed.ann import iter_search, iter_topk_ann, recall_against_exact  # noqa: E402
+from recsys_embed.ann import iter_topk_ann, recall_against_exact, searcher  # noqa: E402
 
 
 def _clustered(n_users: int, n_items: int, d: int = 16, seed: int = 0) -> Embeddings:
@@ -49,7 +49,7 @@ def test_ann_keeps_the_topk_contract(kind: str) -> None:
     emb = _clustered(300, 3000)
     seen = _seen(300, 3000, 30)
     cfg = SearchConfig(kind=kind)  # type: ignore[arg-type]
-    users, items, scores = _all(iter_topk_ann(emb, 20, cfg, seen=seen, chunk_users=128))
+    users, items, scores = _all(iter_topk_ann(emb, 20, seen=seen, chunk_users=128, search=cfg))
     assert np.array_equal(users, np.arange(300)) and items.shape == (300, 20)
     assert (items >= 0).all(), "every user has >= 20 unseen items, so no padding"
     assert not np.isin(np.arange(300)[:, None] * 3000 + items,
@@ -79,7 +79,7 @@ def test_heavy_users_fall_back_to_exact_ranking() -> None:
     seen[7, :380] = 1.0  # user 7 saw 380 of 400 items: exactly 20 are left
     seen = seen.tocsr()
     cfg = SearchConfig(kind="hnsw", max_candidates=40)
-    _, items, _ = _all(iter_topk_ann(emb, 20, cfg, seen=seen))
+    _, items, _ = _all(iter_topk_ann(emb, 20, seen=seen, search=cfg))
     exact = topk(emb, 20, seen=seen)
     assert (items[7] >= 0).all()
     assert sorted(items[7].tolist()) == sorted(exact.items[7].tolist()) == list(range(380, 400))
@@ -89,12 +89,12 @@ def test_exact_kind_is_the_exact_scorer_and_allow_deny_are_respected() -> None:
     emb = _clustered(100, 1000)
     seen = _seen(100, 1000, 5)
     exact = topk(emb, 10, seen=seen)
-    _, items, _ = _all(iter_search(emb, 10, SearchConfig(), seen=seen))
+    _, items, _ = _all(searcher(SearchConfig())(emb, 10, seen=seen))
     assert np.array_equal(items, exact.items)
     allow = np.arange(0, 1000, 2)
     deny = np.array([0, 2, 4])
-    _, items, _ = _all(iter_search(emb, 10, SearchConfig(kind="hnsw"), seen=seen, allow_items=allow,
-                                   deny_items=deny))  # fmt: skip
+    _, items, _ = _all(searcher(SearchConfig(kind="hnsw"))(emb, 10, seen=seen, allow_items=allow,
+                                                       deny_items=deny))  # fmt: skip
     assert (items % 2 == 0).all() and not np.isin(items, deny).any()
 
 

@@ -17,7 +17,6 @@ import logging
 import statistics
 from typing import Any
 
-import implicit.als
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
@@ -26,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from recsys_embed.bench.harness import BenchResult, Measurement, alternate, time_call
 from recsys_embed.bench.matrices import power_law_matrix
 from recsys_embed.config import ALSConfig
-from recsys_embed.mf import train_als, use_gpu_backend
+from recsys_embed.mf import als_model, train_als, use_gpu_backend
 from recsys_embed.types import IdMap, Interactions, RowReport
 
 log = logging.getLogger(__name__)
@@ -71,16 +70,7 @@ def run(size: str = "20m", repeats: int = 3, factors: int = 64, iterations: int 
 
     def raw_fit(loss: bool) -> Any:
         with threadpool_limits(1, "blas"):
-            model = implicit.als.AlternatingLeastSquares(
-                factors=cfg.factors,
-                regularization=cfg.regularization,
-                alpha=cfg.alpha,
-                iterations=cfg.iterations,
-                use_cg=cfg.use_cg,
-                use_gpu=gpu,
-                calculate_training_loss=loss,
-                random_state=cfg.seed,
-            )
+            model = als_model(cfg, gpu, training_loss=loss)  # implicit's own class, the pipeline's settings
             model.fit(m, show_progress=False)
         return model
 

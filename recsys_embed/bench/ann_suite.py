@@ -83,9 +83,9 @@ def run(size: str = "20m", repeats: int = 3) -> list[BenchResult]:
         t0 = time.perf_counter()
         index = build_index(emb.item_vectors, cfg)
         build_s = time.perf_counter() - t0
-        approx_items = _items(iter_topk_ann(emb, K, cfg, seen=seen, index=index))
+        approx_items = _items(iter_topk_ann(emb, K, seen=seen, search=cfg, index=index))
         def approx(cfg: SearchConfig = cfg, index: object = index) -> np.ndarray:
-            return _items(iter_topk_ann(emb, K, cfg, seen=seen, index=index))
+            return _items(iter_topk_ann(emb, K, seen=seen, search=cfg, index=index))
 
         c, b = alternate(approx, lambda: _items(iter_topk(emb, K, seen=seen)), repeats)
         result = BenchResult(

@@ -51,7 +51,7 @@ from recsys_embed.two_tower.encoder import ItemContent, TwoTowerEncoder, warm_st
 from recsys_embed.two_tower.features import TabularSpec, align, hash_tokens
 from recsys_embed.two_tower.module import FeatureTables, TwoTowerModule
 from recsys_embed.two_tower.task import FullCorpusMetrics
-from recsys_embed.types import Embeddings, Interactions
+from recsys_embed.types import Embeddings, Interactions, check_trainable
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,7 @@ def train_two_tower(
         samples_per_second, fit_seconds, temperature, history (one dict per epoch), artifact_dir (the saved
         ``TwoTowerEncoder`` for new users/items), warm_start (bool) and its counts (``warm_start_module``).
     """
-    if train.matrix.nnz == 0:
-        raise ValueError(f"two_tower: the train matrix {train.shape} has no interactions; check ingest and split")
-    if val_targets is not None and val_targets.shape != train.shape:
-        raise ValueError(
-            f"two_tower: val_targets shape {val_targets.shape} != train matrix shape {train.shape}; "
-            "build the validation targets over the train ID maps"
-        )
+    check_trainable(train, val_targets, "two_tower")
     t_start = time.perf_counter()
     pl_.seed_everything(cfg.seed, workers=True, verbose=False)
     accelerator, precision, on_gpu = resolve_hardware(cfg)
