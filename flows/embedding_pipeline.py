@@ -30,10 +30,10 @@ from recsys_embed.config import (
     MlflowSettings,
     ModelsConfig,
     PipelineConfig,
-    RegistryConfig,
     SplitConfig,
     load_config,
     load_mlflow_settings,
+    registered_name,
 )
 from recsys_embed.incremental import commit_state, run_incremental_ingest
 from recsys_embed.io import write_json_atomic
@@ -102,6 +102,39 @@ def evaluate_task(model: dict[str, Any], split: dict[str, Any], cfg: EvalConfig)
     return stages.run_evaluate(model, split, cfg)
 
 
+@task(name="validate", cache_policy=NONE, task_run_name="validate-{model[model]}")
+def validate_task(model: dict[str, Any], split: dict[str, Any], cfg: EvalConfig, out_dir: str) -> dict[str, Any]:
+    return stages.run_validate(model, split, cfg, Path(out_dir))
+
+
+@task(name="refit-data", retries=1, retry_delay_seconds=2, cache_policy=NONE)
+def full_task(
+    ingest: dict[str, Any], ingest_cfg: IngestConfig, split: dict[str, Any], cache_root: str, out_dir: str
+) -> dict[str, Any]:
+    return stages.run_full(ingest, ingest_cfg, split, Path(cache_root), Path(out_dir))
+
+
+@task(name="refit", cache_policy=NONE, task_run_name="refit-{name}")
+def refit_task(
+    name: str,
+    model: dict[str, Any],
+    full: dict[str, Any],
+    models_cfg: ModelsConfig,
+    eval_cfg: EvalConfig,
+    out_dir: str,
+    cache_root: str,
+) -> dict[str, Any]:
+    refit_cfg = stages.refit_models_config(name, models_cfg, model["info"])
+    return stages.run_train(name, full, refit_cfg, eval_cfg, Path(out_dir), cache_root=Path(cache_root))
+
+
+@task(name="serve", cache_policy=NONE, task_run_name="serve-{name}")
+def serve_task(
+    name: str, refit: dict[str, Any], popularity: dict[str, Any], full: dict[str, Any], out_dir: str
+) -> dict[str, Any]:
+    return stages.run_serve(name, refit, popularity, full, Path(out_dir))
+
+
 @task(name="export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE, task_run_name="export-{model[model]}")
 def export_task(
     model: dict[str, Any], split: dict[str, Any], cfg: ExportConfig, out_dir: str, run_id: str
@@ -125,12 +158,20 @@ def log_model_task(
 def register_task(
     settings: MlflowSettings,
     candidate: Candidate,
-    export_cfg: ExportConfig,
-    cfg: RegistryConfig,
-    eval_cfg: EvalConfig,
+    cfg: PipelineConfig,
     split: dict[str, Any],
+    validations: dict[str, dict[str, Any]],
+    work_dir: str,
+    cache_root: str,
 ) -> dict[str, Any]:
-    return stages.run_register(settings, candidate, export_cfg, cfg, eval_cfg, split)
+    return stages.run_register(settings, candidate, cfg.export, cfg.registry, cfg.eval,
+                               registered_name(cfg, settings), split, validations, cfg.models, Path(work_dir),
+                               Path(cache_root))  # fmt: skip
+
+
+@task(name="publish", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
+def publish_task(root: str, export: dict[str, Any], decision: dict[str, Any] | None) -> dict[str, Any]:
+    return stages.run_publish(Path(root), export, decision)
 
 
 @task(name="db-export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
@@ -192,49 +233,98 @@ def _run_pipeline(
         logger.info("row accounting for %s:\n%s", cfg.ingest.source.path, report.format())
         reporting.log_run_inputs(tracker, parent, cfg, ingest, split, git_commit())
 
-        metrics: dict[str, dict[str, float]] = {}
-        exports: dict[str, dict[str, Any]] = {}
+        metrics: dict[str, dict[str, float]] = {}  # test window: reported once per model, never read to choose
+        validations: dict[str, dict[str, Any]] = {}  # validation window: what selection reads
+        models: dict[str, dict[str, Any]] = {}
         model_runs: dict[str, str] = {}
         reused: dict[str, bool] = {}  # model -> trained by an earlier (possibly killed) run, read back here
-        for name in enabled_models(cfg.models):
-            child = tracker.start_run(name, parent_run_id=parent, tags={**scope, "model": name})
-            model_runs[name] = child
-            try:
+        try:
+            for name in enabled_models(cfg.models):
+                child = tracker.start_run(name, parent_run_id=parent, tags={**scope, "model": name})
+                model_runs[name] = child
                 model = train_task(name, split, cfg.models, cfg.eval, str(run_dir / "models"), settings, child,
                                    warm_from, str(root / "cache"))  # fmt: skip
+                models[name] = model
                 reused[name] = bool(model.get("cached"))
+                validations[name] = validate_task(model, split, cfg.eval, str(run_dir / "selection"))
                 metrics[name] = evaluate_task(model, split, cfg.eval)
-                if cluster is None:
-                    exports[name] = export_task(model, split, cfg.export, str(run_dir / "exports"), parent)
-                else:  # top-k in shards on Dask (flows/distributed.py)
-                    exports[name] = run_sharded_export(cluster, model, split, cfg.export, str(run_dir / "exports"),
-                                                       parent)  # fmt: skip
-                exports[name]["embeddings"] = model["embeddings"]
-                exports[name]["info"] = model["info"]
-                log_model_task(settings, child, model, metrics[name], exports[name], split)
-            except BaseException:
+            selection = stages.select_best(validations, cfg.eval)
+            best = selection["best"]
+            shipped = stages.shipped_models(cfg.export.models, best, list(models))
+            logger.info("selection (validation window): %s; shipping %s", selection["reason"], ", ".join(shipped))
+
+            exports: dict[str, dict[str, Any]] = {}
+            full: dict[str, Any] | None = None
+            if cfg.export.refit and shipped:
+                full = full_task(ingest, ingest_cfg, split, str(root / "cache"), str(run_dir / "full"))
+                refits = {
+                    m: refit_task(m, models[m], full, cfg.models, cfg.eval, str(run_dir / "refit"), str(root / "cache"))
+                    for m in ["popularity", *shipped]
+                    if m in models
+                }
+                for m in shipped:
+                    served = serve_task(m, refits[m], refits.get("popularity", {}), full,
+                                        str(run_dir / "served"))  # fmt: skip
+                    seen = {"train": full["history"]}
+                    exports[m] = _export(cluster, served, seen, cfg.export, str(run_dir / "exports"), parent)
+                    exports[m].update(
+                        embeddings=served["embeddings"], model_embeddings=refits[m]["embeddings"],
+                        fit_matrix=full["train"], history=full["history"], info=refits[m]["info"],
+                        fallback_users=served["fallback_users"], model_users=served["model_users"],
+                        trained_on={"window": full["window"], "rows": full["rows"], "fit": "all kept events"},
+                        evaluated_as=_evaluated_as(validations[m], metrics[m], split),
+                    )  # fmt: skip
+            else:  # ship the evaluation fits (export.refit=false)
+                for m in shipped:
+                    exports[m] = _export(cluster, models[m], split, cfg.export, str(run_dir / "exports"), parent)
+                    exports[m].update(embeddings=models[m]["embeddings"], model_embeddings=models[m]["embeddings"],
+                                      fit_matrix=split["train"], history=split["train"],
+                                      info=models[m]["info"], trained_on={"window": None, "fit": "fit window"},
+                                      evaluated_as=_evaluated_as(validations[m], metrics[m], split))  # fmt: skip
+            for name, child in model_runs.items():
+                val = {f"val.{k}": v for k, v in validations[name]["metrics"].items()}
+                logged, logged_split = models[name], split
+                if name in exports and full is not None:  # a shipped model's run carries what is shipped
+                    logged = {**models[name], "embeddings": exports[name]["model_embeddings"]}
+                    logged_split = full
+                log_model_task(settings, child, logged, {**metrics[name], **val}, exports.get(name, {}), logged_split)
+        except BaseException:
+            for child in model_runs.values():
                 tracker.end_run(child, "FAILED")
-                raise
+            raise
+        for child in model_runs.values():
             tracker.end_run(child, "FINISHED")
 
         table = reporting.metrics_frame(metrics)
-        best = reporting.pick_best(metrics, cfg.eval.primary_metric)
         decision: dict[str, Any] | None = None
         database: dict[str, Any] | None = None
-        if best:
+        current: dict[str, Any] | None = None
+        if best and best in exports:
             tracker.set_tags(model_runs[best], {"best_model": "true"})
             tracker.set_tags(parent, {"best_model": best})
             if cfg.registry.enabled:
-                candidate = Candidate(best, model_runs[best], parent, exports[best]["embeddings"], split["train"],
-                                      metrics[best])  # fmt: skip
-                decision = register_task(settings, candidate, cfg.export, cfg.registry, cfg.eval, split)
+                key = stages.run_key(str(ingest.get("fingerprint") or ingest["key"]), cfg.model_dump(mode="json"))
+                recipe_hash, recipe_config = stages.recipe(best, cfg.models)
+                window = exports[best]["trained_on"].get("window") or {}
+                candidate = Candidate(
+                    best, model_runs[best], parent, exports[best]["embeddings"], exports[best]["history"],
+                    {**{f"val_{k}": v for k, v in validations[best]["metrics"].items()},
+                     **{f"test_{k}": v for k, v in metrics[best].items()}},
+                    validations[best]["per_user"], recipe_hash, recipe_config, key,
+                    {"pipeline": cfg.name, "data_fingerprint": str(ingest.get("fingerprint") or ingest["key"]),
+                     "training_window_first": str(window.get("first")), "training_window_last": str(window.get("last")),
+                     "training_rows": str(exports[best]["trained_on"].get("rows"))},
+                )  # fmt: skip
+                decision = register_task(settings, candidate, cfg, split, validations, str(run_dir),
+                                         str(root / "cache"))  # fmt: skip
                 tracker.set_tags(parent, {"champion_decision": f"v{decision['version']} {decision['alias']}: "
                                                                f"{decision['reason']}"})  # fmt: skip
                 logger.info("registry: %s v%s -> %s (%s)", decision["name"], decision["version"],
                             decision["alias"], decision["reason"])  # fmt: skip
+            current = publish_task(str(root), {**exports[best], "run_dir": str(run_dir.resolve())}, decision)
             if cfg.export.database.enabled:
-                version = decision["version"] if decision else None
-                database = db_export_task(exports[best], cfg.export.database, str(root), parent, version)
+                database = db_export_task(current["export"], cfg.export.database, str(root), parent,
+                                          current.get("version"))  # fmt: skip
         manifest: dict[str, Any] = {
             "run_name": run_name,
             "run_dir": str(run_dir.resolve()),
@@ -248,7 +338,10 @@ def _run_pipeline(
             },
             "primary_metric": cfg.eval.primary_metric,
             "best_model": best,
+            "selection": selection,
+            "shipped": shipped,
             "metrics": metrics,
+            "val_metrics": {m: v["metrics"] for m, v in validations.items()},
             "accounting": split["report"],
             "split": split["split"],
             "test_cold_users": split.get("test_cold_users"),
@@ -263,6 +356,7 @@ def _run_pipeline(
                 else None
             ),
             "registry": decision,
+            "current": current,
             "database": database,
         }
         reporting.write_manifest(run_dir / "summary.json", manifest)
@@ -280,3 +374,23 @@ def _run_pipeline(
         raise
     tracker.end_run(parent, "FINISHED")
     return manifest
+
+
+def _export(
+    cluster: DaskCluster | None, model: dict[str, Any], seen: dict[str, Any], cfg: ExportConfig, out_dir: str,
+    run_id: str,
+) -> dict[str, Any]:
+    """One model's top-k and similar-items tables: in this process, or in shards on Dask."""
+    if cluster is None:
+        return export_task(model, seen, cfg, out_dir, run_id)
+    return run_sharded_export(cluster, model, seen, cfg, out_dir, run_id)
+
+
+def _evaluated_as(validation: dict[str, Any], test: dict[str, float], split: dict[str, Any]) -> dict[str, Any]:
+    """The held-out metrics of a shipped table's recipe: they come from the evaluation fit, not from the table."""
+    return {
+        "basis": "evaluation fit of the same recipe (fit window only), scored on the validation and test windows",
+        "split": split["split"],
+        "val": validation["metrics"],
+        "test": test,
+    }

@@ -67,9 +67,10 @@ def recommend_for_user(manifest: dict[str, Any], user: str, k: int, model: str |
     lines = [f"Top {rows.height} for user {user} ({name}):"]
     reasons: dict[Any, list[tuple[Any, float]]] = {}
     if explain:
-        emb = load_embeddings(manifest["exports"][name]["embeddings"])
-        split_dir = Path(manifest["run_dir"]) / "split"
-        reasons = explain_items(emb, load_csr(split_dir / "train.npz"), uid, rows["item_id"].to_list(), manifest)
+        shipped = manifest["exports"][name]
+        emb = load_embeddings(shipped.get("model_embeddings") or shipped["embeddings"])  # the model, not the fallback
+        fit = shipped.get("fit_matrix") or str(Path(manifest["run_dir"]) / "split" / "train.npz")
+        reasons = explain_items(emb, load_csr(fit), uid, rows["item_id"].to_list(), manifest)
     for r in rows.iter_rows(named=True):
         lines.append(f"  {r['rank']:>2}. {r['item_id']!s:<12} {r['score']:8.4f}  {desc.get(str(r['item_id']), '')}")
         for hist_item, contrib in reasons.get(r["item_id"], []):
@@ -82,7 +83,7 @@ def explain_items(
 ) -> dict[Any, list[tuple[Any, float]]]:
     """For each recommended item, the ``top`` history items that contributed most."""
     u = emb.users.lookup(pl.Series([user_id]))[0]
-    if u is None:
+    if u is None or u >= seen.shape[0]:  # a fallback user: popularity, nothing in their history to point at
         return {}
     row = seen[int(u)]
     hist = row.indices

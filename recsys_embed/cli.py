@@ -59,14 +59,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     ks = sorted({int(k.rsplit("_", 1)[1]) for m in manifest["metrics"].values() for k in m if "_at_" in k})
     print(f"\nRow accounting ({manifest['config']}):")
     print(report.format())
-    print(f"\nTest metrics (warm users; {manifest['test_cold_users'] or 0:,} cold test users reported apart):")
+    split = manifest["split"]
+    print(f"\nSplit: {split.get('rule', split.get('method'))}")
+    print("\nValidation metrics (what selection reads; warm users):")
+    print(format_metrics(metrics_table(manifest["val_metrics"]), ks))
+    print(f"\nTest metrics (reported once, never used to choose; {manifest['test_cold_users'] or 0:,} cold test "
+          "users reported apart):")  # fmt: skip
     print(format_metrics(metrics_table(manifest["metrics"]), ks))
-    print(f"\nBest model by {manifest['primary_metric']}: {manifest['best_model']}")
-    print("\nExports:")
+    print(f"\nBest model: {manifest['best_model']} ({(manifest.get('selection') or {}).get('reason')})")
+    print("\nShipped tables (refit on every kept event):" if any(
+        (e.get("trained_on") or {}).get("fit") == "all kept events" for e in manifest["exports"].values()
+    ) else "\nShipped tables (evaluation fits):")  # fmt: skip
     for m, e in manifest["exports"].items():
-        print(f"  {m:<12} top-k   {e['topk']}  ({e['topk_rows']:,} rows)")
+        print(f"  {m:<12} top-k   {e['topk']}  ({e['topk_rows']:,} rows, {e.get('topk_users', 0):,} users, "
+              f"{e.get('fallback_users', 0):,} from the popularity fallback)")  # fmt: skip
         if e.get("similar_items"):
             print(f"  {'':<12} similar {e['similar_items']}")
+    cur = manifest.get("current")
+    if cur:
+        print(f"  champion tables: {cur['current']} -> {cur['model']}"
+              f"{' v' + str(cur['version']) if cur.get('version') else ''} ({cur['champion_file']})")  # fmt: skip
     reg = manifest.get("registry")
     if reg:
         print(f"\nRegistry: {reg['name']} v{reg['version']} -> {reg['alias']} ({reg['metric']} {reg['reason']})")
@@ -143,14 +155,15 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from recsys_embed.answer import recommend_for_user
 
     if args.from_registry:
-        from recsys_embed.config import load_mlflow_settings
+        from recsys_embed.config import load_config, load_mlflow_settings, registered_name
         from recsys_embed.registry import recommend
 
         settings = load_mlflow_settings(args.mlflow_config)
-        out = recommend(settings, [args.user], args.k, args.alias).iloc[0]
+        name = registered_name(load_config(args.config, args.overrides), settings)  # this pipeline's model
+        out = recommend(settings, [args.user], args.k, args.alias, name).iloc[0]
         if not len(out["item_ids"]):
-            raise RecsysEmbedError(f"user {args.user!r} is unknown to {settings.registered_model_name}@{args.alias}")
-        print(f"Top {len(out['item_ids'])} for user {args.user} ({settings.registered_model_name}@{args.alias}):")
+            raise RecsysEmbedError(f"user {args.user!r} is unknown to {name}@{args.alias}")
+        print(f"Top {len(out['item_ids'])} for user {args.user} ({name}@{args.alias}):")
         for rank, (item, score) in enumerate(zip(out["item_ids"], out["scores"], strict=True), 1):
             print(f"  {rank:>2}. {item!s:<12} {score:8.4f}")
         return 0

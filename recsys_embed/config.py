@@ -136,7 +136,13 @@ class IngestConfig(_Strict):
 class SplitConfig(_Strict):
     # temporal: one global cutoff (by date or quantile of time); last_n / last_fraction: per user;
     # random: seeded per-user split for logs without time.
-    method: Literal["temporal", "last_n", "last_fraction", "random"] = "temporal"
+    # auto (default): temporal, unless its validation or test window holds fewer than ``min_eval_users`` warm
+    # users, then last_n per user (every user with enough history is evaluated); the manifest records the rule used.
+    method: Literal["auto", "temporal", "last_n", "last_fraction", "random"] = "auto"
+    # Warm users a validation/test window needs for a stable choice: with a few dozen users the NDCG@20 of two
+    # models differs by more than the gap between them (its standard error is about 0.3 / sqrt(users)), so a
+    # pick made on them is noise. Below it, auto switches to last_n; an explicit method warns with the count.
+    min_eval_users: int = Field(default=300, ge=1)
     # Temporal cutoff: an explicit date wins over the quantile.
     cutoff: datetime | None = None
     # 0.8: the last 20% of the log's time span of events is held out, a common offline protocol.
@@ -318,6 +324,10 @@ class EvalConfig(_Strict):
     primary_metric: str = "ndcg_at_20"
     # Users scored per chunk during evaluation.
     batch_users: int = Field(default=4096, ge=1)
+    # Selection reads the validation window only. Models whose validation metric is within this many paired
+    # standard errors (over validation users) of the leader's count as tied, and the simplest of them wins
+    # (popularity < ease < als < bpr < two_tower): a gain inside the noise does not buy a more complex model.
+    tie_se: float = Field(default=1.0, ge=0.0)
 
     @field_validator("ks")
     @classmethod
@@ -385,6 +395,13 @@ class ExportConfig(_Strict):
     deny_items: list[str] = Field(default_factory=list)
     database: DatabaseExportConfig = Field(default_factory=DatabaseExportConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    # The models whose tables are shipped ("best" = the one selection picked on validation; model names; "all").
+    # Popularity is the fallback for users the model cannot serve, so it ships beside the best by default.
+    models: list[str] = Field(default_factory=lambda: ["best", "popularity"])
+    # Refit each shipped model on every kept event (fit + validation + test windows) with its selected
+    # hyperparameters and iteration count before exporting: evaluation stays leakage-safe, and what users consume
+    # has seen the whole log (the evaluation fit misses its last ~28%). false ships the evaluation fits.
+    refit: bool = True
 
 
 class RegistryConfig(_Strict):
@@ -394,11 +411,19 @@ class RegistryConfig(_Strict):
     enabled: bool = True
     # The metric that decides champion vs challenger; None: ``eval.primary_metric``.
     metric: str | None = None
-    # The new model becomes champion only when metric > champion's metric + margin. 0.0: any strict gain,
-    # so an identical rerun never churns the alias; raise it (e.g. 0.002) to demand a meaningful gain.
+    # Minimum gain of a challenger with another recipe over the champion's recipe (same fit window, same
+    # validation window). The same recipe refitted on newer data always replaces the champion (it was judged
+    # equal, and it has seen more); an identical re-run (same data fingerprint and config) registers nothing.
     margin: float = Field(default=0.0, ge=0.0)
     # k of the recommender's answers when the caller passes none (the export's k is the usual choice).
     default_k: int = Field(default=20, ge=1)
+    # The registered model's name. None: ``<mlflow.yml registered_model_name>-<pipeline name>``, so two pipelines
+    # on one MLflow store never touch each other's versions or champion.
+    name: str | None = None
+    # A challenger with another recipe must beat the champion's recipe (both fitted on this run's fit window,
+    # scored on its validation window) by more than ``margin`` and by ``z`` paired standard errors over users:
+    # 1.64 is a one-sided 95% test, so noise alone moves the alias about one run in twenty.
+    z: float = Field(default=1.64, ge=0.0)
 
 
 class ScheduleConfig(_Strict):
@@ -578,3 +603,8 @@ def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str,
         else:
             out[key] = v
     return out
+
+
+def registered_name(cfg: PipelineConfig, settings: MlflowSettings) -> str:
+    """The pipeline's registered model: ``registry.name``, else ``<registered_model_name>-<name>``."""
+    return cfg.registry.name or f"{settings.registered_model_name}-{cfg.name}"

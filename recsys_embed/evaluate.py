@@ -94,6 +94,19 @@ def evaluate(
     item_popularity: np.ndarray | None = None,
     batch_users: int = 4096,
 ) -> dict[str, float]:
+    """Ranking metrics of ``emb`` on held-out ``targets``: ``evaluate_users`` without the per-user values."""
+    return evaluate_users(emb, seen, targets, ks, item_popularity, batch_users)[0]
+
+
+def evaluate_users(
+    emb: Embeddings,
+    seen: sp.csr_matrix,
+    targets: sp.csr_matrix,
+    ks: Sequence[int],
+    item_popularity: np.ndarray | None = None,
+    batch_users: int = 4096,
+    per_user: Sequence[str] = (),
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Ranking metrics of ``emb`` on held-out ``targets`` (definitions in the module docstring).
 
     Args:
@@ -105,9 +118,13 @@ def evaluate(
         item_popularity: (n_items,) train interaction counts per item; enables ``popularity_bias_at_k``.
         batch_users: users scored per chunk (memory ``batch_users x n_items x 4`` bytes).
 
+        per_user: per-user metrics to return as well (e.g. ``["ndcg_at_20"]``), for standard errors and paired
+            comparisons (``recsys_embed.selection``).
+
     Returns:
-        ``{"recall_at_10": ..., ..., "n_users_evaluated": n}`` (floats). With no evaluable user every
-        metric is NaN and ``n_users_evaluated`` is 0.
+        ``({"recall_at_10": ..., ..., "n_users_evaluated": n}, {metric: (n,) float64})``: the means (floats; with
+        no evaluable user every metric is NaN and ``n_users_evaluated`` is 0), and for each ``per_user`` metric
+        its value for every evaluated user, in ascending user index (the users with a target).
     """
     n_users, n_items = len(emb.users), len(emb.items)
     ks = sorted({int(k) for k in ks})
@@ -131,6 +148,12 @@ def evaluate(
     idcg = np.concatenate([[0.0], np.cumsum(discount)])
     ranks = np.arange(1, kmax + 1, dtype=np.float64)
 
+    wanted = set(per_user)
+    for name in wanted:
+        base, _, cut = name.rpartition("_at_")
+        if base not in _PER_USER or not cut.isdigit() or int(cut) not in ks:
+            raise ValueError(f"per_user metric {name!r} is not a per-user metric at one of ks={ks}")
+    values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
     sums = {(m, k): 0.0 for m in _PER_USER for k in ks}
     recommended = {k: np.zeros(n_items, dtype=bool) for k in ks}
     pct = popularity_percentile(item_popularity) if item_popularity is not None else None
@@ -152,13 +175,19 @@ def evaluate(
             kk = min(k, k_eff)
             denom = np.minimum(n_t, k)
             n_hit = cum_hits[:, kk - 1] if kk else np.zeros(len(n_t))
-            sums["recall", k] += float((n_hit / denom).sum())
-            sums["precision", k] += float(n_hit.sum() / k)
-            sums["ndcg", k] += float((dcg_terms[:, :kk].sum(axis=1) / idcg[denom.astype(np.int64)]).sum())
-            sums["map", k] += float((ap_terms[:, :kk].sum(axis=1) / denom).sum())
             in_k = first < kk
-            sums["mrr", k] += float((1.0 / (first[in_k] + 1.0)).sum())
-            sums["hit_rate", k] += float(in_k.sum())
+            user_values = {
+                "recall": n_hit / denom,
+                "precision": n_hit / k,
+                "ndcg": dcg_terms[:, :kk].sum(axis=1) / idcg[denom.astype(np.int64)],
+                "map": ap_terms[:, :kk].sum(axis=1) / denom,
+                "mrr": np.where(in_k, 1.0 / (first + 1.0), 0.0),
+                "hit_rate": in_k.astype(np.float64),
+            }
+            for m, v in user_values.items():
+                sums[m, k] += float(v.sum())
+                if f"{m}_at_{k}" in wanted:
+                    values[f"{m}_at_{k}"].append(v)
             rec = items[:, :kk]
             rec = rec[rec >= 0]
             recommended[k][rec] = True
@@ -175,7 +204,7 @@ def evaluate(
         if pct is not None:
             out[f"popularity_bias_at_{k}"] = pop_sum[k] / pop_n[k] if pop_n[k] else float("nan")
     out["n_users_evaluated"] = float(n_eval)
-    return out
+    return out, {name: np.concatenate(v) if v else np.zeros(0) for name, v in values.items()}
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> pl.DataFrame:

@@ -7,7 +7,9 @@ chunk plus one part file (``ExportConfig.rows_per_file`` rows), not by the numbe
 
 Tables (one row per recommendation, original IDs in their original dtype):
 
-- ``topk``: ``user_id``, ``rank`` (Int32, 1..k), ``item_id``, ``score`` (Float32), ``model``, ``run_id``.
+- ``topk``: ``user_id``, ``rank`` (Int32, 1..k), ``item_id``, ``score`` (Float32), ``source`` ("model", or
+  "fallback" for a user the model cannot serve: the popularity ranking, ``recsys_embed.coverage``), ``model``,
+  ``run_id``.
 - ``similar_items``: ``item_id``, ``rank``, ``similar_item_id``, ``score`` (cosine), ``model``, ``run_id``.
 
 A user (or item) with fewer than k admissible items (most of the catalog already seen, a short allow list)
@@ -31,6 +33,7 @@ import scipy.sparse as sp
 
 from recsys_embed.ann import searcher
 from recsys_embed.config import ExportConfig
+from recsys_embed.coverage import fallback_mask
 from recsys_embed.errors import DataWarning
 from recsys_embed.io import (
     SUCCESS_MARKER,
@@ -186,21 +189,30 @@ def _write_table(
     return files, writer.rows
 
 
-def _rows_of(chunk: TopK, emb_rows: IdMap, emb_items: IdMap, names: tuple[str, str]) -> tuple[pl.DataFrame, int]:
-    """One chunk as table rows (original IDs) plus the number of rows (users) that got at least one item."""
+SOURCES = ("model", "fallback")
+
+
+def _rows_of(
+    chunk: TopK, emb_rows: IdMap, emb_items: IdMap, names: tuple[str, str], fallback: np.ndarray | None = None
+) -> tuple[pl.DataFrame, int]:
+    """One chunk as table rows (original IDs) plus the number of rows (users) that got at least one item.
+
+    With ``fallback`` (bool per row index) the rows get a ``source`` column: "fallback" or "model".
+    """
     n, k = chunk.items.shape
     ok = chunk.items >= 0
     flat_ok = ok.ravel()
     row_idx = np.repeat(chunk.users, k)[flat_ok]
-    frame = pl.DataFrame(
-        [
-            emb_rows.decode(row_idx).rename(names[0]),
-            pl.Series("rank", np.tile(np.arange(1, k + 1, dtype=np.int32), n)[flat_ok], dtype=pl.Int32),
-            emb_items.decode(chunk.items.ravel()[flat_ok]).rename(names[1]),
-            pl.Series("score", chunk.scores.ravel()[flat_ok], dtype=pl.Float32),
-        ]
-    )
-    return frame, int(ok[:, 0].sum())  # valid slots come first, so slot 0 tells whether a row has any
+    columns = [
+        emb_rows.decode(row_idx).rename(names[0]),
+        pl.Series("rank", np.tile(np.arange(1, k + 1, dtype=np.int32), n)[flat_ok], dtype=pl.Int32),
+        emb_items.decode(chunk.items.ravel()[flat_ok]).rename(names[1]),
+        pl.Series("score", chunk.scores.ravel()[flat_ok], dtype=pl.Float32),
+    ]
+    if fallback is not None:
+        codes = fallback[row_idx].astype(np.uint32)
+        columns.append(pl.Series("source", codes).replace_strict(range(len(SOURCES)), SOURCES, return_dtype=pl.String))
+    return pl.DataFrame(columns), int(ok[:, 0].sum())  # valid slots come first: slot 0 tells whether a row has any
 
 
 def _table_frames(
@@ -211,21 +223,29 @@ def _table_frames(
     model: str,
     run_id: str,
     counted: dict[str, int],
+    fallback: np.ndarray | None = None,
 ) -> Iterator[pl.DataFrame]:
     """The table rows of each scored chunk; adds the rows (users) with at least one item to ``counted["users"]``."""
     for chunk in chunks:
-        frame, n_users = _rows_of(chunk, rows_map, items_map, names)
+        frame, n_users = _rows_of(chunk, rows_map, items_map, names, fallback)
         counted["users"] += n_users
         yield frame.with_columns(pl.lit(model, dtype=pl.String).alias("model"),
                                  pl.lit(run_id, dtype=pl.String).alias("run_id"))  # fmt: skip
 
 
-def _table_schema(rows_map: IdMap, items_map: IdMap, names: tuple[str, str]) -> pl.Schema:
+def _table_schema(rows_map: IdMap, items_map: IdMap, names: tuple[str, str], source: bool = False) -> pl.Schema:
     columns: list[tuple[str, pl.DataType]] = [
         (names[0], rows_map.dtype), ("rank", pl.Int32()), (names[1], items_map.dtype), ("score", pl.Float32()),
-        ("model", pl.String()), ("run_id", pl.String()),
+        *([("source", pl.String())] if source else []), ("model", pl.String()), ("run_id", pl.String()),
     ]  # fmt: skip
     return pl.Schema(columns)
+
+
+def user_sources(emb: Embeddings) -> np.ndarray:
+    """(n_users,) bool, True for users served by the popularity fallback (``coverage.fallback_mask``; all False
+    for embeddings without a fallback): the top-k table's ``source`` column."""
+    mask = fallback_mask(emb)
+    return np.zeros(len(emb.users), dtype=bool) if mask is None else mask
 
 
 def _export(
@@ -239,13 +259,14 @@ def _export(
     target: Path,
     t0: float,
     n_rows: int = 0,
+    fallback: np.ndarray | None = None,
 ) -> ExportResult:
     counted = {"users": 0}
     n_chunks = -(-n_rows // cfg.chunk_users) if n_rows else None  # the scorer yields chunk_users rows at a time
     # closing(): a failed write ends the progress bar at once, not when the generator is collected
     with contextlib.closing(track(chunks, f"export {target.name} ({model})", n_chunks, "chunks")) as tracked:
-        frames = _table_frames(tracked, rows_map, items_map, names, model, run_id, counted)
-        schema = _table_schema(rows_map, items_map, names)
+        frames = _table_frames(tracked, rows_map, items_map, names, model, run_id, counted, fallback)
+        schema = _table_schema(rows_map, items_map, names, source=fallback is not None)
         files, rows = _write_table(frames, schema, target, cfg.rows_per_file, cfg.write_csv)
     return ExportResult(path=str(target), rows=rows, users=counted["users"], files=files,
                         seconds=time.perf_counter() - t0)  # fmt: skip
@@ -275,7 +296,8 @@ def export_topk(
 
     Returns:
         ``ExportResult``. Columns: ``user_id`` (original dtype), ``rank`` Int32 1..k, ``item_id`` (original dtype),
-        ``score`` Float32 (non-increasing with rank), ``model``, ``run_id``. A user with fewer than k admissible
+        ``score`` Float32 (non-increasing with rank), ``source`` (model | fallback), ``model``, ``run_id``.
+        A user with fewer than k admissible
         items has fewer rows; a user with none has no rows.
     """
     t0 = time.perf_counter()
@@ -289,7 +311,7 @@ def export_topk(
     n_users = len(emb.users) if users is None else len(users)
     log.info("export: %s top-%d for %d users of model %s", name, cfg.k, n_users, emb.model)
     return _export(chunks, emb.users, emb.items, ("user_id", "item_id"), emb.model, run_id, cfg,
-                   inside(out_dir, name), t0, n_users)  # fmt: skip
+                   inside(out_dir, name), t0, n_users, user_sources(emb))  # fmt: skip
 
 
 def export_similar_items(

@@ -16,6 +16,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from mlflow.pyfunc.model import PythonModel
 
 from recsys_embed.config import ExportConfig, MlflowSettings, RegistryConfig
 from recsys_embed.errors import RecsysEmbedError
-from recsys_embed.types import Candidate, Embeddings
+from recsys_embed.types import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -124,32 +125,143 @@ def decide(new_value: float, champion_value: float | None, margin: float) -> tup
     return False, f"{new_value:.4f} does not beat the champion's {champion_value:.4f} by more than {margin:g}"
 
 
+@dataclass(frozen=True)
+class ChampionScore:
+    """The champion's recipe as this run judged it: fitted on this run's fit window, scored on its validation
+    window (``per_user`` over the same users as the candidate's), never on events it was trained on."""
+
+    value: float
+    per_user: np.ndarray | None
+    basis: str
+
+
+def decide_paired(
+    new: np.ndarray, champion: np.ndarray, margin: float, z: float
+) -> tuple[bool, str, dict[str, float]]:
+    """(promote?, why, stats) for two per-user metric arrays over the same validation users.
+
+    Promote when the mean gain exceeds ``margin`` and ``z`` paired standard errors (a one-sided paired test).
+    """
+    from recsys_embed.selection import paired_se
+
+    gain = float(np.mean(new) - np.mean(champion)) if new.size else 0.0
+    se = paired_se(new, champion)
+    stats = {"gain": gain, "se": se, "users": float(new.size)}
+    need = max(margin, z * se if se == se else 0.0)
+    if gain > need:
+        return True, f"gains {gain:+.4f} over the champion's recipe ({gain / se:.1f} paired SE over {new.size:,} " \
+                     f"users; needs > {need:.4f})", stats  # fmt: skip
+    return False, f"gains {gain:+.4f} over the champion's recipe, within the noise or margin (needs > {need:.4f}: " \
+                  f"margin {margin:g}, {z:g} paired SE = {z * se:.4f} over {new.size:,} users)", stats  # fmt: skip
+
+
+def _existing_version(client: Any, name: str, run_key: str) -> Any | None:
+    """The version already registered for this data fingerprint and config (an identical re-run), or None."""
+    if not run_key:
+        return None
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("run_key") == run_key:
+            return mv
+    return None
+
+
 def register_best(
     settings: MlflowSettings,
     candidate: Candidate,
     export_cfg: ExportConfig,
     cfg: RegistryConfig,
     primary_metric: str,
-    rescore: Callable[[Embeddings], dict[str, float]] | None = None,
+    judge: Callable[[dict[str, str]], ChampionScore | None] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Log ``candidate`` as a pyfunc recommender on its model run, register a new version, and move ``champion``
-    or ``challenger``.
+    """Register ``candidate`` under ``name`` (one registered model per pipeline) and move ``champion`` or
+    ``challenger``: honestly, without leakage, without churn.
 
-    With ``rescore`` (``compare.rescore`` bound to this run's split), the champion is evaluated on this run's
-    test window and compared on that; without it (or if the champion cannot be loaded) its stored metric is used.
-    The decision says which (``champion_basis``).
+    - An identical re-run (same ``run_key``: data fingerprint + config) registers nothing and says which version
+      already holds it.
+    - The same recipe as the champion's (refit on newer data) replaces it: it was judged equal and has seen more.
+    - Another recipe must beat the champion's recipe on this run's validation window, both fitted on this run's
+      fit window (``judge``: the champion version's tags -> its ``ChampionScore``), by more than ``cfg.margin``
+      and ``cfg.z`` paired standard errors. The champion model itself (fitted on everything up to its own run)
+      is never scored: every window this run could score it on, it has seen.
+    - Without a usable judge the stored validation metrics of the two runs are compared, and the decision says
+      that basis.
 
     Returns:
-        The decision record: ``name``, ``version``, ``alias`` (champion | challenger), ``promoted``, ``reason``,
-        ``metric``, ``value``, ``previous_champion`` (version or None), ``uri`` (``models:/name/version``).
+        The decision record: ``name``, ``version``, ``alias``, ``promoted``, ``registered``, ``reason``, ``metric``,
+        ``value``, ``margin``, ``previous_champion``, ``champion_value``, ``champion_basis``, ``uri``.
     """
     metric = cfg.metric or primary_metric
-    model, model_run_id, metrics = candidate.model, candidate.model_run_id, candidate.metrics
-    if metric not in metrics:
-        raise RegistryError(f"registry.metric {metric!r} is not among the model's metrics ({sorted(metrics)})")
-    value = float(metrics[metric])
+    val_metric = f"val_{metric}"
+    if val_metric not in candidate.metrics:
+        raise RegistryError(
+            f"registry.metric {metric!r} has no validation value among the model's metrics "
+            f"({sorted(candidate.metrics)}); choose a metric eval.ks produces"
+        )
+    value = float(candidate.metrics[val_metric])
     client = _client(settings)
-    name = settings.registered_model_name
+    name = name or settings.registered_model_name
+    champ = _alias_version(client, name, CHAMPION)
+    same = _existing_version(client, name, candidate.run_key)
+    if same is not None:
+        alias = CHAMPION if champ is not None and str(champ.version) == str(same.version) else CHALLENGER
+        reason = f"unchanged: v{same.version} already holds this data fingerprint and config; nothing registered"
+        log.info("registry: %s %s", name, reason)
+        return {"name": name, "version": str(same.version), "alias": alias, "promoted": False, "registered": False,
+                "reason": reason, "metric": metric, "value": value, "margin": cfg.margin,
+                "previous_champion": str(champ.version) if champ is not None else None, "champion_value": None,
+                "champion_basis": None, "uri": f"models:/{name}/{same.version}"}  # fmt: skip
+
+    mv = _log_version(client, name, candidate, export_cfg, cfg, metric, value)
+    champ_value: float | None = None
+    basis: str | None = None
+    stats: dict[str, float] = {}
+    if champ is None:
+        promote, reason = True, "no champion yet"
+    elif candidate.recipe and champ.tags.get("recipe") == candidate.recipe:
+        promote = True
+        reason = f"same recipe as champion v{champ.version} ({champ.tags.get('model')}), refit on newer data"
+        basis = "same recipe"
+    else:
+        score = judge(dict(champ.tags)) if judge is not None else None
+        mine = np.load(candidate.val_per_user) if candidate.val_per_user else None
+        if score is not None and score.per_user is not None and mine is not None and mine.shape == score.per_user.shape:
+            champ_value, basis = score.value, score.basis
+            promote, reason, stats = decide_paired(mine, score.per_user, cfg.margin, cfg.z)
+        else:
+            stored = champ.tags.get("metric_value") if champ.tags.get("metric") == metric else None
+            champ_value = float(stored) if stored is not None else None
+            basis = "stored validation metric of its own run (another window: a weaker comparison)"
+            promote, reason = decide(value, champ_value, cfg.margin)
+        reason = f"{reason} (champion v{champ.version} {champ.tags.get('model')}: {basis})"
+    alias = CHAMPION if promote else CHALLENGER
+    client.set_registered_model_alias(name, alias, mv.version)
+    client.set_model_version_tag(name, mv.version, "decision", reason)
+    decision = {
+        "name": name,
+        "version": str(mv.version),
+        "alias": alias,
+        "promoted": promote,
+        "registered": True,
+        "reason": reason,
+        "metric": metric,
+        "value": value,
+        "margin": cfg.margin,
+        "previous_champion": str(champ.version) if champ is not None else None,
+        "champion_value": champ_value,
+        "champion_basis": basis,
+        "paired": stats or None,
+        "uri": f"models:/{name}/{mv.version}",
+    }
+    log.info("registry: %s v%s is %s (%s)", name, mv.version, alias, reason)
+    return decision
+
+
+def _log_version(
+    client: Any, name: str, candidate: Candidate, export_cfg: ExportConfig, cfg: RegistryConfig, metric: str,
+    value: float,
+) -> Any:
+    """Log ``candidate`` as a pyfunc recommender on its model run and register it as a new version of ``name``."""
     with tempfile.TemporaryDirectory(prefix="recsys-pyfunc-") as tmp:
         meta = Path(tmp) / "meta.json"
         meta.write_text(json.dumps({"export": export_cfg.model_dump(mode="json"), "default_k": cfg.default_k}))
@@ -161,77 +273,46 @@ def register_best(
             signature=_signature(cfg.default_k),
             pip_requirements=_requirements(),
         )
-        client.log_artifacts(model_run_id, str(local), ARTIFACT_PATH)
+        client.log_artifacts(candidate.model_run_id, str(local), ARTIFACT_PATH)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="recsys-embed top-k recommender (pyfunc)")
-    run = client.get_run(model_run_id)
-    mv = client.create_model_version(
-        name,
-        source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
-        run_id=model_run_id,
-        tags={
-            "metric": metric,
-            "metric_value": repr(value),
-            "model": model,
-            "pipeline_run_id": candidate.pipeline_run_id,
-        },
-    )
-    champ = _alias_version(client, name, CHAMPION)
-    champ_value = None
-    basis = None
-    if champ is not None and rescore is not None:
-        try:
-            champ_emb = mlflow.pyfunc.load_model(f"models:/{name}/{champ.version}").unwrap_python_model().emb
-            champ_value = float(rescore(champ_emb)[metric])
-            basis = "re-scored on this run's test window"
-        except Exception as e:  # an unloadable old version must not block registering the new one
-            log.warning("registry: champion v%s could not be re-scored on this split (%s); comparing with its "
-                        "stored %s", champ.version, str(e).splitlines()[0], metric)  # fmt: skip
-    if champ is not None and basis is None:
-        if champ.tags.get("metric") == metric and "metric_value" in champ.tags:
-            champ_value = float(champ.tags["metric_value"])
-            basis = "stored metric from its own run's test window"
-        else:
-            log.warning("registry: champion v%s has no %s tag; the new version is compared as if none",
-                        champ.version, metric)  # fmt: skip
-    promote, reason = decide(value, champ_value, cfg.margin)
-    if basis is not None:
-        reason = f"{reason} (champion v{champ.version} {basis})"  # type: ignore[union-attr]
-    alias = CHAMPION if promote else CHALLENGER
-    client.set_registered_model_alias(name, alias, mv.version)
-    client.set_model_version_tag(name, mv.version, "decision", reason)
-    decision = {
-        "name": name,
-        "version": str(mv.version),
-        "alias": alias,
-        "promoted": promote,
-        "reason": reason,
+    run = client.get_run(candidate.model_run_id)
+    tags = {
+        **candidate.tags,
         "metric": metric,
-        "value": value,
-        "margin": cfg.margin,
-        "previous_champion": str(champ.version) if champ is not None else None,
-        "champion_value": champ_value,
-        "champion_basis": basis,
-        "uri": f"models:/{name}/{mv.version}",
+        "metric_value": repr(value),
+        "metric_basis": "validation window of its run (evaluation fit)",
+        "model": candidate.model,
+        "pipeline_run_id": candidate.pipeline_run_id,
+        "recipe": candidate.recipe,
+        "recipe_config": candidate.recipe_config[:4900],
+        "run_key": candidate.run_key,
     }
-    log.info("registry: %s v%s is %s (%s)", name, mv.version, alias, reason)
-    return decision
+    test_value = candidate.metrics.get(f"test_{metric}")
+    if test_value is not None:
+        tags["test_metric_value"] = repr(float(test_value))
+    return client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
+                                       run_id=candidate.model_run_id, tags=tags)  # fmt: skip
 
 
-def load_recommender(settings: MlflowSettings, alias: str = CHAMPION) -> Any:
-    """The pyfunc model behind ``models:/<registered_model_name>@<alias>``."""
+def load_recommender(settings: MlflowSettings, alias: str = CHAMPION, name: str | None = None) -> Any:
+    """The pyfunc model behind ``models:/<name>@<alias>`` (``name``: the pipeline's registered model)."""
     from mlflow.exceptions import MlflowException
 
     _client(settings)
-    uri = f"models:/{settings.registered_model_name}@{alias}"
+    uri = f"models:/{name or settings.registered_model_name}@{alias}"
     try:
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as e:
         raise RegistryError(
-            f"cannot load {uri}: {str(e).splitlines()[0]}; run `recsys-embed run` first (registry.enabled=true)"
+            f"cannot load {uri}: {str(e).splitlines()[0]}; run `recsys-embed run` for this config first "
+            "(registry.enabled=true)"
         ) from None
 
 
-def recommend(settings: MlflowSettings, users: list[str], k: int, alias: str = CHAMPION) -> pd.DataFrame:
+def recommend(
+    settings: MlflowSettings, users: list[str], k: int, alias: str = CHAMPION, name: str | None = None
+) -> pd.DataFrame:
     """Top-k for ``users`` from the registered model under ``alias``."""
-    return pd.DataFrame(load_recommender(settings, alias).predict(pd.DataFrame({"user_id": users}), params={"k": k}))
+    model = load_recommender(settings, alias, name)
+    return pd.DataFrame(model.predict(pd.DataFrame({"user_id": users}), params={"k": k}))

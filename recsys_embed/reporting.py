@@ -131,11 +131,6 @@ def _log_fig(tracker: Tracker, run_id: str, fig: Any, name: str) -> None:
         plots.close(fig)
 
 
-def pick_best(metrics: dict[str, dict[str, float]], primary: str) -> str | None:
-    scored = {m: v[primary] for m, v in metrics.items() if primary in v}
-    return max(scored, key=lambda m: scored[m]) if scored else None
-
-
 def metrics_frame(metrics: dict[str, dict[str, float]]) -> pl.DataFrame:
     from recsys_embed.evaluate import metrics_table
 
@@ -170,9 +165,11 @@ def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int
     for row in table.select(cols).iter_rows():
         cells = [str(row[0])] + [f"{v:.4f}" for v in row[1:]]
         lines.append("| " + " | ".join(cells) + " |")
+    sel = manifest.get("selection") or {}
     lines += [
         "",
-        f"Best model by `{manifest['primary_metric']}`: **{manifest['best_model']}**",
+        f"Best model by validation `{manifest['primary_metric']}`: **{manifest['best_model']}** "
+        f"({sel.get('reason', 'no selection')}). Test metrics are reported, never used to choose.",
         "",
         "## Row accounting",
         "",
@@ -187,9 +184,19 @@ def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int
         lines.append(f"| quarantined: {k} | {v:,} |")
     for k, v in rep["filtered"].items():
         lines.append(f"| filtered: {k} | {v:,} |")
-    lines += ["", "## Exports", ""]
+    lines += ["", "## Shipped tables", ""]
     for m, e in manifest["exports"].items():
-        lines.append(f"- {m}: `{e.get('topk')}` ({e.get('topk_rows', 0):,} rows)")
+        on = e.get("trained_on") or {}
+        window = on.get("window") or {}
+        lines.append(
+            f"- {m}: `{e.get('topk')}` ({e.get('topk_rows', 0):,} rows for {e.get('topk_users', 0):,} users, "
+            f"{e.get('fallback_users', 0):,} from the popularity fallback); fitted on {on.get('fit')}"
+            + (f" ({on.get('rows', 0):,} events, {window.get('first')} .. {window.get('last')})" if window else "")
+        )
+    cur = manifest.get("current")
+    if cur:
+        lines.append(f"- champion tables for downstream readers: `{cur['current']}` ({cur['model']}"
+                     f"{' v' + str(cur['version']) if cur.get('version') else ''}; `{cur['champion_file']}`)")
     db = manifest.get("database")
     if db:
         tables = ", ".join(f"`{t}` ({n:,} rows)" for t, n in db["tables"].items())

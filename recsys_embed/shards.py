@@ -55,6 +55,7 @@ from recsys_embed.export import (
     _table_frames,
     _table_schema,
     _write_table,
+    user_sources,
 )
 from recsys_embed.io import atomic_path, is_complete_table, output_errors, staged_table, write_json_atomic
 from recsys_embed.types import Embeddings
@@ -212,10 +213,10 @@ def export_topk_shard(
     chunks = searcher(cfg.search)(emb, cfg.k, users=users, seen=seen, chunk_users=cfg.chunk_users,
                          allow_items=allow, deny_items=deny)  # fmt: skip
     counted = {"users": 0}
-    frames = _table_frames(chunks, emb.users, emb.items, _NAMES, emb.model, run_id, counted)
+    frames = _table_frames(chunks, emb.users, emb.items, _NAMES, emb.model, run_id, counted, user_sources(emb))
     folder = _shard_folder(plan, index)
-    files, rows = _write_table(frames, _table_schema(emb.users, emb.items, _NAMES), folder, cfg.rows_per_file,
-                               cfg.write_csv, csv_header=False)  # fmt: skip
+    files, rows = _write_table(frames, _table_schema(emb.users, emb.items, _NAMES, source=True), folder,
+                               cfg.rows_per_file, cfg.write_csv, csv_header=False)  # fmt: skip
     parts = [Path(f).name for f in files if Path(f).parent == folder]
     result = ShardResult(index, rows, counted["users"], parts, round(time.perf_counter() - t0, 3))
     receipt = {"token": plan.token, "start": shard.start, "stop": shard.stop, "csv": cfg.write_csv, **asdict(result)}

@@ -52,7 +52,14 @@ from recsys_embed.config import (
     SplitConfig,
 )
 from recsys_embed.faults import checkpoint
-from recsys_embed.io import SUCCESS_MARKER, is_complete_table, staged_table, write_json_atomic, write_parquet_atomic
+from recsys_embed.io import (
+    SUCCESS_MARKER,
+    atomic_path,
+    is_complete_table,
+    staged_table,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from recsys_embed.models import OnMetrics, train_model, warm_start_source
 from recsys_embed.store import load_csr, load_embeddings, save_csr, save_embeddings
 from recsys_embed.types import Candidate, Embeddings, IdMap, Interactions, RowReport
@@ -62,7 +69,7 @@ log = logging.getLogger(__name__)
 Record = dict[str, Any]
 
 # Part of every split/train cache key: bump it when what a cached folder holds changes shape.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 ARTIFACTS = "artifacts"  # a cached model's extra files (the two-tower encoder), beside its embeddings
 
 
@@ -274,30 +281,51 @@ def run_split(
 def _split_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig) -> Record:
     """Compute the split and commit it as the table folder ``folder``; its record (paths under ``folder``)."""
     from recsys_embed.interactions import build_interactions, load_id_maps, save_id_maps
-    from recsys_embed.split import build_targets, split_events
+    from recsys_embed.split import build_targets, evidence, split_events
 
     events = pl.read_parquet(ingest["events"])
+    previous = load_id_maps(ingest_cfg.id_maps_from) if ingest_cfg.id_maps_from else None
+    rule: str = cfg.method
     report = RowReport.from_dict(ingest["report"])
     parts = split_events(events, cfg)
-    previous = load_id_maps(ingest_cfg.id_maps_from) if ingest_cfg.id_maps_from else None
     train = build_interactions(parts.fit, ingest_cfg, report, previous=previous)
+    targets = {label: build_targets(frame, train, report, label) if frame.height else None
+               for label, frame in (("val", parts.val), ("test", parts.test))}  # fmt: skip
+    short = [why for label, t in targets.items()
+             if (why := evidence(label, t.n_warm_users if t else 0, cfg.min_eval_users))]  # fmt: skip
+    if short and cfg.method == "auto":
+        log.warning("split: %s; auto falls back to a per-user split (last_n=%d)", "; ".join(short), cfg.last_n)
+        per_user = cfg.model_copy(update={"method": "last_n"})
+        report = RowReport.from_dict(ingest["report"])
+        parts = split_events(events, per_user)
+        train = build_interactions(parts.fit, ingest_cfg, report, previous=previous)
+        targets = {label: build_targets(frame, train, report, label) if frame.height else None
+                   for label, frame in (("val", parts.val), ("test", parts.test))}  # fmt: skip
+        rule = f"auto: last_n (temporal rejected: {'; '.join(short)})"
+        short = [why for label, t in targets.items()
+                 if (why := evidence(label, t.n_warm_users if t else 0, cfg.min_eval_users))]  # fmt: skip
+    elif cfg.method == "auto":
+        rule = f"auto: temporal (val and test windows each hold >= {cfg.min_eval_users:,} warm users)"
+    for why in short:
+        log.warning("split: %s; a choice made on it is noise: lower split.min_eval_users only knowingly, or use "
+                    "split.method=auto / last_n", why)  # fmt: skip
+    parts.info.update(rule=rule, evidence_warnings=short)
     with staged_table(folder) as stage:
         save_csr(train.matrix, stage / "train.npz")
         checkpoint("split")  # mid-split: the train matrix is written, maps and targets are not
         write_parquet_atomic(train.events, stage / "train_events.parquet")
         save_id_maps(train.users, train.items, stage)
         record: Record = {"split": parts.info, "n_users": train.shape[0], "n_items": train.shape[1]}
-        for label, frame in (("val", parts.val), ("test", parts.test)):
-            if frame.height == 0:
+        for label, tg in targets.items():
+            if tg is None:
                 record[f"{label}_targets"] = None
                 continue
-            targets = build_targets(frame, train, report, label)
-            save_csr(targets.matrix, stage / f"{label}_targets.npz")
-            write_parquet_atomic(targets.cold_users.to_frame("user_id"), stage / f"{label}_cold_users.parquet")
+            save_csr(tg.matrix, stage / f"{label}_targets.npz")
+            write_parquet_atomic(tg.cold_users.to_frame("user_id"), stage / f"{label}_cold_users.parquet")
             record[f"{label}_targets"] = str(folder / f"{label}_targets.npz")
-            record[f"{label}_counts"] = targets.counts
-            record[f"{label}_warm_users"] = targets.n_warm_users
-            record[f"{label}_cold_users"] = int(targets.cold_users.len())
+            record[f"{label}_counts"] = tg.counts
+            record[f"{label}_warm_users"] = tg.n_warm_users
+            record[f"{label}_cold_users"] = int(tg.cold_users.len())
         report.details.update(users=train.shape[0], items=train.shape[1], nnz=int(train.matrix.nnz),
                               density=train.density)  # fmt: skip
         report.check()
@@ -385,6 +413,13 @@ def run_train(
     _link_copy(folder, target, moves, skip=ARTIFACTS)
     record = _relocate(record, moves)
     record["cached"] = cached
+    if not cached and record["info"].get("stopped_by_clock"):
+        # a wall-clock cap shortened this fit: what it holds depends on machine load, not on the key's inputs,
+        # so it must not answer for them next time (the run keeps its own hard-linked copy)
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("train %s: max_minutes ended the fit after %s epochs; the model is used by this run but not "
+                    "cached (raise models.%s.max_minutes for a reproducible fit)", name,
+                    record["info"].get("epochs_run"), name)  # fmt: skip
     return record
 
 
@@ -443,7 +478,7 @@ def _replay_history(history: list[dict[str, Any]], on_metrics: OnMetrics) -> Non
 
 
 def run_evaluate(model: Record, split: Record, cfg: EvalConfig) -> dict[str, float]:
-    """Test metrics of one model (warm users; train-seen items excluded)."""
+    """Test metrics of one model (warm users; train-seen items excluded). Reported, never used to choose."""
     from recsys_embed.evaluate import evaluate
 
     emb = load_embeddings(model["embeddings"])
@@ -455,9 +490,173 @@ def run_evaluate(model: Record, split: Record, cfg: EvalConfig) -> dict[str, flo
     return metrics
 
 
+def run_validate(model: Record, split: Record, cfg: EvalConfig, out_dir: Path) -> Record:
+    """Validation metrics of one model (the evaluation fit on the validation window: what selection reads).
+
+    Returns ``{"model", "metrics", "per_user"}``: ``per_user`` is a ``.npy`` file under ``out_dir`` with the
+    primary metric of every validation user (ascending user index), for standard errors and paired comparisons;
+    None (and empty metrics) without a validation window.
+    """
+    from recsys_embed.evaluate import evaluate_users
+
+    name = model["model"]
+    if not split.get("val_targets"):
+        return {"model": name, "metrics": {}, "per_user": None}
+    emb = load_embeddings(model["embeddings"])
+    seen = load_csr(split["train"])
+    popularity = np.asarray((seen > 0).sum(axis=0)).ravel()
+    metrics, per_user = evaluate_users(emb, seen, load_csr(split["val_targets"]), cfg.ks, popularity,
+                                       cfg.batch_users, per_user=[cfg.primary_metric])  # fmt: skip
+    path = Path(out_dir) / f"{name}.val.{cfg.primary_metric}.npy"
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, per_user[cfg.primary_metric])
+    return {"model": name, "metrics": metrics, "per_user": str(path)}
+
+
+def select_best(validations: dict[str, Record], cfg: EvalConfig) -> Record:
+    """``selection.select`` over the ``run_validate`` records: the pick, on the validation window only."""
+    from recsys_embed.selection import select
+
+    per_user = {m: np.load(v["per_user"]) for m, v in validations.items() if v.get("per_user")}
+    picked = select({m: v["metrics"] for m, v in validations.items()}, per_user, cfg.primary_metric, cfg.tie_se)
+    log.info("selection: %s", picked.reason)
+    return picked.to_dict()
+
+
+def full_cache_key(ingest: Record, ingest_cfg: IngestConfig, split: Record) -> str:
+    """Cache key of the all-events interactions: the ingest (log + ingest config), the config it is built with,
+    and the evaluation split's ID maps it extends."""
+    maps = _files_digest([Path(split["user_map"]), Path(split["item_map"])])
+    return _hash({"v": CACHE_VERSION, "stage": "full", "ingest": ingest["key"],
+                  "ingest_cfg": ingest_cfg.model_dump(mode="json"), "maps": maps})  # fmt: skip
+
+
+def run_full(ingest: Record, ingest_cfg: IngestConfig, split: Record, cache_root: Path | None, out_dir: Path) -> Record:
+    """The production refit's data: every kept event (fit + validation + test windows) as ``Interactions``.
+
+    The ID maps extend the evaluation split's (existing indices never move) and cover every user and item with a
+    positive pair; ``history.npz`` is the seen filter over every user with any kept event (cancellations
+    included) and ``served_user_map.parquet`` those users (``coverage``). The record has the same keys as a split
+    record (``train``, ``user_map``, ``item_map``, ``train_events``, ``item_text``, ``val_targets``=None), so
+    ``run_train`` fits on it unchanged, plus ``history``, ``served_user_map``, ``window`` (first and last event
+    time) and ``rows`` (kept events fitted on). Cached under ``<cache_root>/full-<key>/``; the run gets a
+    hard-linked copy at ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if cache_root is None:
+        record = _full_into(out_dir, None, ingest, ingest_cfg, split)
+        record["cached"] = False
+        return record
+    key = full_cache_key(ingest, ingest_cfg, split)
+    folder = Path(cache_root) / f"full-{key}"
+    cached = is_complete_table(folder)
+    record = _load_record(folder) if cached else _full_into(folder, key, ingest, ingest_cfg, split)
+    if cached:
+        log.info("refit data: log and maps unchanged, reusing %s", folder)
+    moves = [(str(folder), str(out_dir))]
+    _link_copy(folder, out_dir, moves)
+    record = _relocate(record, moves)
+    record["cached"] = cached
+    return record
+
+
+def _full_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: IngestConfig, split: Record) -> Record:
+    from recsys_embed.coverage import history_matrix, served_users
+    from recsys_embed.interactions import build_interactions, normalize_ts, save_id_maps
+
+    events = pl.read_parquet(ingest["events"])
+    report = RowReport.from_dict(ingest["report"])
+    maps = (IdMap.load(split["user_map"]), IdMap.load(split["item_map"]))
+    full = build_interactions(events, ingest_cfg, report, previous=maps)
+    users = served_users(events, full.users)
+    history = history_matrix(events, users, full.items)
+    ts = normalize_ts(events["ts"]) if "ts" in events.columns else None
+    window = {"first": str(ts.min()), "last": str(ts.max())} if ts is not None and ts.null_count() < ts.len() else None
+    with staged_table(folder) as stage:
+        save_csr(full.matrix, stage / "train.npz")
+        save_csr(history, stage / "history.npz")
+        write_parquet_atomic(full.events, stage / "train_events.parquet")
+        save_id_maps(full.users, full.items, stage)
+        users.save(stage / "served_user_map.parquet")
+        record: Record = {
+            "key": key,
+            "folder": str(folder),
+            "train": str(folder / "train.npz"),
+            "history": str(folder / "history.npz"),
+            "train_events": str(folder / "train_events.parquet"),
+            "item_text": ingest.get("item_text"),
+            "user_map": str(folder / "user_map.parquet"),
+            "item_map": str(folder / "item_map.parquet"),
+            "served_user_map": str(folder / "served_user_map.parquet"),
+            "val_targets": None,
+            "test_targets": None,
+            "window": window,
+            "rows": events.height,
+            "n_users": full.shape[0],
+            "n_items": full.shape[1],
+            "n_served_users": len(users),
+            "report": report.to_dict(),
+        }
+        write_json_atomic(record, stage / "record.json")
+    log.info("refit data: %s kept events (%s .. %s), %s x %s, %s users with history",
+             f"{events.height:,}", window and window["first"], window and window["last"], f"{full.shape[0]:,}",
+             f"{full.shape[1]:,}", f"{len(users):,}")  # fmt: skip
+    return record
+
+
+def refit_models_config(name: str, models_cfg: ModelsConfig, info: dict[str, Any]) -> ModelsConfig:
+    """``models_cfg`` with model ``name``'s iteration or epoch count fixed to what selection chose on validation
+    (``info`` of its evaluation fit: ``returned_iteration`` for ALS/BPR, ``best_epoch`` for the two-tower).
+    Everything else (hyperparameters, seed) is the same recipe."""
+    if name in ("als", "bpr"):
+        n = info.get("returned_iteration") or getattr(models_cfg, name).iterations
+        slice_ = getattr(models_cfg, name).model_copy(update={"iterations": int(n)})
+    elif name == "two_tower":
+        n = info.get("best_epoch") or info.get("epochs_run") or models_cfg.two_tower.max_epochs
+        slice_ = models_cfg.two_tower.model_copy(update={"max_epochs": int(n)})
+    else:
+        return models_cfg
+    return models_cfg.model_copy(update={name: slice_, "warm_start": False})
+
+
+def run_serve(
+    name: str, refit: Record, popularity: Record, full: Record, out_dir: Path
+) -> Record:
+    """The shipped model's served embeddings (``coverage.served_embeddings``: the refit model for the users it
+    serves, the refit popularity ranking for every other user with history), committed at ``out_dir/<name>``.
+
+    Returns a model record for ``run_export`` (``embeddings``: the served vectors; ``similar_embeddings``: the
+    refit model's own item vectors, which similar items use) with ``fallback_users`` / ``model_users``.
+    """
+    from recsys_embed.coverage import served_embeddings
+    from recsys_embed.popularity import item_popularity
+
+    model = load_embeddings(refit["embeddings"])
+    matrix = load_csr(full["train"])
+    pop = item_popularity(matrix).astype(np.float32)
+    if popularity.get("embeddings"):  # the refit popularity model's own counts (the same numbers, one source)
+        pop = load_embeddings(popularity["embeddings"]).item_vectors[:, 0]
+    users = IdMap.load(full["served_user_map"])
+    served = served_embeddings(model, pop, users, matrix)
+    target = Path(out_dir) / name
+    with staged_table(target) as stage:
+        save_embeddings(served, stage)
+    return {
+        "model": name,
+        "embeddings": str(target),
+        "similar_embeddings": refit["embeddings"],
+        "fallback_users": int(served.info["fallback_users"]),
+        "model_users": int(served.info["model_users"]),
+    }
+
+
 def run_export(model: Record, split: Record, cfg: ExportConfig, out_dir: Path, run_id: str) -> Record:
-    """Top-k for every train user and similar items, as committed Parquet tables."""
-    from recsys_embed.export import export_similar_items, export_topk
+    """Top-k for every user of the model's embeddings and similar items, as committed Parquet tables.
+
+    ``split["train"]`` is the seen filter (the production path passes ``{"train": full["history"]}``); a model
+    record's ``similar_embeddings`` (the refit model behind served vectors) feeds the similar items.
+    """
+    from recsys_embed.export import export_topk
 
     emb = load_embeddings(model["embeddings"])
     seen = load_csr(split["train"])
@@ -466,9 +665,7 @@ def run_export(model: Record, split: Record, cfg: ExportConfig, out_dir: Path, r
     record: Record = {"model": model["model"], "topk": topk.path, "topk_rows": topk.rows, "topk_users": topk.users}
     record.update(search_quality(emb, seen, cfg))
     checkpoint(f"export:{model['model']}")  # mid-export: top-k committed, similar items not written yet
-    if emb.dim > 1:  # popularity has no meaningful item-item similarity
-        sim = export_similar_items(emb, cfg, folder, run_id)
-        record.update(similar_items=sim.path, similar_rows=sim.rows)
+    record.update(run_export_similar(model, cfg, out_dir, run_id))
     return record
 
 
@@ -523,8 +720,8 @@ def run_export_similar(model: Record, cfg: ExportConfig, out_dir: Path, run_id: 
     """The similar-items table of ``run_export`` alone (empty record for popularity, which has none)."""
     from recsys_embed.export import export_similar_items
 
-    emb = load_embeddings(model["embeddings"])
-    if emb.dim <= 1:
+    emb = load_embeddings(model.get("similar_embeddings") or model["embeddings"])
+    if emb.dim <= 1:  # popularity has no meaningful item-item similarity
         return {}
     sim = export_similar_items(emb, cfg, Path(out_dir) / model["model"], run_id)
     return {"similar_items": sim.path, "similar_rows": sim.rows}
@@ -562,34 +759,126 @@ def run_db_export(
     return record
 
 
+def recipe(name: str, models_cfg: ModelsConfig) -> tuple[str, str]:
+    """(hash, JSON) of model ``name``'s recipe: its family and config slice (hyperparameters, seed, budget)."""
+    config = json.dumps(getattr(models_cfg, name).model_dump(mode="json"), sort_keys=True)
+    return _hash({"model": name, "config": config}), config
+
+
+def run_key(fingerprint: str, config: dict[str, Any]) -> str:
+    """Hash of the data fingerprint and the whole config: an identical re-run has the same key."""
+    return _hash({"data": fingerprint, "config": config})
+
+
 def run_register(
     settings: MlflowSettings,
     candidate: Candidate,
     export_cfg: ExportConfig,
     cfg: RegistryConfig,
     eval_cfg: EvalConfig,
+    name: str,
     split: Record | None = None,
+    validations: dict[str, Record] | None = None,
+    models_cfg: ModelsConfig | None = None,
+    work_dir: Path | None = None,
+    cache_root: Path | None = None,
 ) -> Record:
-    """Register the run's best model (``registry.register_best``, judged on ``eval_cfg.primary_metric`` unless
-    ``registry.metric`` names another); the decision record.
+    """Register the shipped best model under ``name`` (``registry.register_best``); the decision record.
 
-    With ``split``, the current champion is re-scored on this split's test targets (``compare.rescore``) so that
-    both sides of the champion decision sit the same exam.
+    The champion's recipe is judged on this run's validation window, fitted on this run's fit window: taken from
+    this run's own evaluation when one of its models has the same recipe (``validations``), otherwise re-fitted
+    from the champion version's ``recipe_config`` tag (cached like any training). The champion model itself is
+    never scored on this run's windows, which it may have been trained on.
 
-    Not cached: a re-run after a kill registers again (a new version; ``champion`` moves only on a real gain).
+    Not cached: a re-run after a kill registers again unless its data and config are identical (no churn).
     """
-    from recsys_embed.registry import register_best
+    from recsys_embed.registry import ChampionScore, register_best
 
-    rescore = None
-    if split is not None and split.get("test_targets"):
-        from recsys_embed.compare import rescore as rescore_on
+    def judge(tags: dict[str, str]) -> ChampionScore | None:
+        if split is None or models_cfg is None or not tags.get("recipe"):
+            return None
+        for m, v in (validations or {}).items():
+            if v.get("per_user") and recipe(m, models_cfg)[0] == tags["recipe"]:
+                return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(v["per_user"]),
+                                     f"its recipe is this run's {m}: fitted on this run's fit window, scored on its "
+                                     "validation window")  # fmt: skip
+        champ_model = tags.get("model", "")
+        try:
+            slice_cfg = type(getattr(models_cfg, champ_model)).model_validate_json(tags["recipe_config"])
+            champ_cfg = models_cfg.model_copy(update={champ_model: slice_cfg, "warm_start": False})
+            folder = Path(work_dir or ".") / "champion_recipe"
+            trained = run_train(champ_model, split, champ_cfg, eval_cfg, folder, cache_root=cache_root)
+            v = run_validate(trained, split, eval_cfg, folder)
+        except Exception as e:  # an unreproducible recipe must not block registering the new version
+            log.warning("registry: the champion's recipe (%s) could not be re-fitted on this run's fit window (%s); "
+                        "comparing stored validation metrics", champ_model, str(e).splitlines()[0])  # fmt: skip
+            return None
+        if not v.get("per_user"):
+            return None
+        return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(v["per_user"]),
+                             "its recipe re-fitted on this run's fit window, scored on its validation window")
 
-        train, targets = load_csr(split["train"]), load_csr(split["test_targets"])
-        users, items = IdMap.load(split["user_map"]), IdMap.load(split["item_map"])
-
-        def rescore(emb: Embeddings) -> dict[str, float]:
-            return rescore_on(emb, users, items, train, targets, eval_cfg.ks, eval_cfg.batch_users)
-
-    decision = register_best(settings, candidate, export_cfg, cfg, eval_cfg.primary_metric, rescore)
+    decision = register_best(settings, candidate, export_cfg, cfg, eval_cfg.primary_metric, judge, name)
     checkpoint("register")  # the version is registered, the run has not finished
     return decision
+
+
+def shipped_models(wanted: list[str], best: str | None, trained: list[str]) -> list[str]:
+    """The models whose tables are shipped (``export.models``: "best", "all" or model names), in order, each once."""
+    out: list[str] = []
+    for w in wanted:
+        names = trained if w == "all" else [best] if w == "best" else [w]
+        for n in names:
+            if n is None:
+                log.warning("export.models names 'best', but nothing was selected (no validation window); "
+                            "enable split.val_quantile or name the model to ship")  # fmt: skip
+            elif n not in trained:
+                log.warning("export.models names %r, which this run did not train (enabled: %s); skipped", n, trained)
+            elif n not in out:
+                out.append(n)
+    return out
+
+
+CURRENT = "current"  # <root>/current -> runs/<run>/exports/<champion model>: the tables downstream readers load
+CHAMPION_FILE = "champion.json"
+
+
+def run_publish(root: Path, export: Record, decision: Record | None) -> Record:
+    """Point the pipeline's stable paths at the champion's tables; the record of what they point at.
+
+    ``<root>/champion.json`` names the champion's run, model, registered version and table paths, and the
+    symbolic link ``<root>/current`` points at its exports folder (``current/topk/``, ``current/similar_items/``);
+    both are replaced atomically. They move when this run's model is promoted, or on every run when the registry is
+    off (``decision`` None); a challenger leaves them on the champion. Returns ``{"moved", "export", "version",
+    "model", "run_dir", "champion_file", "current"}`` for the champion (``export``: its export record, which the
+    database export serves).
+    """
+    root = Path(root)
+    pointer = root / CHAMPION_FILE
+    link = root / CURRENT
+    moves = decision is None or bool(decision.get("promoted"))
+    if not moves and not pointer.exists():
+        moves = decision is not None and decision.get("alias") == "champion"  # unchanged champion, pointer lost
+    if moves:
+        record: Record = {
+            "model": export["model"],
+            "version": decision["version"] if decision else None,
+            "registered_model": decision["name"] if decision else None,
+            "run_dir": export.get("run_dir"),
+            "export": {k: export.get(k) for k in ("model", "topk", "topk_rows", "topk_users", "similar_items",
+                                                  "similar_rows", "fallback_users", "model_users")},
+            "trained_on": export.get("trained_on"),
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }  # fmt: skip
+        write_json_atomic(record, pointer)
+        target = Path(record["export"]["topk"]).parent
+        tmp = link.with_name(f".{CURRENT}.tmp-{os.urandom(4).hex()}")
+        os.symlink(os.path.relpath(target, root), tmp)
+        os.replace(tmp, link)
+        log.info("publish: %s -> %s (%s%s)", link, target, record["model"],
+                 f" v{record['version']}" if record["version"] else "")  # fmt: skip
+    else:
+        record = json.loads(pointer.read_text(encoding="utf-8"))
+        log.info("publish: the champion stays v%s (%s); %s still points at its tables", record.get("version"),
+                 record.get("model"), link)  # fmt: skip
+    return {**record, "moved": moves, "champion_file": str(pointer.resolve()), "current": str(link)}

@@ -285,15 +285,21 @@ def check_trainable(train: Interactions, val_targets: sp.csr_matrix | None, name
 
 @dataclass(frozen=True)
 class Candidate:
-    """A run's best model as the registry sees it: where its vectors and seen filter are, and how it scored.
+    """A run's best model as the registry sees it: what is shipped, how its recipe scored, what it was fitted on.
 
     Attributes:
         model: the model family ("als", "two_tower", ...).
         model_run_id: its nested MLflow run (the pyfunc is logged there).
         pipeline_run_id: the parent MLflow run of the pipeline run.
-        embeddings: the saved ``Embeddings`` folder.
-        seen: the train CSR (``.npz``) used as the seen-item filter.
-        metrics: its test metrics (``evaluate``).
+        embeddings: the saved ``Embeddings`` folder that is shipped (the production refit's served vectors).
+        seen: the CSR (``.npz``) of items never recommended (the user's whole kept history).
+        metrics: the recipe's held-out metrics from the evaluation fit: ``val_*`` (validation window, what
+            selection and the champion decision read) and ``test_*`` (reported only).
+        val_per_user: ``.npy`` of the primary metric per validation user (the paired champion comparison).
+        recipe: hash of the model family and its config slice (hyperparameters, seeds, iteration budget).
+        recipe_config: that config slice as JSON (a later run re-fits the recipe from it).
+        run_key: hash of the data fingerprint and the whole config: an identical re-run registers nothing.
+        tags: version tags (pipeline, data fingerprint, training window, rows, ...).
     """
 
     model: str
@@ -302,3 +308,8 @@ class Candidate:
     embeddings: str
     seen: str
     metrics: dict[str, float]
+    val_per_user: str | None = None
+    recipe: str = ""
+    recipe_config: str = ""
+    run_key: str = ""
+    tags: dict[str, str] = field(default_factory=dict)

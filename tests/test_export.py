@@ -61,9 +61,10 @@ def test_topk_table_contract(emb: Embeddings, seen: sp.csr_matrix, tmp_path: Pat
     assert (table_dir / SUCCESS_MARKER).exists()
     df = read_export(table_dir)
     assert df.schema == pl.Schema(
-        {"user_id": pl.String, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32,
+        {"user_id": pl.String, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32, "source": pl.String,
          "model": pl.String, "run_id": pl.String}
     )  # fmt: skip
+    assert df["source"].unique().to_list() == ["model"]  # plain embeddings: no fallback users
     assert res.rows == df.height == N_USERS * 7 and res.users == N_USERS
     assert res.path == str(table_dir) and all(Path(f).exists() for f in res.files)
     # every user exactly k rows, ranks 1..k, scores non-increasing by rank
@@ -134,7 +135,7 @@ def test_empty_allow_list_gives_an_empty_committed_table(emb: Embeddings, seen: 
         res = export_topk(emb, seen, cfg, tmp_path, "r")
     df = read_export(res.path)
     assert df.height == 0 and res.rows == 0 and res.users == 0
-    assert df.columns == ["user_id", "rank", "item_id", "score", "model", "run_id"]
+    assert df.columns == ["user_id", "rank", "item_id", "score", "source", "model", "run_id"]
     assert pl.read_csv(tmp_path / "topk.csv").columns == df.columns
 
 

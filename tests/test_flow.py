@@ -35,6 +35,7 @@ def _overrides(src: Path, out: Path) -> list[str]:
         "models.bpr.iterations=20",
         "models.bpr.eval_every=10",
         "models.two_tower.max_epochs=2",
+        "export.models=[best, als, popularity]",
     ]
 
 
@@ -57,15 +58,34 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     assert set(manifest["metrics"]) == {"popularity", "als", "bpr", "two_tower"}
     for m in manifest["metrics"].values():
         assert 0.0 <= m["recall_at_20"] <= 1.0 and m["n_users_evaluated"] > 0
-    assert manifest["best_model"] in manifest["metrics"]
+    best = manifest["best_model"]
+    assert best in manifest["metrics"]
     summary = json.loads((Path(manifest["run_dir"]) / "summary.json").read_text())
     assert summary["mlflow"]["run_id"] == manifest["mlflow"]["run_id"]
 
+    # selection read the validation window; the shipped tables are the refits, covering every user with history
+    assert manifest["selection"]["basis"] == "validation window" and manifest["selection"]["best"] == best
+    assert set(manifest["val_metrics"]) == set(manifest["metrics"])
+    assert manifest["shipped"][: len(set(manifest["shipped"]))] == [best, *[m for m in ("als", "popularity")
+                                                                          if m != best]]  # fmt: skip
+    events = pl.read_parquet(Path(manifest["run_dir"]) / "full" / "train_events.parquet")
+    ingest_events = pl.read_parquet(next((out / "retail" / "cache").glob("ingest-*/events.parquet")))
+    history = ingest_events.select("user_id", "item_id").unique()
+    n_users = ingest_events["user_id"].n_unique()
+    assert events.height <= ingest_events.height
     for name, e in manifest["exports"].items():
         assert is_complete_table(e["topk"]), name
         table = read_table(e["topk"])
-        assert table.columns == ["user_id", "rank", "item_id", "score", "model", "run_id"]
+        assert table.columns == ["user_id", "rank", "item_id", "score", "source", "model", "run_id"]
         assert (table["run_id"] == manifest["mlflow"]["run_id"]).all()
+        # every user with a kept event has exactly k rows; none recommends an item of the user's kept history
+        counts = table.group_by("user_id").len()
+        assert counts.height == n_users == e["topk_users"] and (counts["len"] == 20).all(), name
+        assert table.join(history, on=["user_id", "item_id"], how="inner").height == 0, name
+        assert e["trained_on"]["fit"] == "all kept events" and e["trained_on"]["rows"] == ingest_events.height
+        assert e["evaluated_as"]["test"] == manifest["metrics"][name]
+        n_fallback = int((table["source"] == "fallback").sum()) // 20
+        assert n_fallback == e["fallback_users"] and (name == "popularity" or n_fallback > 0), name
 
     # MLflow: one parent, one nested run per model, params/metrics/artifacts present
     settings = resolve_settings(load_mlflow_settings(mlflow_yml))
@@ -100,8 +120,8 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
         [sys.executable, "-c", code, als_run.info.run_id, settings.tracking_uri],
         capture_output=True, text=True, check=True, cwd=tmp_path,
     )
-    n_users, dim, rows = map(int, res.stdout.split())
-    assert n_users == manifest["exports"]["als"]["topk_users"]  # every train user got a list
+    n_model_users, dim, rows = map(int, res.stdout.split())
+    assert n_model_users <= manifest["exports"]["als"]["topk_users"]  # the refit ALS; the rest fall back
     assert dim == 64
     assert rows == manifest["exports"]["als"]["topk_rows"]
 
@@ -109,7 +129,7 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     from recsys_embed.answer import recommend_for_user, similar_to_item
     from recsys_embed.errors import RecsysEmbedError
 
-    als_table = read_table(manifest["exports"]["als"]["topk"]).sort("user_id", "rank")
+    als_table = read_table(manifest["exports"]["als"]["topk"]).filter(pl.col("source") == "model").sort("user_id", "rank")
     user = als_table["user_id"][0]
     answer = recommend_for_user(manifest, str(user), 3, "als", explain=True)
     ranked = [line for line in answer.splitlines() if re.match(r"^\s+\d+\. ", line)]

@@ -318,6 +318,9 @@ def train_two_tower(
         "devices": str(trainer.num_devices),
         "strategy": type(trainer.strategy).__name__,
         "epochs_run": len(hist),
+        # max_minutes ended the fit before max_epochs and before early stopping: the result depends on machine
+        # load, so stages.run_train never caches it
+        "stopped_by_clock": _clock_stopped(trainer),
         "best_epoch": best_epoch,
         "best_val_metric": best_value,
         "val_metric": monitor if validating else None,
@@ -341,6 +344,17 @@ def train_two_tower(
         info["samples_per_second"] or 0.0, info["total_seconds"],
     )  # fmt: skip
     return Embeddings(user_vec, item_vec, train.users, train.items, model="two_tower", scoring="dot", info=info)
+
+
+def _clock_stopped(trainer: Any) -> bool:
+    """Whether Lightning's ``max_time`` timer ended the fit (its time budget is spent)."""
+    from pytorch_lightning.callbacks import Timer
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, Timer):
+            remaining = cb.time_remaining("train")
+            return remaining is not None and remaining <= 0
+    return False
 
 
 def _training_record(module: TwoTowerModule) -> dict[str, Any]:
