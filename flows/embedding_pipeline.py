@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,8 @@ def _run_pipeline(
         validations: dict[str, dict[str, Any]] = {}  # validation window: what selection reads
         models: dict[str, dict[str, Any]] = {}
         model_runs: dict[str, str] = {}
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
         reused: dict[str, bool] = {}  # model -> trained by an earlier (possibly killed) run, read back here
         try:
             for name in enabled_models(cfg.models):
@@ -248,6 +251,8 @@ def _run_pipeline(
                 reused[name] = bool(model.get("cached"))
                 validations[name] = validate_task(model, split, cfg.eval, str(run_dir / "selection"))
                 metrics[name] = evaluate_task(model, split, cfg.eval)
+            timing["evaluation_s"] = round(time.perf_counter() - t0, 1)  # fit-window training, validation, test
+            t0 = time.perf_counter()
             selection = stages.select_best(validations, cfg.eval)
             best = selection["best"]
             shipped = stages.shipped_models(cfg.export.models, best, list(models))
@@ -281,6 +286,7 @@ def _run_pipeline(
                                       fit_matrix=split["train"], history=split["train"],
                                       info=models[m]["info"], trained_on={"window": None, "fit": "fit window"},
                                       evaluated_as=_evaluated_as(validations[m], metrics[m], split))  # fmt: skip
+            timing["refit_export_s"] = round(time.perf_counter() - t0, 1)  # refit on every event, serve, export
             for name, child in model_runs.items():
                 val = {f"val.{k}": v for k, v in validations[name]["metrics"].items()}
                 logged, logged_split = models[name], split
@@ -357,6 +363,7 @@ def _run_pipeline(
             ),
             "registry": decision,
             "current": current,
+            "timing": timing,
             "database": database,
         }
         reporting.write_manifest(run_dir / "summary.json", manifest)

@@ -88,6 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if manifest.get("database"):
         db = manifest["database"]
         print(f"Database: {redact_uri(db['uri'])} tables {db['tables']}")
+    t = manifest.get("timing") or {}
+    if t:
+        print(f"Time: evaluation {t.get('evaluation_s', 0):.0f} s, refit + export {t.get('refit_export_s', 0):.0f} s")
     print(f"\nManifest: {manifest['run_dir']}/summary.json")
     print(
         f"MLflow run: {manifest['mlflow']['run_id']} ({redact_uri(manifest['mlflow']['tracking_uri'])}); "

@@ -867,6 +867,8 @@ def run_publish(root: Path, export: Record, decision: Record | None) -> Record:
             "run_dir": export.get("run_dir"),
             "export": {k: export.get(k) for k in ("model", "topk", "topk_rows", "topk_users", "similar_items",
                                                   "similar_rows", "fallback_users", "model_users")},
+            # absolute: downstream readers open them from anywhere
+            **{f"{t}_path": str(Path(export[t]).resolve()) for t in ("topk", "similar_items") if export.get(t)},
             "trained_on": export.get("trained_on"),
             "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }  # fmt: skip

@@ -129,7 +129,8 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     from recsys_embed.answer import recommend_for_user, similar_to_item
     from recsys_embed.errors import RecsysEmbedError
 
-    als_table = read_table(manifest["exports"]["als"]["topk"]).filter(pl.col("source") == "model").sort("user_id", "rank")
+    als_table = read_table(manifest["exports"]["als"]["topk"]).filter(pl.col("source") == "model")
+    als_table = als_table.sort("user_id", "rank")
     user = als_table["user_id"][0]
     answer = recommend_for_user(manifest, str(user), 3, "als", explain=True)
     ranked = [line for line in answer.splitlines() if re.match(r"^\s+\d+\. ", line)]
