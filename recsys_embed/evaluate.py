@@ -124,58 +124,104 @@ def evaluate(
     tgt = _positive_csr(targets)
     n_targets = np.diff(tgt.indptr)
     eval_users = np.flatnonzero(n_targets > 0)
+    sums = _MetricSums(ks, n_items, item_popularity)
+    for chunk in iter_topk(emb, ks[-1], users=eval_users, seen=seen, chunk_users=batch_users):
+        sums.add(chunk.items, _row_keys(tgt, chunk.users, n_items), n_targets[chunk.users])
+    return sums.result(len(eval_users))
 
-    kmax = ks[-1]
-    # discount[j] = 1 / log2(j + 2) for 0-based rank j; idcg[m] = sum of the first m discounts
-    discount = 1.0 / np.log2(np.arange(kmax, dtype=np.float64) + 2.0)
-    idcg = np.concatenate([[0.0], np.cumsum(discount)])
-    ranks = np.arange(1, kmax + 1, dtype=np.float64)
 
-    sums = {(m, k): 0.0 for m in _PER_USER for k in ks}
-    recommended = {k: np.zeros(n_items, dtype=bool) for k in ks}
-    pct = popularity_percentile(item_popularity) if item_popularity is not None else None
-    pop_sum = dict.fromkeys(ks, 0.0)
-    pop_n = dict.fromkeys(ks, 0)
+def evaluate_ranked(items: np.ndarray, targets: sp.csr_matrix, ks: Sequence[int]) -> dict[str, float]:
+    """The metrics of ``evaluate`` (same definitions, same code) for ranked lists made elsewhere, e.g. read
+    back from an exported top-k table.
 
-    for chunk in iter_topk(emb, kmax, users=eval_users, seen=seen, chunk_users=batch_users):
-        items = chunk.items  # (n, k_eff) with k_eff = min(kmax, n_items); -1 = no candidate
+    Args:
+        items: int (n_users, width) item indices in rank order; -1 marks an empty slot (a user with no
+            list at all is a row of -1s and scores 0 on every per-user metric, never dropped).
+        targets: CSR (n_users x n_items); row ``r`` holds user ``r``'s held-out positives. Users without a
+            target are not evaluated. ``coverage_at_k`` is over these ``n_items``.
+        ks: cut-offs; a list shorter than k simply has fewer chances to hit.
+
+    Returns:
+        ``{"recall_at_20": ..., ..., "n_users_evaluated": n}`` as ``evaluate`` (no ``popularity_bias``).
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks!r}; use e.g. ks=[10, 20]")
+    items = np.asarray(items, dtype=np.int64)
+    n_items = targets.shape[1]
+    if items.ndim != 2 or items.shape[0] != targets.shape[0]:
+        raise ValueError(f"items shape {items.shape} must be (n_users, width) with n_users = {targets.shape[0]}")
+    if items.size and (items.max() >= n_items or items.min() < -1):
+        raise ValueError(f"items must hold indices in [0, {n_items}) or -1 for an empty slot")
+    if items.shape[1] < ks[-1]:  # pad: the metric code reads k slots
+        pad = np.full((items.shape[0], ks[-1] - items.shape[1]), -1, dtype=np.int64)
+        items = np.concatenate([items, pad], axis=1)
+    tgt = _positive_csr(targets)
+    n_targets = np.diff(tgt.indptr)
+    eval_users = np.flatnonzero(n_targets > 0)
+    sums = _MetricSums(ks, n_items, None)
+    sums.add(items[eval_users, : ks[-1]], _row_keys(tgt, eval_users, n_items), n_targets[eval_users])
+    return sums.result(len(eval_users))
+
+
+class _MetricSums:
+    """Per-user metric sums over chunks of ranked lists; the one implementation of the module's definitions."""
+
+    def __init__(self, ks: list[int], n_items: int, item_popularity: np.ndarray | None) -> None:
+        self.ks, self.n_items = ks, n_items
+        kmax = ks[-1]
+        # discount[j] = 1 / log2(j + 2) for 0-based rank j; idcg[m] = sum of the first m discounts
+        self.discount = 1.0 / np.log2(np.arange(kmax, dtype=np.float64) + 2.0)
+        self.idcg = np.concatenate([[0.0], np.cumsum(self.discount)])
+        self.ranks = np.arange(1, kmax + 1, dtype=np.float64)
+        self.sums = {(m, k): 0.0 for m in _PER_USER for k in ks}
+        self.recommended = {k: np.zeros(n_items, dtype=bool) for k in ks}
+        self.pct = popularity_percentile(item_popularity) if item_popularity is not None else None
+        self.pop_sum = dict.fromkeys(ks, 0.0)
+        self.pop_n = dict.fromkeys(ks, 0)
+
+    def add(self, items: np.ndarray, target_keys: np.ndarray, n_targets: np.ndarray) -> None:
+        """Add a chunk: ``items`` (n, k_eff) ranked item indices (-1 = no candidate), ``target_keys`` the
+        chunk's sorted ``_row_keys``, ``n_targets`` (n,) targets per user (>= 1)."""
         k_eff = items.shape[1]
-        hits = _hits(items, _row_keys(tgt, chunk.users, n_items), n_items).astype(np.float64)
-        n_t = n_targets[chunk.users].astype(np.float64)
+        hits = _hits(items, target_keys, self.n_items).astype(np.float64)
+        n_t = n_targets.astype(np.float64)
         cum_hits = np.cumsum(hits, axis=1)
         # hit_j * precision@j, summed later per cut-off
-        ap_terms = hits * cum_hits / ranks[:k_eff]
-        dcg_terms = hits * discount[:k_eff]
+        ap_terms = hits * cum_hits / self.ranks[:k_eff]
+        dcg_terms = hits * self.discount[:k_eff]
         has_hit = hits.any(axis=1)
         first = np.where(has_hit, hits.argmax(axis=1), k_eff)  # 0-based rank of the first hit
-        for k in ks:
+        sums = self.sums
+        for k in self.ks:
             kk = min(k, k_eff)
             denom = np.minimum(n_t, k)
             n_hit = cum_hits[:, kk - 1] if kk else np.zeros(len(n_t))
             sums["recall", k] += float((n_hit / denom).sum())
             sums["precision", k] += float(n_hit.sum() / k)
-            sums["ndcg", k] += float((dcg_terms[:, :kk].sum(axis=1) / idcg[denom.astype(np.int64)]).sum())
+            sums["ndcg", k] += float((dcg_terms[:, :kk].sum(axis=1) / self.idcg[denom.astype(np.int64)]).sum())
             sums["map", k] += float((ap_terms[:, :kk].sum(axis=1) / denom).sum())
             in_k = first < kk
             sums["mrr", k] += float((1.0 / (first[in_k] + 1.0)).sum())
             sums["hit_rate", k] += float(in_k.sum())
             rec = items[:, :kk]
             rec = rec[rec >= 0]
-            recommended[k][rec] = True
-            if pct is not None:
-                pop_sum[k] += float(pct[rec].sum())
-                pop_n[k] += int(rec.size)
+            self.recommended[k][rec] = True
+            if self.pct is not None:
+                self.pop_sum[k] += float(self.pct[rec].sum())
+                self.pop_n[k] += int(rec.size)
 
-    n_eval = len(eval_users)
-    out: dict[str, float] = {}
-    for k in ks:
-        for m in _PER_USER:
-            out[f"{m}_at_{k}"] = sums[m, k] / n_eval if n_eval else float("nan")
-        out[f"coverage_at_{k}"] = float(recommended[k].sum()) / n_items if n_eval and n_items else float("nan")
-        if pct is not None:
-            out[f"popularity_bias_at_{k}"] = pop_sum[k] / pop_n[k] if pop_n[k] else float("nan")
-    out["n_users_evaluated"] = float(n_eval)
-    return out
+    def result(self, n_eval: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k in self.ks:
+            for m in _PER_USER:
+                out[f"{m}_at_{k}"] = self.sums[m, k] / n_eval if n_eval else float("nan")
+            covered = float(self.recommended[k].sum()) / self.n_items
+            out[f"coverage_at_{k}"] = covered if n_eval and self.n_items else float("nan")
+            if self.pct is not None:
+                out[f"popularity_bias_at_{k}"] = self.pop_sum[k] / self.pop_n[k] if self.pop_n[k] else float("nan")
+        out["n_users_evaluated"] = float(n_eval)
+        return out
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> pl.DataFrame:
