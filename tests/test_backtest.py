@@ -108,7 +108,7 @@ def test_until_needs_a_timestamp_column(tmp_path: Path) -> None:
     cfg = IngestConfig.model_validate(
         {"source": {"path": str(_csv(tmp_path))}, "columns": {"timestamp": None}, "until": "2024-01-10"}
     )
-    with pytest.raises(IngestError, match="ingest.until needs a timestamp column"):
+    with pytest.raises(IngestError, match=r"ingest\.until needs a timestamp column"):
         load_events(cfg)
 
 
