@@ -195,7 +195,7 @@ def build_truth(before: pl.DataFrame, after: pl.DataFrame) -> Truth:
 
 
 def _same_ids(table: pl.DataFrame, truth: Truth) -> pl.DataFrame:
-    """``table`` with ``user_id`` / ``item_id`` in the truth's dtypes (text when a side holds text)."""
+    """``table`` with ``user_id`` / ``item_id`` cast to the log's ID dtypes; IDs that do not cast are an error."""
     out = table
     for col, dtype in (("user_id", truth.users.dtype), ("item_id", truth.items.dtype)):
         if out[col].dtype != dtype:
