@@ -1,6 +1,6 @@
 """``recsys-embed``: the command line. The CLI talks to people; the library only logs.
 
-Commands: run, ingest, generate, bench, recommend, similar, serve, ui.
+Commands: run, backtest, ingest, generate, bench, recommend, similar, serve, ui.
 """
 
 from __future__ import annotations
@@ -96,6 +96,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"MLflow run: {manifest['mlflow']['run_id']} ({redact_uri(manifest['mlflow']['tracking_uri'])}); "
         "`recsys-embed ui` to inspect"
     )
+    return 0
+
+
+def _date(text: str) -> Any:
+    from datetime import datetime
+
+    try:  # a date without a zone is read in ingest.assume_timezone, as the log's times are
+        return datetime.fromisoformat(text)
+    except ValueError:
+        msg = f"{text!r} is not an ISO date or time, e.g. 2011-10-01 or 2011-10-01T12:00"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from flows.backtest import backtest_flow
+
+    out: dict[str, Any] = backtest_flow(
+        config_path=args.config,
+        overrides=args.overrides,
+        mlflow_config=args.mlflow_config,
+        holdout_days=args.holdout_days,
+        cutoff=args.cutoff,
+    )
+    print()
+    print(out["markdown"])
+    print(f"Pipeline run (before the cutoff): {out['pipeline']['run_dir']}")
+    print(f"Results: {out['paths']['json']}, {out['paths']['markdown']}")
+    print(f"MLflow run: {out['mlflow_run_id']}")
     return 0
 
 
@@ -227,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the whole pipeline (Prefect flow) and print the summary")
     _config_arg(r)
     r.set_defaults(fn=cmd_run)
+
+    bt = sub.add_parser("backtest", help="run the pipeline on the log before a cutoff, score its tables on what "
+                        "happened after, side by side with popularity and hand-glued implicit ALS")  # fmt: skip
+    _config_arg(bt)
+    when = bt.add_mutually_exclusive_group(required=True)
+    when.add_argument("--holdout-days", type=int, metavar="N", help="cutoff = the last kept event - N days")
+    when.add_argument("--cutoff", type=_date, metavar="DATE", help="cutoff date or time (ISO, e.g. 2011-10-01)")
+    bt.set_defaults(fn=cmd_backtest)
 
     i = sub.add_parser("ingest", help="ingest the log only and print the row accounting")
     _config_arg(i)

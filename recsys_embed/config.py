@@ -104,6 +104,10 @@ class IngestConfig(_Strict):
     # Rows outside [start, end) are quarantined with reason "timestamp_out_of_window".
     window_start: datetime | None = None
     window_end: datetime | None = None
+    # Cut the log: events at or after this time are removed and counted as filtered by rule "after_until"
+    # (row accounting still balances). null keeps the whole log; ``recsys-embed backtest`` sets it to its cutoff.
+    # Part of the ingest cache key like every ingest field, so a cut log never reuses a whole-log ingest.
+    until: datetime | None = None
     # Event times at or before ``plausible_after`` or at or after ``plausible_before`` are quarantined with reason
     # "implausible_timestamp": epoch 0 and earlier (a null placeholder), placeholders such as 0001-01-01 and
     # 9999-12-31, and ms/us epochs read as seconds (year 55,000). null disables a bound (e.g. pre-1970 history).

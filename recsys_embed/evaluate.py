@@ -141,37 +141,83 @@ def evaluate_users(
     tgt = _positive_csr(targets)
     n_targets = np.diff(tgt.indptr)
     eval_users = np.flatnonzero(n_targets > 0)
+    sums = _MetricSums(ks, n_items, item_popularity, per_user)
+    for chunk in iter_topk(emb, ks[-1], users=eval_users, seen=seen, chunk_users=batch_users):
+        sums.add(chunk.items, _row_keys(tgt, chunk.users, n_items), n_targets[chunk.users])
+    return sums.result(len(eval_users)), sums.user_values()
 
-    kmax = ks[-1]
-    # discount[j] = 1 / log2(j + 2) for 0-based rank j; idcg[m] = sum of the first m discounts
-    discount = 1.0 / np.log2(np.arange(kmax, dtype=np.float64) + 2.0)
-    idcg = np.concatenate([[0.0], np.cumsum(discount)])
-    ranks = np.arange(1, kmax + 1, dtype=np.float64)
 
-    wanted = set(per_user)
-    for name in wanted:
-        base, _, cut = name.rpartition("_at_")
-        if base not in _PER_USER or not cut.isdigit() or int(cut) not in ks:
-            raise ValueError(f"per_user metric {name!r} is not a per-user metric at one of ks={ks}")
-    values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
-    sums = {(m, k): 0.0 for m in _PER_USER for k in ks}
-    recommended = {k: np.zeros(n_items, dtype=bool) for k in ks}
-    pct = popularity_percentile(item_popularity) if item_popularity is not None else None
-    pop_sum = dict.fromkeys(ks, 0.0)
-    pop_n = dict.fromkeys(ks, 0)
+def evaluate_ranked(items: np.ndarray, targets: sp.csr_matrix, ks: Sequence[int]) -> dict[str, float]:
+    """The metrics of ``evaluate`` (same definitions, same code) for ranked lists made elsewhere, e.g. read
+    back from an exported top-k table.
 
-    for chunk in iter_topk(emb, kmax, users=eval_users, seen=seen, chunk_users=batch_users):
-        items = chunk.items  # (n, k_eff) with k_eff = min(kmax, n_items); -1 = no candidate
+    Args:
+        items: int (n_users, width) item indices in rank order; -1 marks an empty slot (a user with no
+            list at all is a row of -1s and scores 0 on every per-user metric, never dropped).
+        targets: CSR (n_users x n_items); row ``r`` holds user ``r``'s held-out positives. Users without a
+            target are not evaluated. ``coverage_at_k`` is over these ``n_items``.
+        ks: cut-offs; a list shorter than k simply has fewer chances to hit.
+
+    Returns:
+        ``{"recall_at_20": ..., ..., "n_users_evaluated": n}`` as ``evaluate`` (no ``popularity_bias``).
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks!r}; use e.g. ks=[10, 20]")
+    items = np.asarray(items, dtype=np.int64)
+    n_items = targets.shape[1]
+    if items.ndim != 2 or items.shape[0] != targets.shape[0]:
+        raise ValueError(f"items shape {items.shape} must be (n_users, width) with n_users = {targets.shape[0]}")
+    if items.size and (items.max() >= n_items or items.min() < -1):
+        raise ValueError(f"items must hold indices in [0, {n_items}) or -1 for an empty slot")
+    if items.shape[1] < ks[-1]:  # pad: the metric code reads k slots
+        pad = np.full((items.shape[0], ks[-1] - items.shape[1]), -1, dtype=np.int64)
+        items = np.concatenate([items, pad], axis=1)
+    tgt = _positive_csr(targets)
+    n_targets = np.diff(tgt.indptr)
+    eval_users = np.flatnonzero(n_targets > 0)
+    sums = _MetricSums(ks, n_items, None)
+    sums.add(items[eval_users, : ks[-1]], _row_keys(tgt, eval_users, n_items), n_targets[eval_users])
+    return sums.result(len(eval_users))
+
+
+class _MetricSums:
+    """Per-user metric sums over chunks of ranked lists; the one implementation of the module's definitions."""
+
+    def __init__(
+        self, ks: list[int], n_items: int, item_popularity: np.ndarray | None, per_user: Sequence[str] = ()
+    ) -> None:
+        self.ks, self.n_items = ks, n_items
+        for name in per_user:
+            base, _, cut = name.rpartition("_at_")
+            if base not in _PER_USER or not cut.isdigit() or int(cut) not in ks:
+                raise ValueError(f"per_user metric {name!r} is not a per-user metric at one of ks={ks}")
+        self.values: dict[str, list[np.ndarray]] = {name: [] for name in per_user}
+        kmax = ks[-1]
+        # discount[j] = 1 / log2(j + 2) for 0-based rank j; idcg[m] = sum of the first m discounts
+        self.discount = 1.0 / np.log2(np.arange(kmax, dtype=np.float64) + 2.0)
+        self.idcg = np.concatenate([[0.0], np.cumsum(self.discount)])
+        self.ranks = np.arange(1, kmax + 1, dtype=np.float64)
+        self.sums = {(m, k): 0.0 for m in _PER_USER for k in ks}
+        self.recommended = {k: np.zeros(n_items, dtype=bool) for k in ks}
+        self.pct = popularity_percentile(item_popularity) if item_popularity is not None else None
+        self.pop_sum = dict.fromkeys(ks, 0.0)
+        self.pop_n = dict.fromkeys(ks, 0)
+
+    def add(self, items: np.ndarray, target_keys: np.ndarray, n_targets: np.ndarray) -> None:
+        """Add a chunk: ``items`` (n, k_eff) ranked item indices (-1 = no candidate), ``target_keys`` the
+        chunk's sorted ``_row_keys``, ``n_targets`` (n,) targets per user (>= 1)."""
         k_eff = items.shape[1]
-        hits = _hits(items, _row_keys(tgt, chunk.users, n_items), n_items).astype(np.float64)
-        n_t = n_targets[chunk.users].astype(np.float64)
+        hits = _hits(items, target_keys, self.n_items).astype(np.float64)
+        n_t = n_targets.astype(np.float64)
         cum_hits = np.cumsum(hits, axis=1)
         # hit_j * precision@j, summed later per cut-off
-        ap_terms = hits * cum_hits / ranks[:k_eff]
-        dcg_terms = hits * discount[:k_eff]
+        ap_terms = hits * cum_hits / self.ranks[:k_eff]
+        dcg_terms = hits * self.discount[:k_eff]
         has_hit = hits.any(axis=1)
         first = np.where(has_hit, hits.argmax(axis=1), k_eff)  # 0-based rank of the first hit
-        for k in ks:
+        sums = self.sums
+        for k in self.ks:
             kk = min(k, k_eff)
             denom = np.minimum(n_t, k)
             n_hit = cum_hits[:, kk - 1] if kk else np.zeros(len(n_t))
@@ -179,32 +225,37 @@ def evaluate_users(
             user_values = {
                 "recall": n_hit / denom,
                 "precision": n_hit / k,
-                "ndcg": dcg_terms[:, :kk].sum(axis=1) / idcg[denom.astype(np.int64)],
+                "ndcg": dcg_terms[:, :kk].sum(axis=1) / self.idcg[denom.astype(np.int64)],
                 "map": ap_terms[:, :kk].sum(axis=1) / denom,
                 "mrr": np.where(in_k, 1.0 / (first + 1.0), 0.0),
                 "hit_rate": in_k.astype(np.float64),
             }
             for m, v in user_values.items():
                 sums[m, k] += float(v.sum())
-                if f"{m}_at_{k}" in wanted:
-                    values[f"{m}_at_{k}"].append(v)
+                if f"{m}_at_{k}" in self.values:
+                    self.values[f"{m}_at_{k}"].append(v)
             rec = items[:, :kk]
             rec = rec[rec >= 0]
-            recommended[k][rec] = True
-            if pct is not None:
-                pop_sum[k] += float(pct[rec].sum())
-                pop_n[k] += int(rec.size)
+            self.recommended[k][rec] = True
+            if self.pct is not None:
+                self.pop_sum[k] += float(self.pct[rec].sum())
+                self.pop_n[k] += int(rec.size)
 
-    n_eval = len(eval_users)
-    out: dict[str, float] = {}
-    for k in ks:
-        for m in _PER_USER:
-            out[f"{m}_at_{k}"] = sums[m, k] / n_eval if n_eval else float("nan")
-        out[f"coverage_at_{k}"] = float(recommended[k].sum()) / n_items if n_eval and n_items else float("nan")
-        if pct is not None:
-            out[f"popularity_bias_at_{k}"] = pop_sum[k] / pop_n[k] if pop_n[k] else float("nan")
-    out["n_users_evaluated"] = float(n_eval)
-    return out, {name: np.concatenate(v) if v else np.zeros(0) for name, v in values.items()}
+    def user_values(self) -> dict[str, np.ndarray]:
+        """The requested per-user metrics, one value per evaluated user in the order they were added."""
+        return {name: np.concatenate(v) if v else np.zeros(0) for name, v in self.values.items()}
+
+    def result(self, n_eval: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k in self.ks:
+            for m in _PER_USER:
+                out[f"{m}_at_{k}"] = self.sums[m, k] / n_eval if n_eval else float("nan")
+            covered = float(self.recommended[k].sum()) / self.n_items
+            out[f"coverage_at_{k}"] = covered if n_eval and self.n_items else float("nan")
+            if self.pct is not None:
+                out[f"popularity_bias_at_{k}"] = self.pop_sum[k] / self.pop_n[k] if self.pop_n[k] else float("nan")
+        out["n_users_evaluated"] = float(n_eval)
+        return out
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> pl.DataFrame:

@@ -20,7 +20,8 @@ Row accounting (``RowReport``): ``rows_read = kept + duplicates + quarantined + 
    ``plausible_after``, default epoch 0, or at or after ``plausible_before``, default 2100),
    ``timestamp_out_of_window``, ``unknown_event_type``, ``invalid_weight``;
 2. exact duplicates (every mapped column equal after parsing) are dropped, the first occurrence kept;
-3. rule filters remove rows: each ``item_filters`` rule by name, then ``rating_below_threshold``.
+3. rule filters remove rows: each ``item_filters`` rule by name, then ``rating_below_threshold``, then
+   ``after_until`` (events at or after ``ingest.until``: the log cut of a backtest).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ REASONS = (
 )
 """Quarantine reasons, in precedence order (a row gets the first that applies)."""
 RATING_RULE = "rating_below_threshold"
+UNTIL_RULE = "after_until"
 
 _FIX = {
     "malformed_row": "rows do not have the header's number of fields; check ingest.source.csv_separator and quoting",
@@ -539,7 +541,7 @@ def _empty_quarantine() -> pl.DataFrame:
 
 
 def _apply_filters(events: pl.DataFrame, cfg: IngestConfig, report: RowReport) -> pl.DataFrame:
-    """Apply ``item_filters`` (in order, each counted under its name), then ``rating_threshold``."""
+    """Apply ``item_filters`` (in order, each counted under its name), then ``rating_threshold``, then ``until``."""
     for k, rule in enumerate(cfg.item_filters):
         item = events["item_id"]
         hit: pl.Series | None = None
@@ -569,6 +571,11 @@ def _apply_filters(events: pl.DataFrame, cfg: IngestConfig, report: RowReport) -
         before = events.height
         events = events.filter(~(events["rating"] < cfg.rating_threshold).fill_null(False))
         report.filter_out(RATING_RULE, before - events.height)
+    if cfg.until is not None:
+        until = cfg.until if cfg.until.tzinfo is not None else cfg.until.replace(tzinfo=ZoneInfo(cfg.assume_timezone))
+        before = events.height
+        events = events.filter(~(events["ts"] >= until.astimezone(UTC)).fill_null(False))
+        report.filter_out(UNTIL_RULE, before - events.height)
     return events
 
 
@@ -608,6 +615,8 @@ def _validate_cfg(cfg: IngestConfig) -> None:
         ) from None
     if cfg.columns.timestamp is None and (cfg.window_start or cfg.window_end):
         raise IngestError("ingest.window_start/window_end need a timestamp column; set ingest.columns.timestamp")
+    if cfg.columns.timestamp is None and cfg.until is not None:
+        raise IngestError("ingest.until needs a timestamp column; set ingest.columns.timestamp or ingest.until=null")
 
 
 def _unreadable(raw: RawFrame, e: BaseException) -> IngestError:

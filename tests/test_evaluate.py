@@ -210,3 +210,29 @@ def test_selection_metrics_are_returned_by_evaluate(
     m = evaluate(emb, seen, targets, ks=[3, 1])
     assert set(selection_metrics([1, 3])) <= set(m)
     assert "n_users_evaluated" not in selection_metrics([1, 3])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_evaluate_ranked_equals_evaluate_on_the_same_lists(seed: int) -> None:
+    """A table read back (evaluate_ranked) scores exactly as the harness that ranked it (evaluate)."""
+    from recsys_embed.evaluate import evaluate_ranked
+    from recsys_embed.topk import topk
+
+    rng = np.random.default_rng(seed)
+    n_users, n_items, d = 90, 30, 4
+    emb = _emb(rng.standard_normal((n_users, d)), rng.standard_normal((n_items, d)))
+    seen = sp.csr_matrix((rng.random((n_users, n_items)) < 0.3).astype(np.float32))
+    targets = sp.csr_matrix(((rng.random((n_users, n_items)) < 0.1) & (seen.toarray() == 0)).astype(np.float32))
+    want = evaluate(emb, seen, targets, ks=[1, 5, 10])
+    lists = topk(emb, 10, seen=seen).items  # (n_users, 10), users in index order
+    got = evaluate_ranked(lists, targets, ks=[1, 5, 10])
+    assert got == pytest.approx(want, rel=1e-12)
+    # a user whose list is missing (all -1) stays evaluated and scores zero
+    user = int(np.flatnonzero(np.diff(targets.indptr) > 0)[0])
+    only = sp.csr_matrix(targets.multiply(np.arange(n_users)[:, None] == user))
+    alone = evaluate_ranked(lists, only, ks=[10])["recall_at_10"]  # that user's own recall
+    lists[user] = -1
+    dropped = evaluate_ranked(lists, targets, ks=[10])
+    n = want["n_users_evaluated"]
+    assert dropped["n_users_evaluated"] == n
+    assert dropped["recall_at_10"] == pytest.approx(want["recall_at_10"] - alone / n, rel=1e-12)

@@ -1,0 +1,98 @@
+"""The backtest flow: cut the log, run the whole production pipeline before the cutoff, score what it ships.
+
+Orchestration only (the numbers come from ``recsys_embed.backtest``):
+
+1. ingest the whole log as configured (cached under the backtest's own ``cache/``) and resolve the cutoff;
+2. run the main flow (``embedding_pipeline``, a subflow) with ``name=<name>-backtest-<tag>``,
+   ``ingest.until=<cutoff>`` and no registry, database or incremental state, so the real pipeline's outputs,
+   champion and state are never touched;
+3. score its shipped top-k tables and two baselines on the events after the cutoff; write ``backtest.json`` and
+   ``backtest.md`` under ``<output_root>/<name>-backtest-<tag>/`` and log one MLflow run with the table.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from flows.embedding_pipeline import embedding_pipeline
+from recsys_embed import backtest, stages
+from recsys_embed.config import IngestConfig, MlflowSettings, load_config, load_mlflow_settings
+from recsys_embed.lock import run_lock
+from recsys_embed.tracking import Tracker
+
+
+@task(name="backtest-ingest", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
+def full_ingest_task(cfg: IngestConfig, cache_root: str) -> dict[str, Any]:
+    return stages.run_ingest(cfg, Path(cache_root))
+
+
+@task(name="backtest-cutoff", cache_policy=NONE)
+def cutoff_task(events: str, holdout_days: int | None, cutoff: datetime | None) -> dict[str, datetime]:
+    import polars as pl
+
+    first, last = backtest.event_span(pl.read_parquet(events, columns=["ts"]))
+    return {"first": first, "last": last, "cutoff": backtest.resolve_cutoff(first, last, holdout_days, cutoff)}
+
+
+@task(name="backtest-score", cache_policy=NONE)
+def score_task(
+    events: str, cutoff: datetime, manifest: dict[str, Any], name: str, k: int, ks: list[int], seed: int,
+    holdout_days: int | None,
+) -> backtest.BacktestResult:  # fmt: skip
+    return backtest.run_scoring(events, cutoff, manifest, name=name, k=k, ks=ks, seed=seed, holdout_days=holdout_days)
+
+
+@task(name="backtest-write", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
+def write_task(result: backtest.BacktestResult, folder: str) -> dict[str, str]:
+    with run_lock(folder):
+        return backtest.write_results(result, folder)
+
+
+@task(name="backtest-log", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
+def log_task(settings: MlflowSettings, result: backtest.BacktestResult, tags: dict[str, str]) -> str:
+    return backtest.log_results(Tracker(settings), result, tags)
+
+
+@flow(name="backtest")
+def backtest_flow(
+    config_path: str | None = "configs/retail.yaml",
+    overrides: list[str] | None = None,
+    mlflow_config: str = "mlflow.yml",
+    holdout_days: int | None = None,
+    cutoff: datetime | None = None,
+) -> dict[str, Any]:
+    """Backtest the pipeline at ``cutoff`` or ``holdout_days`` before the log's last kept event (exactly one).
+
+    Returns ``backtest.json``'s content plus ``paths`` (json, markdown) and ``mlflow_run_id``.
+    """
+    logger = get_run_logger()
+    overrides = list(overrides or [])
+    cfg = load_config(config_path, overrides)
+    tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
+    if cutoff is not None:
+        cutoff = backtest.as_utc(cutoff, cfg.ingest.assume_timezone)
+    name = backtest.backtest_name(cfg.name, backtest.backtest_tag(holdout_days, cutoff))
+    root = Path(cfg.output_root) / name
+    with run_lock(root):  # released before the main flow takes it for its own run
+        ingest = full_ingest_task(cfg.ingest, str(root / "cache"))
+    span = cutoff_task(ingest["events"], holdout_days, cutoff)
+    cut = span["cutoff"]
+    logger.info("backtest %s: cutoff %s (kept events %s .. %s)", name, cut.isoformat(), span["first"].isoformat(),
+                span["last"].isoformat())  # fmt: skip
+
+    manifest = embedding_pipeline(config_path, overrides + backtest.pipeline_overrides(name, cut), mlflow_config)
+
+    result = score_task(ingest["events"], cut, manifest, name, cfg.export.k, cfg.eval.ks, cfg.seed, holdout_days)
+    paths = write_task(result, str(root))
+    text = backtest.markdown(result)
+    scope = {"pipeline": name, "output_root": str(root.resolve())}
+    run_id = log_task(tracker.settings, result, scope)
+    create_markdown_artifact(markdown=text, key="recsys-embed-backtest", description=f"backtest {name}")
+    logger.info("backtest %s:\n%s", name, text)
+    return {**result.to_dict(), "paths": paths, "mlflow_run_id": run_id, "markdown": text}
