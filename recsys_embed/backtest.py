@@ -360,10 +360,10 @@ def hand_glued_als_table(before: pl.DataFrame, users: pl.Series, k: int, seed: i
 def shipped_tables(manifest: dict[str, Any]) -> dict[str, str]:
     """Model -> top-k table path of what a pipeline run ships, its best model first.
 
-    Reads ``manifest["shipped"][model]["topk"]`` (the production-refit tables) when the run has them, else
-    ``manifest["exports"][model]["topk"]``.
+    Reads ``manifest["exports"][model]["topk"]``: the shipped tables (``export.models``; the production refits
+    unless ``export.refit`` is off).
     """
-    source = manifest.get("shipped") or manifest.get("exports") or {}
+    source = manifest.get("exports") or {}
     paths = {m: str(rec["topk"]) for m, rec in source.items() if isinstance(rec, dict) and rec.get("topk")}
     if not paths:
         raise BacktestError(f"the pipeline run {manifest.get('run_dir')} exported no top-k table; enable a model")

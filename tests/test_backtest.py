@@ -210,11 +210,12 @@ def test_resolve_cutoff_and_names() -> None:
     assert "ingest.until=2024-01-11T00:00:00+00:00" in backtest.pipeline_overrides("x", CUTOFF)
 
 
-def test_shipped_tables_prefers_the_refit_tables_best_first() -> None:
+def test_shipped_tables_best_first() -> None:
     exports = {"als": {"topk": "e/als"}, "popularity": {"topk": "e/pop"}}
     assert list(backtest.shipped_tables({"exports": exports, "best_model": "popularity"})) == ["popularity", "als"]
-    shipped = {"als": {"topk": "s/als"}}
-    assert backtest.shipped_tables({"exports": exports, "shipped": shipped, "best_model": "als"}) == {"als": "s/als"}
+    # the manifest's "shipped" (a list of names) does not change where the tables are read from
+    manifest = {"exports": exports, "shipped": ["als"], "best_model": "als"}
+    assert list(backtest.shipped_tables(manifest)) == ["als", "popularity"]
 
 
 # ----------------------------------------------------------------------------------------------------------
