@@ -96,8 +96,9 @@ _FIX = {
     "null_item": "map the item column with ingest.columns.item",
     "invalid_id": (
         "IDs must be whole numbers or scalar text of at most ingest.max_id_length bytes without control "
-        "characters (a number like 1000.5 is no ID: check ingest.columns.user / item and ingest.id_type); IDs like "
-        "1.23457E+11 lost digits in a spreadsheet: re-export the log with the ID columns as text"
+        "characters (a number like 1000.5 is no ID: check ingest.columns.user / item and ingest.user_id_type / "
+        "item_id_type); IDs like 1.23457E+11 lost digits in a spreadsheet: re-export the log with the ID columns "
+        "as text"
     ),
     "null_timestamp": "map the time column with ingest.columns.timestamp (or set it to null)",
     "unparsable_timestamp": "map the time column with ingest.columns.timestamp and check ingest.timestamp_unit",
@@ -277,7 +278,7 @@ def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
 
 
 def _id_dtypes(raws: list[RawFrame], cfg: IngestConfig) -> tuple[pl.DataType, pl.DataType]:
-    """One ID dtype per role (user, item) for the whole input: Int64 or String, by ``ingest.id_type``.
+    """One ID dtype per role for the whole input: Int64 or String, by ``ingest.user_id_type`` / ``item_id_type``.
 
     Decided from the files' schemas (no data pass), except for UInt64 columns under "auto", whose maximum is
     read to tell whether they fit Int64. "auto": String when any file holds the column as text (or as UInt64
@@ -286,11 +287,12 @@ def _id_dtypes(raws: list[RawFrame], cfg: IngestConfig) -> tuple[pl.DataType, pl
     out: list[pl.DataType] = []
     for role in ("user", "item"):
         col = getattr(cfg.columns, role)
+        id_type = getattr(cfg, f"{role}_id_type")
         kinds = [id_kind(raw.schema[col], raw.file.name, col, role) for raw in raws]
         text_files = [raw.file.name for raw, k in zip(raws, kinds, strict=True) if k == "str"]
         float_files = [raw.file.name for raw, k in zip(raws, kinds, strict=True) if k == "float"]
         huge = False  # UInt64 IDs above Int64's range: "auto" reads them as their exact text
-        if cfg.id_type == "auto" and not text_files:
+        if id_type == "auto" and not text_files:
             for raw in raws:
                 if raw.schema[col] != pl.UInt64:
                     continue
@@ -303,9 +305,9 @@ def _id_dtypes(raws: list[RawFrame], cfg: IngestConfig) -> tuple[pl.DataType, pl
                     log.info(
                         "'%s': %s column '%s' holds UInt64 IDs above 2**63; read as text", raw.file.name, role, col
                     )
-        if cfg.id_type == "int":
+        if id_type == "int":
             dtype: pl.DataType = pl.Int64()
-        elif cfg.id_type == "string" or text_files or huge:
+        elif id_type == "string" or text_files or huge:
             dtype = pl.String()
         else:
             dtype = pl.Int64()
@@ -317,15 +319,15 @@ def _id_dtypes(raws: list[RawFrame], cfg: IngestConfig) -> tuple[pl.DataType, pl
             log.warning(msg)
             warnings.warn(msg, DataWarning, stacklevel=3)
         n_numeric = len(raws) - len(text_files)
-        if cfg.id_type == "auto" and text_files and n_numeric:
+        if id_type == "auto" and text_files and n_numeric:
             msg = (
                 f"{role} IDs are read as text in every file because '{text_files[0]}' holds column '{col}' as "
                 f"text, while {n_numeric} file(s) hold numbers (written as their integer text, 1000.0 -> '1000'); "
-                "set ingest.id_type=int to read them all as integers"
+                f"set ingest.{role}_id_type=int to read them all as integers"
             )
             log.warning(msg)
             warnings.warn(msg, DataWarning, stacklevel=3)
-        log.info("ingest: %s IDs read as %s (ingest.id_type=%s)", role, dtype, cfg.id_type)
+        log.info("ingest: %s IDs read as %s (ingest.%s_id_type=%s)", role, dtype, role, id_type)
         out.append(dtype)
     return out[0], out[1]
 
