@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from pydantic import TypeAdapter, ValidationError
 from recsys_embed.config import FolderName, PipelineConfig, SourceConfig
 from recsys_embed.errors import ConfigError, IngestError
 from recsys_embed.io import write_text_atomic
-from recsys_embed.parsing import TS_DTYPE, guess_unit, is_text_dtype, parse_time_text
+from recsys_embed.parsing import NULL_TOKENS, TS_DTYPE, guess_unit, is_text_dtype, parse_time_text
 from recsys_embed.sources import READ_ERRORS, SourceFile, list_sources, read_source
 
 SAMPLE_ROWS = 200_000
@@ -303,7 +304,8 @@ def _profile_column(s: pl.Series) -> _Col:
         ts = ts.cast(pl.Datetime("us")).dt.replace_time_zone("UTC").drop_nulls()
         share = _num(_plausible(ts).mean()) if ts.len() else 0.0
         naive = not (isinstance(dtype, pl.Datetime) and dtype.time_zone)
-        how = f"{dtype} values"
+        zone = dtype.time_zone if isinstance(dtype, pl.Datetime) else None
+        how = f"{'Datetime' if isinstance(dtype, pl.Datetime) else 'Date'} values" + (f" in {zone}" if zone else "")
         return _Col(s.name, dtype, "datetime", given, s.n_unique(), time_share=share, time_how=how, naive=naive)
     if dtype.is_integer() or dtype.is_float():
         v = s.drop_nulls().cast(pl.Float64)
@@ -321,7 +323,7 @@ def _profile_column(s: pl.Series) -> _Col:
     if not is_text_dtype(dtype):
         return _Col(s.name, dtype, "other", given, 0)
     t = s.cast(pl.String).str.strip_chars()
-    t = t.filter(~t.is_in(["", "null", "NULL", "None", "nan", "NaN", "NA", "N/A"]) & t.is_not_null())
+    t = t.filter(t.is_not_null() & ~t.is_in(NULL_TOKENS))
     col = _Col(s.name, dtype, "text", t.len(), t.n_unique())
     if not t.len():
         return col
@@ -443,8 +445,7 @@ def propose(sample: Sample, name: str, hints: dict[str, str] | None = None) -> L
     values: dict[str, list[str]] = {}
     for c, prof in cols.items():
         if prof.kind in ("text", "int") and 1 <= prof.distinct <= MAX_EVENT_TYPES:
-            s = frame[c].cast(pl.String).str.strip_chars().drop_nulls()
-            values[c] = s.unique().sort().to_list()
+            values[c] = _event_values(frame[c]).unique().sort().to_list()
     taken: set[str] = set(hints.values())
     choices: dict[str, Choice] = {}
     checks: list[str] = []
@@ -505,7 +506,7 @@ def propose(sample: Sample, name: str, hints: dict[str, str] | None = None) -> L
     guesses: list[EventTypeGuess] = []
     et = choices["event_type"].column
     if et is not None:
-        counts = frame[et].cast(pl.String).str.strip_chars().drop_nulls().value_counts(sort=True)
+        counts = _event_values(frame[et]).value_counts(sort=True)
         if counts.height > MAX_EVENT_TYPES:
             checks.append(
                 f"column '{et}' has {counts.height} distinct values, too many for event types: set "
@@ -576,6 +577,12 @@ def propose(sample: Sample, name: str, hints: dict[str, str] | None = None) -> L
     )
 
 
+def _event_values(s: pl.Series) -> pl.Series:
+    """An event-type column's values as ingest matches them: stripped text, null tokens and blanks dropped."""
+    t = s.cast(pl.String).str.strip_chars()
+    return t.filter(t.is_not_null() & ~t.is_in(NULL_TOKENS))
+
+
 def _example(frame: pl.DataFrame, col: str, pattern: str) -> str:
     s = frame[col].cast(pl.String).str.strip_chars().drop_nulls()
     hit = s.filter(s.str.contains(pattern)).head(1)
@@ -589,6 +596,10 @@ def _why(role: str, c: _Col, values: list[str] | None) -> Choice:
         what = f"{c.distinct:,} distinct in the sample, {'integers' if c.kind == 'int' else 'short text'}"
         if not named:
             return Choice(c.name, f"CHECK: ID-like by content only ({what}); pass --{role} to choose another", True)
+        if role == "user" and "session" in _name_key(c.name)[1]:
+            return Choice(
+                c.name, f"CHECK: sessions stand in for users ({what}); map a user column if the log has one", True
+            )
         return Choice(c.name, f"{by_name} and content ({what})")
     if role == "timestamp":
         how = c.time_how or str(c.dtype)
@@ -620,7 +631,8 @@ def _absent(role: str) -> str:
 # The config text (pure) and writing it
 
 
-_COMMENT_AT = 34
+_COMMENT_AT = 34  # the column comments start at
+_WIDTH = 118  # wrap comments to this line length
 
 
 def _scalar(v: Any) -> str:
@@ -630,15 +642,26 @@ def _scalar(v: Any) -> str:
 
 
 def _line(indent: int, key: str, value: Any = None, comment: str = "", raw: str | None = None) -> str:
-    """``key: value  # comment`` at ``indent``; ``raw`` is written as is instead of ``value`` ("" for none)."""
+    """``key: value  # comment`` at ``indent`` (the comment wrapped onto aligned ``#`` lines); ``raw`` is written
+    as is instead of ``value`` ("" for none)."""
     body = " " * indent + f"{_scalar(key)}:"
     if raw is None:
         body += f" {_scalar(value)}"
     elif raw:
         body += f" {raw}"
-    if comment:
-        body = body.ljust(_COMMENT_AT) + " # " + comment.replace("\n", " ")
-    return body
+    if not comment:
+        return body
+    at = max(_COMMENT_AT, len(body) + 1)
+    chunks = textwrap.wrap(comment.replace("\n", " "), width=max(_WIDTH - at - 3, 40))
+    lines = [body.ljust(at) + " # " + chunks[0]]
+    lines += [" " * at + " # " + c for c in chunks[1:]]
+    return "\n".join(lines)
+
+
+def _comment_block(text: str, lead: str) -> list[str]:
+    """``text`` as ``#`` lines: the first starts with ``lead``, the others are indented under it."""
+    chunks = textwrap.wrap(text, width=_WIDTH - len(lead))
+    return [lead + chunks[0]] + ["#" + " " * (len(lead) - 1) + c for c in chunks[1:]]
 
 
 def render_yaml(p: LogProposal, command: str) -> str:
@@ -647,15 +670,17 @@ def render_yaml(p: LogProposal, command: str) -> str:
     ``command`` is the ``init`` command line, recorded in the header.
     """
     ch = p.choices
-    out: list[str] = [
-        f"# Written by `{command}`: a proposal from the log itself; read the lines marked CHECK.",
-        f"# Sampled {p.rows_sampled:,} rows of {p.files_read} of {p.files} file(s) ({p.format}); about "
+    out = _comment_block(f"Written by `{command}`: a proposal from the log itself; read the lines marked CHECK.", "# ")
+    out += _comment_block(
+        f"Sampled {p.rows_sampled:,} rows of {p.files_read} of {p.files} file(s) ({p.format}); about "
         f"{p.rows_estimate:,} rows in all.",
-        f"# Then: recsys-embed run --config configs/{p.name}.yaml   (outputs go to outputs/{p.name}/)",
-    ]
-    out += [f"#   CHECK: {c}" for c in p.checks]
+        "# ",
+    )
+    out.append(f"# Then: recsys-embed run --config configs/{p.name}.yaml   (outputs go to outputs/{p.name}/)")
+    for check in p.checks:
+        out += _comment_block(check, "#   CHECK: ")
     out += [
-        _line(0, "name", p.name, f"outputs go to outputs/{p.name}/ (and the run's MLflow tags), apart from any other"),
+        _line(0, "name", p.name, f"outputs go to outputs/{p.name}/, apart from other pipelines' outputs"),
         _line(0, "output_root", "outputs"),
         _line(0, "seed", 42),
         "",
@@ -668,8 +693,7 @@ def render_yaml(p: LogProposal, command: str) -> str:
         out.append(_line(4, "csv_separator", p.csv_separator, "sniffed from the header line"))
     out.append("  columns:")
     for role in ROLES:
-        c = ch[role]
-        out.append(_line(4, role, c.column, c.why))
+        out.append(_line(4, role, ch[role].column, ch[role].why))
     for role in ("user", "item"):
         t = p.id_types[role]
         out.append(_line(2, f"{role}_id_type", t.column, t.why))
