@@ -15,8 +15,9 @@ Row accounting (``RowReport``): ``rows_read = kept + duplicates + quarantined + 
    for this, and a genuine U+FFFD in a valid file is kept), ``null_user``, ``null_item`` (null, blank, or a
    null token such as ``NULL``/``NaN``/``NA``), ``invalid_id`` (a text ID longer than ``max_id_length``
    bytes, holding control characters such as NUL, that is a JSON object/array, or in the scientific notation a
-   spreadsheet leaves (``1.23457E+11``: digits lost); a float ID beyond 2**53, whose digits a float cannot
-   hold), ``null_timestamp``, ``unparsable_timestamp``, ``implausible_timestamp`` (at or before
+   spreadsheet leaves (``1.23457E+11``: digits lost); a float ID that is not whole (``1000.5``) or is beyond
+   2**53, whose digits a float cannot hold; text that is no integer where ``ingest.user_id_type`` /
+   ``item_id_type`` is ``int``), ``null_timestamp``, ``unparsable_timestamp``, ``implausible_timestamp`` (at or before
    ``plausible_after``, default epoch 0, or at or after ``plausible_before``, default 2100),
    ``timestamp_out_of_window``, ``unknown_event_type``, ``invalid_weight``;
 2. exact duplicates (every mapped column equal after parsing) are dropped, the first occurrence kept;
@@ -143,8 +144,9 @@ class EventLog:
     """The ingest result.
 
     Attributes:
-        events: clean events, columns ``EVENT_COLUMNS``: ``user_id``/``item_id`` (Int64 when every file's
-            column is integer-typed, else String stripped of surrounding whitespace), ``ts``
+        events: clean events, columns ``EVENT_COLUMNS``: ``user_id``/``item_id`` (one dtype per role for the
+            whole input, ``_id_dtypes``: Int64, or String stripped of surrounding whitespace; a whole float is the
+            same integer ID in every file), ``ts``
             (Datetime[us, UTC]; all null without a timestamp column), ``weight`` (Float64, signed: event-type
             weight x |quantity| (if ``use_quantity``) x weight column), ``event_type`` (String or null),
             ``rating`` (Float64 or null). ``events.height == report.kept``.
@@ -237,13 +239,13 @@ def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
         if isinstance(ts_dtype, pl.Datetime | pl.Date):
             zone = getattr(ts_dtype, "time_zone", None)
             how = f"with zone {zone}" if zone else f"naive, taken as {cfg.assume_timezone}"
-            log.info("'%s': timestamp column '%s' read as %s values (%s)", name, col, ts_dtype, how)
+            log.info("'%s': timestamp column '%s' read as %s values (%s)", name, col, type(ts_dtype).__name__, how)
         return _Profile(cfg.timestamp_unit)
     if cfg.timestamp_unit != "auto":
-        epoch = f"epoch {cfg.timestamp_unit} (ingest.timestamp_unit)"
+        given = f"epoch {cfg.timestamp_unit} (ingest.timestamp_unit)"
         if numeric:
-            log.info("'%s': timestamp column '%s' read as %s", name, col, epoch)
-        return _Profile(cfg.timestamp_unit, ts_epoch=epoch)
+            log.info("'%s': timestamp column '%s' read as %s", name, col, given)
+        return _Profile(cfg.timestamp_unit, ts_epoch=given)
     if numeric:
         size = pl.col(col).cast(pl.Float64).abs()
         text = pl.lit(False)
@@ -718,6 +720,9 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
 
     Returns:
         An ``EventLog`` whose report balances (``report.check()`` passed) and ``events.height == report.kept``.
+
+    Without an event-type column (``columns.event_type`` null) every row is one event of weight 1 and
+    ``event_weights`` is ignored, with one ``DataWarning``.
 
     Raises:
         IngestError: no files, an unreadable or non-log file, a missing column, every file empty, or a file

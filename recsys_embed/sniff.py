@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 import yaml
@@ -31,7 +31,14 @@ from recsys_embed.config import FolderName, PipelineConfig, SourceConfig
 from recsys_embed.errors import ConfigError, IngestError
 from recsys_embed.io import write_text_atomic
 from recsys_embed.parsing import NULL_TOKENS, TS_DTYPE, guess_unit, is_text_dtype, parse_time_text
-from recsys_embed.sources import READ_ERRORS, SourceFile, list_sources, read_source
+from recsys_embed.sources import (
+    COMPRESSION_BY_EXTENSION,
+    FORMAT_BY_EXTENSION,
+    READ_ERRORS,
+    SourceFile,
+    list_sources,
+    read_source,
+)
 
 SAMPLE_ROWS = 200_000
 """Rows read in all for the proposal (the head of each sampled file): enough to see every common event type."""
@@ -100,7 +107,7 @@ _LIKE = _words(
 )
 _CLICK = _words("click clicks clicked tap tapped select selected")
 _VIEW = _words(
-    "view views viewed pageview pv detail visit visited browse impression impressions show shown open opened search"
+    "view views viewed pageview pv detail visit visited browse impression impressions show shown open opened"
 )
 
 
@@ -160,7 +167,6 @@ class LogProposal:
     choices: dict[str, Choice]  # role (``ROLES``) -> choice
     event_types: tuple[EventTypeGuess, ...]
     id_types: dict[str, Choice]  # "user" / "item" -> Choice(column=the id type)
-    timestamp_unit: str
     naive_times: bool  # the timestamp column holds times without a zone
     split_method: str
     checks: tuple[str, ...] = field(default=())
@@ -170,6 +176,9 @@ class LogProposal:
 # Reading the sample (the I/O edge)
 
 
+_LOG_SUFFIXES = {*FORMAT_BY_EXTENSION, *COMPRESSION_BY_EXTENSION}
+
+
 def default_name(path: str) -> str:
     """A config / output folder name from a log path: ``data/shop_log.csv.gz`` -> ``shop_log``."""
     p = Path(path.rstrip("/"))
@@ -177,8 +186,7 @@ def default_name(path: str) -> str:
         parts = [q for q in p.parts if not any(ch in q for ch in "*?[")]
         p = Path(*parts) if parts else Path("log")
     stem = p.name
-    while Path(stem).suffix.lower() in {".gz", ".zst", ".zstd", ".csv", ".tsv", ".txt", ".parquet", ".pq", ".ndjson",
-                                         ".jsonl", ".json"}:  # fmt: skip
+    while Path(stem).suffix.lower() in _LOG_SUFFIXES:
         stem = Path(stem).stem
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-_") or "mylog"
     return name[:64]
@@ -210,16 +218,18 @@ def sniff_separator(file: SourceFile) -> str:
     return best if counts[best] else ","
 
 
-def read_sample(path: str, source_format: str = "auto", max_rows: int = SAMPLE_ROWS) -> Sample:
+def read_sample(
+    path: str, source_format: Literal["auto", "csv", "parquet", "ndjson"] = "auto", max_rows: int = SAMPLE_ROWS
+) -> Sample:
     """Read the head of up to ``SAMPLE_FILES`` of the log's files (first, middle, last) with the ingest readers.
 
     Raises:
         IngestError: no files, an unreadable file, or no data rows (the readers' messages, naming the file).
     """
-    files = list_sources(SourceConfig(path=path, format=source_format))  # type: ignore[arg-type]
+    files = list_sources(SourceConfig(path=path, format=source_format))
     picks = sorted({0, len(files) // 2, len(files) - 1})[:SAMPLE_FILES]
     sep = sniff_separator(files[0]) if files[0].format == "csv" else ","
-    source = SourceConfig(path=path, format=source_format, csv_separator=sep)  # type: ignore[arg-type]
+    source = SourceConfig(path=path, format=source_format, csv_separator=sep)
     per_file = max(1, max_rows // len(picks))
     frames: list[pl.DataFrame] = []
     rows_read_files = 0
@@ -270,7 +280,6 @@ class _Col:
     time_share: float = 0.0  # share of values that read as a plausible event time
     time_how: str = ""  # how those values read (the ingest reading): "ISO-8601 text", "epoch ms", ...
     naive: bool = False  # times without a zone
-    unit: str = "auto"
 
 
 def _name_key(name: str) -> tuple[str, list[str]]:
@@ -318,7 +327,7 @@ def _profile_column(s: pl.Series) -> _Col:
             ok = micros.abs() < 9e18
             ts = micros.filter(ok).round().cast(pl.Int64).cast(TS_DTYPE)
             col.time_share = float(_plausible(ts).sum()) / v.len()
-            col.time_how, col.unit = f"epoch {unit}", unit
+            col.time_how = f"epoch {unit}"
         return col
     if not is_text_dtype(dtype):
         return _Col(s.name, dtype, "other", given, 0)
@@ -339,7 +348,7 @@ def _profile_column(s: pl.Series) -> _Col:
         unit = guess_unit(_num(v.abs().median())) if v.len() else "s"
         ts = parse_time_text(probe, unit, "UTC")
         col.time_share = float(_plausible(ts.drop_nulls()).sum()) / probe.len()
-        col.time_how, col.unit = f"epoch {unit} written as text", unit
+        col.time_how = f"epoch {unit} written as text"
         return col
     formats: Counter[str] = Counter()
     ts = parse_time_text(probe, "s", "UTC", formats)
@@ -354,8 +363,9 @@ def _profile_column(s: pl.Series) -> _Col:
 def _id_like(c: _Col) -> bool:
     if c.kind == "int":
         return c.distinct >= 2
-    if c.kind == "text":
-        return c.distinct >= 2 and c.mean_len <= 64 and c.spaced <= 0.05 and c.time_share < 0.5
+    if c.kind == "text":  # numbers written as text may look like epochs; ISO times are no IDs
+        iso_time = c.time_share >= 0.5 and not c.time_how.startswith("epoch")
+        return c.distinct >= 2 and c.mean_len <= 64 and c.spaced <= 0.05 and not iso_time
     return False
 
 
@@ -379,7 +389,7 @@ def _content_score(role: str, c: _Col, values: list[str] | None) -> float | None
     if role == "timestamp":
         if c.time_share < 0.9:
             return None
-        return 3.0 if c.kind in ("datetime", "text") else 1.0  # numbers are epochs only if the name agrees
+        return 1.0 if c.time_how.startswith("epoch") else 3.0  # numbers are epochs only if the name agrees
     if role == "event_type":
         if c.kind not in ("text", "int") or not 1 <= c.distinct <= MAX_EVENT_TYPES or c.mean_len > 40:
             return None
@@ -461,8 +471,8 @@ def propose(sample: Sample, name: str, hints: dict[str, str] | None = None) -> L
             named = _name_score(role, c)
             if need_name and not named:
                 continue
-            if role == "timestamp" and prof.kind in ("int", "float") and not named:
-                continue  # a number column is an epoch only when its name says time
+            if role == "timestamp" and prof.time_how.startswith("epoch") and not named:
+                continue  # numbers (typed or written as text) are epochs only when the column's name says time
             if role == "event_type" and not named and not _event_vocab(values.get(c, [])):
                 continue
             if role == "item_text" and not named and content < 2:
@@ -570,7 +580,6 @@ def propose(sample: Sample, name: str, hints: dict[str, str] | None = None) -> L
         choices=choices,
         event_types=tuple(guesses),
         id_types=id_types,
-        timestamp_unit="auto",
         naive_times=bool(ts_prof is not None and ts_prof.naive),
         split_method="temporal" if ts_col is not None else "random",
         checks=tuple(checks),

@@ -127,18 +127,16 @@ def test_proposals_for_the_shipped_logs() -> None:
 
 def test_columns_told_by_content_when_names_say_nothing(tmp_path: Path) -> None:
     p = tmp_path / "x.csv"
+    # user IDs are 10-digit numbers, in the range of epoch seconds: numbers are times only when the name says so
     rows = [
-        f"u{k % 50},p{k % 37},2024-01-0{1 + k % 9} 10:00:00+01:00,{'purchase' if k % 5 else 'view'}" for k in range(500)
+        f"{1_600_000_000 + k % 50},p{k % 37},2024-01-0{1 + k % 9} 10:00:00+01:00,{'purchase' if k % 5 else 'view'}"
+        for k in range(500)
     ]
     p.write_text("a,b,c,d\n" + "\n".join(rows) + "\n")
     prop = propose(read_sample(str(p)), "x")
     ch = prop.choices
-    assert (ch["user"].column, ch["item"].column, ch["timestamp"].column, ch["event_type"].column) == (
-        "a",
-        "b",
-        "c",
-        "d",
-    )
+    found = (ch["user"].column, ch["item"].column, ch["timestamp"].column, ch["event_type"].column)
+    assert found == ("a", "b", "c", "d")
     assert ch["user"].check and ch["item"].check  # guessed from content only: marked CHECK
     assert not prop.naive_times  # the times carry their offset
     assert any("ID-like by content only" in c for c in prop.checks)
