@@ -29,9 +29,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
     # The ephemeral server's telemetry heartbeat can only fail offline, and it races the server's own
     # SQLite writes ("database is locked" tracebacks): keep it off unless the user turned it on.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect gives its ephemeral server 20 s to start; on a busy 2-core box (load ~8) it took longer and `run`
-    # died with "Timed out while attempting to connect to ephemeral Prefect API server" before any work.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     for noisy in ("alembic", "mlflow", "urllib3", "distributed", "httpx", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
