@@ -1,6 +1,6 @@
 """``recsys-embed``: the command line. The CLI talks to people; the library only logs.
 
-Commands: run, backtest, ingest, generate, bench, recommend, similar, serve, ui.
+Commands: run, backtest, ingest, init, generate, bench, recommend, similar, serve, ui.
 """
 
 from __future__ import annotations
@@ -144,6 +144,34 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    import shlex
+
+    from recsys_embed.sniff import (
+        check_name,
+        default_name,
+        describe,
+        propose,
+        read_sample,
+        refuse_overwrite,
+        render_yaml,
+        write_config,
+    )
+
+    name = check_name(args.name or default_name(args.log_path))
+    target = Path(args.config_dir) / f"{name}.yaml"
+    refuse_overwrite(target, args.force)
+    hints = {"user": args.user, "item": args.item, "timestamp": args.timestamp, "event_type": args.event_type}
+    proposal = propose(read_sample(args.log_path, args.format), name, hints)
+    argv = ["recsys-embed", "init", args.log_path]
+    argv += [f"--{k.replace('_', '-')}={v}" for k, v in (("name", args.name), *hints.items()) if v]
+    write_config(render_yaml(proposal, shlex.join(argv)), target, args.force)
+    print(describe(proposal))
+    print(f"\nWrote {target}. Read the comments (CHECK marks guesses), then run:")
+    print(f"  recsys-embed run --config {shlex.quote(str(target))}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -267,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("ingest", help="ingest the log only and print the row accounting")
     _config_arg(i)
     i.set_defaults(fn=cmd_ingest)
+
+    ini = sub.add_parser("init", help="sniff your own log and write configs/<name>.yaml for it (then: run --config)")
+    ini.add_argument("log_path", metavar="LOG_PATH", help="a file, a glob ('logs/*.csv.gz') or a partitioned folder")
+    ini.add_argument("--name", help="pipeline name: configs/<name>.yaml, outputs/<name>/ (default: from LOG_PATH)")
+    ini.add_argument("--force", action="store_true", help="overwrite an existing configs/<name>.yaml")
+    ini.add_argument("--format", default="auto", choices=["auto", "csv", "parquet", "ndjson"])
+    for role in ("user", "item", "timestamp", "event-type"):
+        ini.add_argument(f"--{role}", metavar="COLUMN", help=f"the {role} column, when the guess is wrong")
+    ini.add_argument("--config-dir", default="configs", help="where the config goes (default: configs)")
+    ini.set_defaults(fn=cmd_init)
 
     gen = sub.add_parser("generate", help="write a seeded synthetic log (hive-partitioned Parquet)")
     gen.add_argument("--preset", default="1m", help="tiny | 1m | 20m | 100m")

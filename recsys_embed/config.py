@@ -46,13 +46,18 @@ RelativeFile = Annotated[str, AfterValidator(_relative_file)]
 
 
 class ColumnMap(_Strict):
-    """Names of the raw log's columns. Only ``user`` and ``item`` are always required."""
+    """Names of the raw log's columns. Only ``user`` and ``item`` are always required.
+
+    Every other mapping is optional: set it to null (``quantity: null``) when the log has no such column; a
+    mapped column that a file lacks is an error naming the file and the columns it has.
+    ``recsys-embed init LOG`` proposes this map from the log itself.
+    """
 
     user: str = "user_id"
     item: str = "item_id"
-    # None: the log has no time; only the random split can be used then.
+    # None: the log has no time; only the random split can be used then (split.method: random).
     timestamp: str | None = "timestamp"
-    # None: every row is one event of weight 1.
+    # None: every row is one event of weight 1; ingest.event_weights is then ignored (with a warning).
     event_type: str | None = "event_type"
     # Optional numeric columns. ``weight`` multiplies the event weight directly.
     weight: str | None = None
@@ -116,6 +121,16 @@ class IngestConfig(_Strict):
     # Text IDs longer than this (bytes) are quarantined as "invalid_id": no real ID scheme (URLs included) comes
     # near 1 KiB, while a field that swallowed a record does; such IDs bloat ID maps and every export row.
     max_id_length: int = Field(default=1024, ge=1)
+    # One type for user IDs and one for item IDs across every input file, so an ID means the same in each:
+    # "auto": text when any file's column is text (every CSV; a Parquet/NDJSON string column; UInt64 IDs above
+    # 2**63), else integers; decided from the files' schemas, so it costs no pass over the data. "int": integers
+    # everywhere; text such as "17850" or "17850.0" (pandas writes an integer column with gaps so) is parsed,
+    # other text is quarantined as "invalid_id". "string": text everywhere, numbers as their integer text. In
+    # every mode a float column's whole values are integers (1000.0 is 1000 / "1000", never "1000.0") and its
+    # non-integral values (1000.5) are "invalid_id". Pin it for scheduled/incremental runs, so that one day's
+    # file cannot change the type of the IDs the exports and ID maps carry.
+    user_id_type: Literal["auto", "int", "string"] = "auto"
+    item_id_type: Literal["auto", "int", "string"] = "auto"
     item_filters: list[ItemFilterRule] = Field(default_factory=list)
     # Iterative k-core: drop users/items with fewer interactions (distinct items/users), repeat to fixpoint.
     # 1 disables. 2 keeps the matrix informative without throwing away many short histories.

@@ -15,8 +15,9 @@ Row accounting (``RowReport``): ``rows_read = kept + duplicates + quarantined + 
    for this, and a genuine U+FFFD in a valid file is kept), ``null_user``, ``null_item`` (null, blank, or a
    null token such as ``NULL``/``NaN``/``NA``), ``invalid_id`` (a text ID longer than ``max_id_length``
    bytes, holding control characters such as NUL, that is a JSON object/array, or in the scientific notation a
-   spreadsheet leaves (``1.23457E+11``: digits lost); a float ID beyond 2**53, whose digits a float cannot
-   hold), ``null_timestamp``, ``unparsable_timestamp``, ``implausible_timestamp`` (at or before
+   spreadsheet leaves (``1.23457E+11``: digits lost); a float ID that is not whole (``1000.5``) or is beyond
+   2**53, whose digits a float cannot hold; text that is no integer where ``ingest.user_id_type`` /
+   ``item_id_type`` is ``int``), ``null_timestamp``, ``unparsable_timestamp``, ``implausible_timestamp`` (at or before
    ``plausible_after``, default epoch 0, or at or after ``plausible_before``, default 2100),
    ``timestamp_out_of_window``, ``unknown_event_type``, ``invalid_weight``;
 2. exact duplicates (every mapped column equal after parsing) are dropped, the first occurrence kept;
@@ -97,8 +98,10 @@ _FIX = {
     "null_user": "map the user column with ingest.columns.user",
     "null_item": "map the item column with ingest.columns.item",
     "invalid_id": (
-        "IDs must be scalar text of at most ingest.max_id_length bytes without control characters; IDs like "
-        "1.23457E+11 lost digits in a spreadsheet: re-export the log with the ID columns as text"
+        "IDs must be whole numbers or scalar text of at most ingest.max_id_length bytes without control "
+        "characters (a number like 1000.5 is no ID: check ingest.columns.user / item and ingest.user_id_type / "
+        "item_id_type); IDs like 1.23457E+11 lost digits in a spreadsheet: re-export the log with the ID columns "
+        "as text"
     ),
     "null_timestamp": "map the time column with ingest.columns.timestamp (or set it to null)",
     "unparsable_timestamp": "map the time column with ingest.columns.timestamp and check ingest.timestamp_unit",
@@ -119,7 +122,14 @@ _TS_TEXT = "__ts_text"
 _OFF_BAND = "__ts_off_band"
 _FILE = "__file"
 _I64_MAX = 2**63 - 1
-_FLOAT_EXACT = 2**53  # floats hold every integer below this exactly, and not all above it
+_ROLE_WORDS = {
+    "timestamp": "event time",
+    "event_type": "event type (then every row is one event of weight 1)",
+    "weight": "per-row weight",
+    "quantity": "quantity",
+    "rating": "rating",
+    "item_text": "item text",
+}
 # A text ID that is not one: a control character (NUL, newline, ...), a JSON object ({"key": ...}) or array
 # ([1, ...]), or a number in the scientific notation a spreadsheet writes (a mantissa with a point, or an
 # exponent with a sign; hex IDs such as 3e10 hold neither). Text that merely has braces ({{x}}, [abc]) is data.
@@ -136,8 +146,9 @@ class EventLog:
     """The ingest result.
 
     Attributes:
-        events: clean events, columns ``EVENT_COLUMNS``: ``user_id``/``item_id`` (Int64 when every file's
-            column is integer-typed, else String stripped of surrounding whitespace), ``ts``
+        events: clean events, columns ``EVENT_COLUMNS``: ``user_id``/``item_id`` (one dtype per role for the
+            whole input, ``_id_dtypes``: Int64, or String stripped of surrounding whitespace; a whole float is the
+            same integer ID in every file), ``ts``
             (Datetime[us, UTC]; all null without a timestamp column), ``weight`` (Float64, signed: event-type
             weight x |quantity| (if ``use_quantity``) x weight column), ``event_type`` (String or null),
             ``rating`` (Float64 or null). ``events.height == report.kept``.
@@ -182,10 +193,15 @@ def _check_columns(raw: RawFrame, columns: ColumnMap) -> None:
                 "; it has a single column, so it is not a delimited event log (or its separator is not "
                 "ingest.source.csv_separator)"
             )
-        raise IngestError(
-            f"events file '{raw.file.name}' lacks column '{name}' (found: {shown}){hint}; map it with "
-            f"ingest.columns.{role}"
-        )
+        fix = f"map it with ingest.columns.{role}"
+        if role != "user" and role != "item":  # optional: the log may simply not have one
+            fix = (
+                f"map the right column with ingest.columns.{role}, or set `ingest.columns.{role}: null` if the log "
+                f"has no {_ROLE_WORDS[role]}"
+            )
+            if role == "timestamp":
+                fix += " (and split.method: random)"
+        raise IngestError(f"events file '{raw.file.name}' lacks column '{name}' (found: {shown}){hint}; {fix}")
     for role, name in columns.model_dump().items():
         if name is not None and name in raw.duplicates:
             raise IngestError(
@@ -204,82 +220,120 @@ def _check_columns(raw: RawFrame, columns: ColumnMap) -> None:
 
 @dataclass
 class _Profile:
-    user_kind: str
-    item_kind: str
     ts_unit: str  # s / ms / us / ns, or "mixed": each value's unit by its magnitude
     # auto unit, and the column's magnitudes span several units: rows whose magnitude means another unit than
     # ``ts_unit`` are quarantined as implausible_timestamp (read in ts_unit they land in early 1970 or far future)
     ts_off_band: bool = False
+    # how the numeric part of the time column was read, for the log line ("epoch s (auto: ...)"); None: no
+    # numbers (ISO text, Datetime; ``_time_flags`` says what it parsed)
+    ts_epoch: str | None = None
 
 
 def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
-    """ID kinds and the epoch unit of one file; scans only the columns that need a look (usually none)."""
-    cols = cfg.columns
+    """The epoch unit of one file's time column; scans it only for an auto unit over numbers or text."""
+    col = cfg.columns.timestamp
     name = raw.file.name
-    kinds = {
-        "user": id_kind(raw.schema[cols.user], name, cols.user, "user"),
-        "item": id_kind(raw.schema[cols.item], name, cols.item, "item"),
-    }
-    aggs: list[pl.Expr] = []
-    for role, col in (("user", cols.user), ("item", cols.item)):
-        if kinds[role] == "float":
-            c = pl.col(col)
-            given = c.is_not_null() & ~c.is_nan()  # NaN is how pandas spells a missing float
-            aggs.append((given & c.is_finite() & (c == c.round())).sum().alias(f"{role}_integral"))
-            aggs.append(given.sum().alias(f"{role}_present"))
-        elif kinds[role] == "int" and raw.schema[col] == pl.UInt64:
-            aggs.append(pl.col(col).max().alias(f"{role}_max"))
-    ts_dtype = raw.schema[cols.timestamp] if cols.timestamp else None
-    if cols.timestamp and cfg.timestamp_unit == "auto" and ts_dtype is not None:
-        size: pl.Expr | None = None
-        if ts_dtype.is_numeric():
-            size = pl.col(cols.timestamp).cast(pl.Float64).abs()
-        elif is_text_dtype(ts_dtype):
-            size = stripped(cols.timestamp).cast(pl.Float64, strict=False).abs()
-        if size is not None:  # median picks the unit; the range tells a column that mixes units
-            ok = size.filter(size.is_finite() & (size > 0))
-            aggs += [size.median().alias("ts_mag"), ok.min().alias("ts_lo"), ok.max().alias("ts_hi")]
-    stats: dict[str, float | int | None] = {}
-    if aggs:
-        try:
-            stats = raw.frame.select(aggs).collect(engine="streaming").row(0, named=True)
-        except READ_ERRORS as e:
-            raise _unreadable(raw, e) from None
+    if col is None:
+        return _Profile(cfg.timestamp_unit)
+    ts_dtype = raw.schema[col]
+    numeric = ts_dtype.is_numeric()
+    if not numeric and not is_text_dtype(ts_dtype):  # Datetime / Date: nothing to guess (others: ts_exprs fails)
+        if isinstance(ts_dtype, pl.Datetime | pl.Date):
+            zone = getattr(ts_dtype, "time_zone", None)
+            how = f"with zone {zone}" if zone else f"naive, taken as {cfg.assume_timezone}"
+            log.info("'%s': timestamp column '%s' read as %s values (%s)", name, col, type(ts_dtype).__name__, how)
+        return _Profile(cfg.timestamp_unit)
+    if cfg.timestamp_unit != "auto":
+        given = f"epoch {cfg.timestamp_unit} (ingest.timestamp_unit)"
+        if numeric:
+            log.info("'%s': timestamp column '%s' read as %s", name, col, given)
+        return _Profile(cfg.timestamp_unit, ts_epoch=given)
+    if numeric:
+        size = pl.col(col).cast(pl.Float64).abs()
+        text = pl.lit(False)
+    else:
+        s = stripped(col)
+        size = s.cast(pl.Float64, strict=False).abs()
+        text = (s.is_not_null() & size.is_null()).any()  # some value is not a number: ISO-8601 or the like
+    ok = size.filter(size.is_finite() & (size > 0))  # median picks the unit; the range tells a mix of units
+    aggs = [size.median().alias("ts_mag"), ok.min().alias("ts_lo"), ok.max().alias("ts_hi"), text.alias("ts_text")]
+    try:
+        stats = raw.frame.select(aggs).collect(engine="streaming").row(0, named=True)
+    except READ_ERRORS as e:
+        raise _unreadable(raw, e) from None
+    mag, lo, hi = stats["ts_mag"], stats["ts_lo"], stats["ts_hi"]
+    unit = guess_unit(None if mag is None else float(mag))
+    lo_unit = guess_unit(None if lo is None else float(lo))
+    hi_unit = guess_unit(None if hi is None else float(hi))
+    off_band = lo is not None and hi is not None and lo_unit != hi_unit
+    if off_band:
+        msg = (
+            f"events file '{name}': timestamp column '{col}' mixes epoch units (magnitudes from "
+            f"{lo_unit} to {hi_unit}); it is read as {unit} (the median's unit) and "
+            "rows whose magnitude means another unit are quarantined as implausible_timestamp; set "
+            "ingest.timestamp_unit=mixed to read each value in the unit its magnitude implies"
+        )
+        log.warning(msg)
+        warnings.warn(msg, DataWarning, stacklevel=3)
+    read_as = None if mag is None else f"epoch {unit} (auto: median magnitude {float(mag):.3g})"
+    if numeric or (read_as is not None and not stats["ts_text"]):  # text columns with text: _time_flags logs
+        log.info("'%s': timestamp column '%s' read as %s", name, col, read_as or f"epoch {unit}")
+    return _Profile(unit, off_band, read_as)
+
+
+def _id_dtypes(raws: list[RawFrame], cfg: IngestConfig) -> tuple[pl.DataType, pl.DataType]:
+    """One ID dtype per role for the whole input: Int64 or String, by ``ingest.user_id_type`` / ``item_id_type``.
+
+    Decided from the files' schemas (no data pass), except for UInt64 columns under "auto", whose maximum is
+    read to tell whether they fit Int64. "auto": String when any file holds the column as text (or as UInt64
+    above 2**63 - 1), else Int64. Logs (and warns, for input worth a look) how the type was decided.
+    """
+    out: list[pl.DataType] = []
     for role in ("user", "item"):
-        if kinds[role] == "float":
-            col = getattr(cols, role)
-            if stats[f"{role}_integral"] == stats[f"{role}_present"]:
-                kinds[role] = "int"
-                msg = f"events file '{name}': {role} column '{col}' is float but integral; read as Int64 IDs"
-                log.warning(msg)
-                warnings.warn(msg, DataWarning, stacklevel=3)
-            else:
-                kinds[role] = "float_str"
-        elif stats.get(f"{role}_max") is not None and int(stats[f"{role}_max"]) > _I64_MAX:  # type: ignore[arg-type]
-            kinds[role] = "str"  # UInt64 IDs beyond Int64: read as their exact decimal text
-            col = getattr(cols, role)
-            log.info("'%s': %s column '%s' holds UInt64 IDs above 2**63; read as text", name, role, col)
-    unit: str = cfg.timestamp_unit
-    if unit == "auto":
-        mag = stats.get("ts_mag")
-        unit = guess_unit(None if mag is None else float(mag))
-        lo, hi = stats.get("ts_lo"), stats.get("ts_hi")
-        lo_unit = guess_unit(None if lo is None else float(lo))
-        hi_unit = guess_unit(None if hi is None else float(hi))
-        off_band = lo is not None and hi is not None and lo_unit != hi_unit
-        if off_band:
+        col = getattr(cfg.columns, role)
+        id_type = getattr(cfg, f"{role}_id_type")
+        kinds = [id_kind(raw.schema[col], raw.file.name, col, role) for raw in raws]
+        text_files = [raw.file.name for raw, k in zip(raws, kinds, strict=True) if k == "str"]
+        float_files = [raw.file.name for raw, k in zip(raws, kinds, strict=True) if k == "float"]
+        huge = False  # UInt64 IDs above Int64's range: "auto" reads them as their exact text
+        if id_type == "auto" and not text_files:
+            for raw in raws:
+                if raw.schema[col] != pl.UInt64:
+                    continue
+                try:
+                    top = raw.frame.select(pl.col(col).max()).collect(engine="streaming").item()
+                except READ_ERRORS as e:
+                    raise _unreadable(raw, e) from None
+                if top is not None and int(top) > _I64_MAX:
+                    huge = True
+                    log.info(
+                        "'%s': %s column '%s' holds UInt64 IDs above 2**63; read as text", raw.file.name, role, col
+                    )
+        if id_type == "int":
+            dtype: pl.DataType = pl.Int64()
+        elif id_type == "string" or text_files or huge:
+            dtype = pl.String()
+        else:
+            dtype = pl.Int64()
+        if float_files:
             msg = (
-                f"events file '{name}': timestamp column '{cols.timestamp}' mixes epoch units (magnitudes from "
-                f"{lo_unit} to {hi_unit}); it is read as {unit} (the median's unit) and "
-                "rows whose magnitude means another unit are quarantined as implausible_timestamp; set "
-                "ingest.timestamp_unit=mixed to read each value in the unit its magnitude implies"
+                f"{role} column '{col}' is float-typed in {len(float_files)} file(s) (e.g. '{float_files[0]}'); whole "
+                f"values are read as integer IDs (1000.0 -> 1000) and non-integral ones are quarantined as invalid_id"
             )
             log.warning(msg)
             warnings.warn(msg, DataWarning, stacklevel=3)
-        if "ts_mag" in stats:
-            log.info("'%s': timestamp column '%s' read as epoch %s (auto)", name, cols.timestamp, unit)
-        return _Profile(kinds["user"], kinds["item"], unit, off_band)
-    return _Profile(kinds["user"], kinds["item"], unit)
+        n_numeric = len(raws) - len(text_files)
+        if id_type == "auto" and text_files and n_numeric:
+            msg = (
+                f"{role} IDs are read as text in every file because '{text_files[0]}' holds column '{col}' as "
+                f"text, while {n_numeric} file(s) hold numbers (written as their integer text, 1000.0 -> '1000'); "
+                f"set ingest.{role}_id_type=int to read them all as integers"
+            )
+            log.warning(msg)
+            warnings.warn(msg, DataWarning, stacklevel=3)
+        log.info("ingest: %s IDs read as %s (ingest.%s_id_type=%s)", role, dtype, role, id_type)
+        out.append(dtype)
+    return out[0], out[1]
 
 
 def _flag(reason: str) -> str:
@@ -324,30 +378,28 @@ def _parse_frame(
     tz = cfg.assume_timezone
     schema = raw.schema
 
-    def id_col(col: str, kind: str, target: pl.DataType) -> pl.Expr:
-        if kind == "float_str":  # non-integral float IDs: keep the text form ("NaN" is a null token)
-            return pl.col(col).cast(pl.String).str.strip_chars().replace(NULL_TOKENS, None)
-        return id_expr(col, "int" if kind == "int" else "str", target)
-
-    stage1: list[pl.Expr] = [
-        id_col(cols.user, prof.user_kind, id_dtypes[0]).alias("user_id"),
-        id_col(cols.item, prof.item_kind, id_dtypes[1]).alias("item_id"),
-    ]
+    stage1: list[pl.Expr] = []
     flags: dict[str, pl.Expr] = {}
     late: list[str] = []
     aux: list[str] = []
     if PRE_REASON_COL in raw.frame.collect_schema():
         flags["malformed_row"] = pl.col(PRE_REASON_COL) == "malformed_row"
         flags["invalid_encoding"] = pl.col(PRE_REASON_COL) == "invalid_encoding"
-    flags["null_user"] = pl.col("user_id").is_null()
-    flags["null_item"] = pl.col("item_id").is_null()
     bad_ids: list[pl.Expr] = []
-    for col, kind, out in ((cols.user, prof.user_kind, "user_id"), (cols.item, prof.item_kind, "item_id")):
-        if kind == "str":  # checked on the parsed (stripped) text
-            bad_ids.append(_bad_text_id(pl.col(out), cfg.max_id_length))
-        elif schema[col].is_float():  # checked on the raw floats, before "user_id"/"item_id" are replaced
-            stage1.append((pl.col(col).abs() >= _FLOAT_EXACT).alias(f"__bad_{out}"))
+    for col, target, out, reason in (
+        (cols.user, id_dtypes[0], "user_id", "null_user"),
+        (cols.item, id_dtypes[1], "item_id", "null_item"),
+    ):
+        value, bad = id_expr(col, schema[col], target)
+        stage1.append(value.alias(out))
+        if bad is None:
+            flags[reason] = pl.col(out).is_null()
+        else:  # given but no ID of the decided type (1000.5, "abc" read as int): invalid_id, not missing
+            stage1.append(bad.alias(f"__bad_{out}"))
             bad_ids.append(pl.col(f"__bad_{out}"))
+            flags[reason] = pl.col(out).is_null() & ~pl.col(f"__bad_{out}")
+        if is_text_dtype(schema[col]) and target == pl.String:  # checked on the parsed (stripped) text
+            bad_ids.append(_bad_text_id(pl.col(out), cfg.max_id_length))
     if bad_ids:
         flags["invalid_id"] = pl.any_horizontal(bad_ids)
     if cols.timestamp:
@@ -436,7 +488,23 @@ def _without(frame: pl.DataFrame, *names: str) -> pl.DataFrame:
     return frame[[c for c in frame.columns if c not in names]]
 
 
-def _time_flags(parsed: pl.DataFrame, units: list[str], cfg: IngestConfig) -> pl.DataFrame:
+def _log_time_text(name: str, cfg: IngestConfig, prof: _Profile, n: int, formats: Counter[str]) -> None:
+    """Say how one file's non-integer time text was read: each format with its count, the zone of naive times."""
+    parsed = ", ".join(f"{c:,} as '{f}'" for f, c in formats.most_common())
+    unparsed = n - formats.total()
+    naive = any(not f.startswith("decimal") and "%#z" not in f for f in formats)
+    log.info(
+        "'%s': timestamp column '%s' read as text: %s%s%s%s",
+        name,
+        cfg.columns.timestamp,
+        parsed or "nothing parsed",
+        f", {unparsed:,} unparsable" if unparsed else "",
+        f"; naive times taken as {cfg.assume_timezone} (ingest.assume_timezone)" if naive else "",
+        f"; the other values as {prof.ts_epoch}" if prof.ts_epoch else "",
+    )
+
+
+def _time_flags(parsed: pl.DataFrame, profiles: list[_Profile], names: list[str], cfg: IngestConfig) -> pl.DataFrame:
     """Parse the time text the query left (only rows that need it, each file in its own epoch unit),
     then flag unparsable and out-of-window times."""
     if cfg.columns.timestamp is None:
@@ -450,7 +518,9 @@ def _time_flags(parsed: pl.DataFrame, units: list[str], cfg: IngestConfig) -> pl
             files = parsed[_FILE].gather(todo)
             for k in files.unique().sort().to_list():
                 idx = todo.filter(files == k)
-                ts.scatter(idx, parse_time_text(text.gather(idx), units[k], cfg.assume_timezone))
+                formats: Counter[str] = Counter()
+                ts.scatter(idx, parse_time_text(text.gather(idx), profiles[k].ts_unit, cfg.assume_timezone, formats))
+                _log_time_text(names[k], cfg, profiles[k], idx.len(), formats)
         parsed = _without(parsed, _TS_TEXT)
     out = [ts, (ts.is_null() & ~parsed[_flag("null_timestamp")]).alias(_flag("unparsable_timestamp"))]
     outside: pl.Series | None = None
@@ -598,7 +668,13 @@ def _all_bad_error(name: str, reasons: Counter[str], parsed: pl.DataFrame, cfg: 
     fix = _FIX[top]
     if top == "unknown_event_type":
         seen = parsed["event_type"].drop_nulls().unique().sort().head(10).to_list()
-        fix += f" (seen: {seen}; configured: {sorted(cfg.event_weights)})"
+        if seen:
+            fix += f" (seen: {seen}; configured: {sorted(cfg.event_weights)})"
+        else:
+            fix = (
+                f"column '{cfg.columns.event_type}' is empty in every row; map the event-type column with "
+                "ingest.columns.event_type, or set it to null (every row is then one event of weight 1)"
+            )
     elif top in ("null_user", "null_item"):
         col = cfg.columns.user if top == "null_user" else cfg.columns.item
         fix = f"column '{col}' is empty in every row; {fix}"
@@ -654,11 +730,22 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
     Returns:
         An ``EventLog`` whose report balances (``report.check()`` passed) and ``events.height == report.kept``.
 
+    Without an event-type column (``columns.event_type`` null) every row is one event of weight 1 and
+    ``event_weights`` is ignored, with one ``DataWarning``.
+
     Raises:
         IngestError: no files, an unreadable or non-log file, a missing column, every file empty, or a file
             in which every row is quarantined (naming the file, the most common reason and the fix).
     """
     _validate_cfg(cfg)
+    if cfg.columns.event_type is None and cfg.event_weights:
+        msg = (
+            f"ingest.event_weights ({', '.join(sorted(cfg.event_weights))}) is ignored: ingest.columns.event_type is "
+            "null, so every row is one event of weight 1; map the event-type column or remove event_weights"
+        )
+        log.warning(msg)
+        warnings.warn(msg, DataWarning, stacklevel=2)
+        cfg = cfg.model_copy(update={"event_weights": {}})
     files = list_sources(cfg.source)
     if only_files is not None:
         files = [f for f in files if f.path.resolve() in only_files]
@@ -680,11 +767,7 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
             log.warning(msg)
             warnings.warn(msg, DataWarning, stacklevel=2)
     profiles = [_profile(raw, cfg) for raw in raws]
-    # One ID dtype for the whole log: Int64 only when every file's column is integer-typed.
-    id_dtypes: tuple[pl.DataType, pl.DataType] = (
-        pl.Int64() if all(p.user_kind == "int" for p in profiles) else pl.String(),
-        pl.Int64() if all(p.item_kind == "int" for p in profiles) else pl.String(),
-    )
+    id_dtypes = _id_dtypes(raws, cfg)  # one ID dtype per role for the whole log, from the schemas
 
     # Parse every file in one streaming query; ``__file`` says where each row came from.
     queries: list[pl.LazyFrame] = []
@@ -700,7 +783,7 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
     if holes:
         parsed = parsed.with_columns(parsed[c].fill_null(False) for c in holes)
     parsed = _rematch_event_types(parsed, cfg)
-    parsed = _time_flags(parsed, [p.ts_unit for p in profiles], cfg)
+    parsed = _time_flags(parsed, profiles, [raw.file.name for raw in raws], cfg)
     flag_cols = [_flag(r) for r in reasons]
 
     bad_mask = functools.reduce(operator.or_, (parsed[c] for c in flag_cols))  # null_user/null_item always

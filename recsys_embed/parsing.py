@@ -11,6 +11,7 @@ times are localized to ``ingest.assume_timezone``). Everything ends as ``TS_DTYP
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import polars as pl
 
@@ -38,6 +39,7 @@ def stripped(name: str) -> pl.Expr:
 
 
 def id_kind(dtype: pl.DataType, file: str, col: str, role: str) -> str:
+    """``int`` / ``float`` / ``str`` for an ID column's dtype; any other dtype is an ``IngestError``."""
     if dtype == pl.Null:
         raise IngestError(
             f"events file '{file}' column '{col}' is null in every row (no {role} IDs at all); map the {role} "
@@ -55,12 +57,42 @@ def id_kind(dtype: pl.DataType, file: str, col: str, role: str) -> str:
     )
 
 
-def id_expr(col: str, kind: str, target: pl.DataType) -> pl.Expr:
-    """IDs as ``target`` (Int64 or String); null/blank/null-token -> null."""
-    if kind == "str":
-        return stripped(col)
-    expr = pl.col(col).cast(pl.Int64, strict=False)  # floats were checked to be integral
-    return expr.cast(pl.String) if target == pl.String else expr
+FLOAT_EXACT = 2**53
+"""Floats hold every integer below this exactly, and not all above it."""
+_WHOLE_TEXT = r"^([+-]?\d+)\.0*$"  # "17850.0": an integer written as a float (pandas, with gaps in the column)
+
+
+def id_expr(col: str, dtype: pl.DataType, target: pl.DataType) -> tuple[pl.Expr, pl.Expr | None]:
+    """(IDs as ``target``, Int64 or String, or null; "a value was given but is no ID of that type" or None).
+
+    The one rule that makes an ID mean the same in every file, whatever its column type there:
+
+    - integer columns: the integer (``target`` String: its decimal text);
+    - float columns: whole values are integers (``1000.0`` -> ``1000`` / ``"1000"``, never ``"1000.0"``); a
+      non-integral value (``1000.5``), an infinity, or a value at or beyond 2**53 (digits already lost) is not
+      an ID (the second expression is True); null and NaN are missing (pandas spells a gap NaN);
+    - text columns read as String: stripped, null tokens -> null (text checks happen in ingest);
+    - text columns read as Int64: an integer, optionally written with a zero fraction (``"17850.0"``); any
+      other text is not an ID.
+    """
+    c = pl.col(col)
+    if is_text_dtype(dtype):
+        s = stripped(col)
+        if target == pl.String:
+            return s, None
+        value = s.str.replace(_WHOLE_TEXT, "${1}").cast(pl.Int64, strict=False)
+        return value, s.is_not_null() & value.is_null()
+    if dtype.is_float():
+        given = c.is_not_null() & ~c.is_nan()
+        whole = c.is_finite() & (c == c.round()) & (c.abs() < FLOAT_EXACT)
+        value = pl.when(whole).then(c.cast(pl.Int64, strict=False))
+        return (value.cast(pl.String) if target == pl.String else value), given & ~whole.fill_null(False)
+    if target == pl.String:
+        return c.cast(pl.String), None
+    if dtype != pl.UInt64:
+        return c.cast(pl.Int64), None  # every value fits: no flag on the hot path
+    value = c.cast(pl.Int64, strict=False)  # UInt64 above 2**63 - 1 does not fit
+    return value, c.is_not_null() & value.is_null()
 
 
 def number_expr(col: str, dtype: pl.DataType, file: str, role: str) -> tuple[pl.Expr, pl.Expr]:
@@ -139,14 +171,19 @@ ISO_FORMATS = (
 )
 
 
-def parse_time_text(text: pl.Series, unit: str, tz: str) -> pl.Series:
+def parse_time_text(text: pl.Series, unit: str, tz: str, formats: Counter[str] | None = None) -> pl.Series:
     """Stripped non-integer time strings -> Datetime[us, UTC] (null where unparsable).
 
     Tries a decimal epoch (``1.7e9``, ``1700000000.5``) in ``unit``, then ISO-8601 formats one at a time on
     the rows still unparsed, so a column in one format costs one parse; a last pass normalises odd
     spellings (``t`` separator, `` UTC`` suffix, a space before the offset) and retries.
+
+    ``formats``, when given, is incremented by the number of values each way of reading parsed: the ISO
+    format (chrono syntax, ``+normalised`` for the last pass), or ``decimal epoch <unit>``.
     """
     out: pl.Series = pl.select(epoch_float(pl.lit(text).cast(pl.Float64, strict=False), unit)).to_series()
+    if formats is not None and out.len() - out.null_count():
+        formats[f"decimal epoch {unit}"] += out.len() - out.null_count()
     for attempt in range(2):
         todo = out.is_null()
         if not todo.any():
@@ -172,6 +209,8 @@ def parse_time_text(text: pl.Series, unit: str, tz: str) -> pl.Series:
                 naive = sub.str.to_datetime(fmt, strict=False, time_unit="us")
                 parsed = pl.select(localize(pl.lit(naive), tz)).to_series()
             got = got.scatter(sub_idx, parsed.cast(TS_DTYPE))
+            if formats is not None and parsed.len() - parsed.null_count():
+                formats[fmt + (" +normalised" if attempt else "")] += parsed.len() - parsed.null_count()
         out = out.scatter(idx, got)
     return out
 

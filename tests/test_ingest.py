@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+from recsys_embed import ingest as ingest_module
 from recsys_embed.config import IngestConfig
 from recsys_embed.errors import DataWarning, IngestError
 from recsys_embed.ingest import EVENT_COLUMNS, REASONS, TS_DTYPE, EventLog, load_events, write_quarantine
@@ -169,6 +172,78 @@ def test_integral_float_ids_become_int_and_mixed_files_become_string(tmp_path: P
     assert ev.report.sources == {str(d / "a.parquet"): 3, str(d / "b.parquet"): 1}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# IDs mean the same in every file
+
+
+def _pq_log(path: Path, users: list[Any], items: list[Any] | None = None) -> Path:
+    n = len(users)
+    items = items if items is not None else [f"i{k}" for k in range(n)]
+    pl.DataFrame({"user_id": users, "item_id": items, "timestamp": [T0 + k for k in range(n)]}).write_parquet(path)
+    return path
+
+
+def test_float_ids_mean_the_same_in_every_file(tmp_path: Path) -> None:
+    # Regression (issue 14): a float ID column was read as Int64 (1000) in a file whose values were all whole and
+    # as text (1000.0) in a file holding a fractional value, so one user became two and the accounting balanced.
+    d = tmp_path / "logs"
+    d.mkdir()
+    _pq_log(d / "a.parquet", [1000.0, 2000.0, 3000.0])
+    _pq_log(d / "b.parquet", [1000.0, 1000.5, 2000.0, float("nan")], ["j0", "j1", "j2", "j3"])
+    with pytest.warns(DataWarning, match="float-typed in 2 file"):
+        ev = load_events(_cfg(d, columns={"event_type": None}))
+    _assert_contract(ev)
+    assert ev.events.schema["user_id"] == pl.Int64
+    assert ev.events.group_by("user_id").len().sort("user_id").rows() == [(1000, 2), (2000, 2), (3000, 1)]
+    assert dict(ev.report.quarantined) == {"invalid_id": 1, "null_user": 1}  # 1000.5 is no ID; NaN is a gap
+    bad = ev.quarantine.filter(pl.col("reason") == "invalid_id")
+    assert bad.select("user_id", "source_row").rows() == [("1000.5", 1)]
+    assert ev.report.rows_read == 7 and ev.report.kept == 5
+    # a third file holding the IDs as text makes them text everywhere, and the same text in every file
+    pl.DataFrame({"user_id": ["1000", "u9"], "item_id": ["k0", "k1"], "timestamp": [T0, T0]}).write_parquet(
+        d / "c.parquet"
+    )
+    with (
+        pytest.warns(DataWarning, match="float-typed in 2 file"),
+        pytest.warns(DataWarning, match=r"read as text in every file because .*c\.parquet.*2 file\(s\) hold numbers"),
+    ):
+        ev = load_events(_cfg(d, columns={"event_type": None}))
+    assert ev.events.schema["user_id"] == pl.String
+    counts = dict(ev.events.group_by("user_id").len().rows())
+    assert counts == {"1000": 3, "2000": 2, "3000": 1, "u9": 1}
+    assert dict(ev.report.quarantined) == {"invalid_id": 1, "null_user": 1}
+    # ingest.user_id_type pins the type whatever the files hold: int parses the text, u9 is no integer
+    with pytest.warns(DataWarning):
+        ev = load_events(_cfg(d, columns={"event_type": None}, user_id_type="int"))
+    assert ev.events.schema["user_id"] == pl.Int64
+    assert dict(ev.events.group_by("user_id").len().rows()) == {1000: 3, 2000: 2, 3000: 1}
+    assert dict(ev.report.quarantined) == {"invalid_id": 2, "null_user": 1}
+    (d / "c.parquet").unlink()
+    with pytest.warns(DataWarning):
+        ev = load_events(_cfg(d, columns={"event_type": None}, user_id_type="string"))
+    assert dict(ev.events.group_by("user_id").len().rows()) == {"1000": 2, "2000": 2, "3000": 1}
+
+
+def test_id_type_int_reads_text_ids_written_as_floats(tmp_path: Path) -> None:
+    # pandas writes an integer column with gaps as 17850.0; a day without gaps as 17850. As text (the default
+    # for CSV) those are two IDs; ingest.user_id_type=int reads both as the integer 17850.
+    d = tmp_path / "logs"
+    _csv(d, f"17850.0,i1,{T0},view\n,i2,{T0},view\n", name="a.csv")
+    _csv(d, f"17850,i1,{T0 + 9},view\n 12 ,i3,{T0},view\nabc,i4,{T0},view\n1.23457E+11,i5,{T0},view\n", name="b.csv")
+    ev = load_events(_cfg(d))
+    assert sorted(ev.events["user_id"].to_list()) == ["12", "17850", "17850.0", "abc"]
+    ev = load_events(_cfg(d, user_id_type="int"))
+    _assert_contract(ev)
+    assert ev.events.schema["user_id"] == pl.Int64 and ev.events.schema["item_id"] == pl.String
+    assert sorted(ev.events["user_id"].to_list()) == [12, 17850, 17850]
+    # spreadsheet notation lost digits: no ID either way
+    assert dict(ev.report.quarantined) == {"invalid_id": 2, "null_user": 1}
+    assert sorted(ev.quarantine.filter(pl.col("reason") == "invalid_id")["user_id"].to_list()) == [
+        "1.23457E+11",
+        "abc",
+    ]
+
+
 @pytest.mark.parametrize(
     ("values", "unit"),
     [
@@ -255,6 +330,64 @@ def test_event_weights_negative_and_unknown_types(tmp_path: Path) -> None:
     ]
     assert dict(ev.report.quarantined) == {"unknown_event_type": 2}
     assert ev.quarantine["event_type"].to_list() == ["view", None]
+
+
+def test_event_type_null_means_one_event_of_weight_one(tmp_path: Path) -> None:
+    # Regression (issue 14): with ingest.columns.event_type null, configured event weights quarantined every row
+    # as unknown_event_type ("seen: []"). The config promises one event of weight 1 per row: weights are ignored.
+    p = _csv(tmp_path, f"u1,i1,{T0},purchase\nu2,i2,{T0},view\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ev = load_events(_cfg(p, columns={"event_type": None}, event_weights={"purchase": 1.0, "cancel": -1.0}))
+    _assert_contract(ev)
+    assert ev.events["weight"].to_list() == [1.0, 1.0] and ev.report.n_quarantined == 0
+    msgs = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert len(msgs) == 1 and "ingest.event_weights (cancel, purchase) is ignored" in msgs[0]
+    # an event-type column that is empty in every row says so, instead of listing "seen: []"
+    q = _csv(tmp_path, f"u1,i1,{T0},\nu2,i2,{T0},\n", name="empty_types.csv")
+    with pytest.raises(IngestError, match=r"column 'event_type' is empty in every row.*set it to null") as e:
+        load_events(_cfg(q, event_weights={"purchase": 1.0}))
+    assert "seen: []" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("role", "column", "extra"),
+    [
+        ("quantity", "quantity", ""),
+        ("item_text", "description", ""),
+        ("event_type", "event_type", ""),
+        ("timestamp", "timestamp", " (and split.method: random)"),
+    ],
+)
+def test_missing_optional_column_says_set_it_to_null(tmp_path: Path, role: str, column: str, extra: str) -> None:
+    # Regression (issue 14): the error for an absent optional column said "map it"; the log may not have one.
+    p = _csv(tmp_path, f"c1,s1,{T0},buy\n", header="user_id,item_id,ts,action\n")
+    columns: dict[str, Any] = {"timestamp": "ts", "event_type": None, role: column}
+    with pytest.raises(IngestError) as e:
+        load_events(_cfg(p, columns=columns))
+    assert str(e.value) == (
+        f"events file '{p}' lacks column '{column}' (found: ['user_id', 'item_id', 'ts', 'action']); map the right "
+        f"column with ingest.columns.{role}, or set `ingest.columns.{role}: null` if the log has no "
+        f"{ingest_module._ROLE_WORDS[role]}{extra}"
+    )
+
+
+def test_timestamp_log_line_says_what_was_parsed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Regression (issue 14): an ISO-8601 text column was logged as "read as epoch s".
+    iso = _csv(tmp_path, "u1,i1,2023-11-14T22:13:20,view\nu2,i2,2023-11-14T22:13:21Z,view\n", name="iso.csv")
+    with caplog.at_level(logging.INFO, logger="recsys_embed.ingest"):
+        load_events(_cfg(iso))
+    lines = [r.getMessage() for r in caplog.records if "timestamp column" in r.getMessage()]
+    assert lines == [
+        f"'{iso}': timestamp column 'timestamp' read as text: 1 as '%Y-%m-%dT%H:%M:%S%.f%#z', "
+        "1 as '%Y-%m-%dT%H:%M:%S%.f'; naive times taken as UTC (ingest.assume_timezone)"
+    ]
+    caplog.clear()
+    ms = _csv(tmp_path, f"u1,i1,{T0 * 1000},view\n", name="ms.csv")
+    with caplog.at_level(logging.INFO, logger="recsys_embed.ingest"):
+        load_events(_cfg(ms))
+    lines = [r.getMessage() for r in caplog.records if "timestamp column" in r.getMessage()]
+    assert lines == [f"'{ms}': timestamp column 'timestamp' read as epoch ms (auto: median magnitude 1.7e+12)"]
 
 
 def test_quantity_and_weight_columns(tmp_path: Path) -> None:
