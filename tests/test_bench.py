@@ -12,6 +12,8 @@ def test_e2e_pipeline_and_hand_glued_script_write_the_same_topk(tmp_path: Path) 
     rows = res.extra["topk_rows (pipeline, hand-glued)"]
     # tiny: every train user gets 20 items (the catalog of ~500 is far larger than any history)
     assert rows[0] == rows[1] and rows[0] % 20 == 0 and rows[0] > 0
-    assert res.extra["scores_match"] is True and res.extra["same_item_fraction"] == 1.0
+    # the score lists agree slot for slot; items may swap only between near-equal scores (float summation order
+    # differs between implicit's recommend and our scorer: measured 0.99989 on a loaded 2-core box, 1.0 on a quiet one)
+    assert res.extra["scores_match"] is True and res.extra["same_item_fraction"] >= 0.999
     steps = res.extra["pipeline steps (s, median)"]
     assert list(steps) == ["ingest", "split", "als_fit", "topk_export"]
