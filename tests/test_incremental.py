@@ -141,3 +141,24 @@ def test_nothing_new_means_nothing_done(prefect_harness: None, tmp_path: Path, m
     runs, versions, folders, _ = footprint()
     assert (runs, versions, len(folders)) > (before[0], before[1], len(before[2]))
     assert forced["registry"]["version"] == str(before[1] + 1)
+
+
+def test_nothing_new_names_the_last_finished_run(tmp_path: Path) -> None:
+    from recsys_embed.config import load_config
+    from recsys_embed.incremental import commit_state, nothing_new, run_incremental_ingest
+
+    logs, root = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir()
+    log = pl.read_parquet(RETAIL, n_rows=4_000)
+    log.head(2_000).write_parquet(logs / "day-000.parquet")
+    cfg = load_config(REPO / "configs/retail.yaml", [f"ingest.source.path={logs}", "incremental.enabled=true"])
+    assert nothing_new(cfg.ingest, root, cfg.incremental) is None  # no run yet
+    ingest = run_incremental_ingest(cfg.ingest, root, cfg.incremental, "R1")
+    assert nothing_new(cfg.ingest, root, cfg.incremental) is None  # R1 has not finished: its files are still new
+    commit_state(root, cfg.incremental, ingest, str(root / "runs" / "R1" / "split"))
+    assert nothing_new(cfg.ingest, root, cfg.incremental) == "nothing new since run R1 (1 log file(s), all ingested)"
+    log.tail(2_000).write_parquet(logs / "day-001.parquet")  # a new file: work to do
+    assert nothing_new(cfg.ingest, root, cfg.incremental) is None
+    (logs / "day-001.parquet").unlink()
+    log.head(10).write_parquet(logs / "day-000.parquet")  # changed: the run goes ahead and refuses it there
+    assert nothing_new(cfg.ingest, root, cfg.incremental) is None
