@@ -69,8 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_path=args.config, overrides=args.overrides, mlflow_config=args.mlflow_config, force=args.force
     )
     if manifest.get("nothing_new"):
-        print(f"\n{manifest['nothing_new'].capitalize()}: nothing trained, exported or registered "
-              "(--force re-runs anyway).")  # fmt: skip
+        reason = manifest["nothing_new"]
+        print(f"\n{reason[:1].upper()}{reason[1:]}: nothing trained, exported or registered (--force re-runs anyway).")
         if manifest.get("latest"):
             print(f"Latest manifest: {manifest['latest']['run_dir']}/summary.json")
         return 0
