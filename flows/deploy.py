@@ -1,9 +1,11 @@
 """Deployments of the pipeline flow: ``recsys-embed serve`` (a long-lived runner) and ``prefect.yaml`` (work pools).
 
 The schedule (cron, timezone), the run overrides (incremental by default) and the concurrency limit come
-from the config's ``schedule`` section. Paths are made absolute so a run started by the runner finds them
-whatever its working directory. Two overlapping runs are prevented twice: by the deployment's concurrency
-limit (Prefect queues the second), and by the output folder's lock (``recsys_embed.lock``) for any run.
+from the config's ``schedule`` section; the deployment is named ``<name>-nightly`` after the pipeline (or
+``schedule.deployment_name``), so each pipeline has its own and ``prefect.yaml`` declares the same names. Paths
+are made absolute so a run started by the runner finds them whatever its working directory. Two overlapping
+runs are prevented twice: by the deployment's concurrency limit (Prefect queues the second), and by the output
+folder's lock (``recsys_embed.lock``) for any run. ``serve`` needs a Prefect server (``flows.api``).
 """
 
 from __future__ import annotations
@@ -35,12 +37,17 @@ def deployment_parameters(
     }
 
 
+def deployment_name(cfg: PipelineConfig) -> str:
+    """The pipeline's deployment name: ``schedule.deployment_name``, else ``<name>-nightly``."""
+    return cfg.schedule.deployment_name or f"{cfg.name}-nightly"
+
+
 def build_deployment(config_path: str, overrides: list[str], mlflow_config: str = "mlflow.yml") -> RunnerDeployment:
-    """The pipeline as a ``RunnerDeployment`` named ``<schedule.deployment_name>`` with the configured cron."""
+    """The pipeline as a ``RunnerDeployment`` named ``deployment_name(cfg)`` with the configured cron."""
     cfg = load_config(config_path, overrides)
     sch = cfg.schedule
     dep = embedding_pipeline.to_deployment(
-        name=sch.deployment_name,
+        name=deployment_name(cfg),
         schedules=[Cron(sch.cron, timezone=sch.timezone)],
         parameters=deployment_parameters(config_path, overrides, mlflow_config, cfg),
         concurrency_limit=sch.concurrency_limit,

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from flows.crashed import mark_dead_runs_crashed
 from flows.distributed import DaskCluster, dask_cluster, run_sharded_export
 from recsys_embed import reporting, stages
 from recsys_embed.config import (
@@ -36,11 +38,11 @@ from recsys_embed.config import (
     load_mlflow_settings,
     registered_name,
 )
-from recsys_embed.incremental import commit_state, run_incremental_ingest
+from recsys_embed.incremental import commit_state, nothing_new, run_incremental_ingest
 from recsys_embed.io import write_json_atomic
 from recsys_embed.lock import run_lock
 from recsys_embed.models import enabled_models
-from recsys_embed.tracking import Tracker, git_commit, lightning_logger, redact_uri
+from recsys_embed.tracking import Tracker, git_commit, lightning_logger, redact_uri, ui_run_url
 from recsys_embed.types import Candidate, RowReport
 
 
@@ -187,22 +189,34 @@ def embedding_pipeline(
     config_path: str | None = "configs/retail.yaml",
     overrides: list[str] | None = None,
     mlflow_config: str = "mlflow.yml",
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run the whole pipeline; returns the run manifest (also written as ``summary.json``).
 
-    One run at a time per output folder: a second one fails at once with a message naming the holder.
+    One run at a time per output folder: a second one fails at once with a message naming the holder. An
+    incremental run with no new log file does nothing and returns ``{"nothing_new": reason, ...}``; ``force``
+    runs it anyway.
     """
     cfg = load_config(config_path, overrides or [])
     tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
     root = Path(cfg.output_root) / cfg.name
     with run_lock(root), dask_cluster(cfg.distributed) as cluster:  # cluster: None unless distributed.enabled
-        return _run_pipeline(cfg, config_path, tracker, root, cluster)
+        return _run_pipeline(cfg, config_path, tracker, root, cluster, force)
 
 
 def _run_pipeline(
-    cfg: PipelineConfig, config_path: str | None, tracker: Tracker, root: Path, cluster: DaskCluster | None = None
+    cfg: PipelineConfig,
+    config_path: str | None,
+    tracker: Tracker,
+    root: Path,
+    cluster: DaskCluster | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     logger = get_run_logger()
+    crashed = mark_dead_runs_crashed(root)  # holding the lock: other RUNNING flow runs of this folder are dead
+    if crashed:
+        logger.warning("marked %d Prefect flow run(s) left RUNNING by a killed run as CRASHED: %s", len(crashed),
+                       ", ".join(crashed))  # fmt: skip
     settings = tracker.settings
     run_name = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = root / "runs" / run_name
@@ -214,6 +228,9 @@ def _run_pipeline(
         logger.warning("marked %d MLflow run(s) left RUNNING by a killed run as KILLED: %s", len(stale),
                        ", ".join(stale))  # fmt: skip
     stages.sweep_leftovers(root)
+    idle = None if force or not cfg.incremental.enabled else nothing_new(cfg.ingest, root, cfg.incremental)
+    if idle:  # no new log file: train, export and register nothing
+        return _nothing_new(idle, run_name, config_path, root, tracker)
     parent = tracker.start_run(run_name, tags=scope)
     try:
         ingest_cfg = cfg.ingest
@@ -341,6 +358,7 @@ def _run_pipeline(
                 "tracking_uri": redact_uri(settings.tracking_uri),
                 "experiment_id": tracker.experiment_id,
                 "ui_path": tracker.run_url(parent),
+                "ui_url": ui_run_url(settings, tracker.experiment_id, parent),
             },
             "primary_metric": cfg.eval.primary_metric,
             "best_model": best,
@@ -373,6 +391,9 @@ def _run_pipeline(
         markdown = reporting.summary_markdown(manifest, table, cfg.eval.ks)
         tracker.log_text(parent, markdown, "summary.md")
         create_markdown_artifact(markdown=markdown, key="recsys-embed-summary", description="metrics and accounting")
+        if manifest["mlflow"]["ui_url"]:
+            create_link_artifact(manifest["mlflow"]["ui_url"], link_text=f"MLflow run {run_name}",
+                                 key="recsys-embed-mlflow-run", description="this run in the MLflow UI")  # fmt: skip
         write_json_atomic({"run_dir": str(run_dir.resolve()), "run_id": parent}, root / "latest.json")
         if cfg.incremental.enabled:  # only now: a failed run leaves the state as it was
             commit_state(root, cfg.incremental, ingest, str((run_dir / "split").resolve()))
@@ -401,3 +422,18 @@ def _evaluated_as(validation: dict[str, Any], test: dict[str, float], split: dic
         "val": validation["metrics"],
         "test": test,
     }
+
+
+def _nothing_new(reason: str, run_name: str, config_path: str | None, root: Path, tracker: Tracker) -> dict[str, Any]:
+    """The result of an incremental run with nothing to do: a log line, a Prefect artifact, no MLflow run."""
+    latest_file = root / "latest.json"
+    latest = json.loads(latest_file.read_text(encoding="utf-8")) if latest_file.exists() else {}
+    get_run_logger().info("%s: nothing trained, exported or registered (force=True re-runs anyway)", reason)
+    lines = [f"# recsys-embed run `{run_name}`: nothing new", "", f"{reason[0].upper()}{reason[1:]}: nothing was "
+             "trained, exported or registered. `--force` (flow parameter `force: true`) re-runs anyway."]  # fmt: skip
+    if latest:
+        url = ui_run_url(tracker.settings, tracker.experiment_id, latest["run_id"])
+        run = f"[{latest['run_id']}]({url})" if url else f"`{latest['run_id']}`"
+        lines += ["", f"Latest outputs: `{latest['run_dir']}` (MLflow run {run})."]
+    create_markdown_artifact(markdown="\n".join(lines), key="recsys-embed-nothing-new", description=reason)
+    return {"run_name": run_name, "config": config_path, "nothing_new": reason, "latest": latest or None}

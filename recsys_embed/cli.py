@@ -48,7 +48,20 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_config_first(args: argparse.Namespace) -> None:
+    """Validate the pipeline config and mlflow.yml before Prefect is imported or started: a mistake costs a
+    second and one line, not a server start and a traceback."""
+    from recsys_embed.config import load_config, load_mlflow_settings
+
+    load_config(args.config, args.overrides)
+    load_mlflow_settings(args.mlflow_config)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_config_first(args)
+    from flows.api import check_server
+
+    check_server()  # a configured Prefect server that does not answer: say so now, not after a long timeout
     from flows.embedding_pipeline import embedding_pipeline
     from recsys_embed.evaluate import metrics_table
     from recsys_embed.reporting import format_metrics
@@ -56,8 +69,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from recsys_embed.types import RowReport
 
     manifest: dict[str, Any] = embedding_pipeline(
-        config_path=args.config, overrides=args.overrides, mlflow_config=args.mlflow_config
+        config_path=args.config, overrides=args.overrides, mlflow_config=args.mlflow_config, force=args.force
     )
+    if manifest.get("nothing_new"):
+        reason = manifest["nothing_new"]
+        print(f"\n{reason[:1].upper()}{reason[1:]}: nothing trained, exported or registered (--force re-runs anyway).")
+        if manifest.get("latest"):
+            print(f"Latest manifest: {manifest['latest']['run_dir']}/summary.json")
+        return 0
     report = RowReport.from_dict(manifest["accounting"])
     ks = sorted({int(k.rsplit("_", 1)[1]) for m in manifest["metrics"].values() for k in m if "_at_" in k})
     print(f"\nRow accounting ({manifest['config']}):")
@@ -243,6 +262,10 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _check_config_first(args)
+    from flows.api import require_server
+
+    require_server("recsys-embed serve")  # refuses within seconds when there is no server to serve against
     from flows.deploy import serve
 
     serve(args.config, args.overrides, args.mlflow_config, run_once=args.run_once)
@@ -282,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the whole pipeline (Prefect flow) and print the summary")
     _config_arg(r)
+    r.add_argument("--force", action="store_true", help="incremental runs: run even when no log file is new")
     r.set_defaults(fn=cmd_run)
 
     bt = sub.add_parser("backtest", help="run the pipeline on the log before a cutoff, score its tables on what "
@@ -360,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except RecsysEmbedError as e:
-        print(f"error: {e}", file=sys.stderr)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # one line, no traceback
+        print(f"error: {' '.join([*lines[:1], '; '.join(lines[1:])]).strip()}", file=sys.stderr)
         return 2
 
 

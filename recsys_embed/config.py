@@ -448,7 +448,9 @@ class RegistryConfig(_Strict):
 class ScheduleConfig(_Strict):
     """``recsys-embed serve``: the flow served as a Prefect deployment on a cron schedule."""
 
-    deployment_name: str = "scheduled"
+    # None: "<name>-nightly" after the pipeline's ``name``, so each pipeline gets its own deployment and serving a
+    # second config never overwrites the first; prefect.yaml declares the same names (a test keeps them equal).
+    deployment_name: str | None = None
     # 03:00 UTC daily: after a day's logs have landed, before people read the tables.
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
@@ -529,6 +531,10 @@ class MlflowSettings(_Strict):
     registered_model_name: str = "recsys-embed-recommender"
     # How nested config keys are flattened into MLflow params.
     flatten_sep: str = "."
+    # Address of the MLflow UI people open (e.g. http://mlflow.internal:5000), for the link to each run in the
+    # Prefect artifacts. None: the tracking URI when it is an http(s) server (it serves the UI), otherwise no
+    # link (a local store has no UI until `recsys-embed ui`). MLFLOW_UI_URL in the environment overrides it.
+    ui_url: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -609,6 +615,8 @@ def load_mlflow_settings(path: str | Path = "mlflow.yml") -> MlflowSettings:
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if env_uri:
         settings.tracking_uri = env_uri
+    if os.environ.get("MLFLOW_UI_URL"):
+        settings.ui_url = os.environ["MLFLOW_UI_URL"]
     return settings
 
 

@@ -9,7 +9,8 @@ The models folder beside that split (``runs/<run>/models``) is what the next run
 A run reads only the new files, appends their clean events to the accumulated ones, and adds their row
 counts to the cumulative report, so no row is read or counted twice. A file that changed after it was
 ingested is an error (append-only logs), naming the file and the fix (a full run). A run that fails leaves
-the state as it was, so its new files are simply picked up again by the next run.
+the state as it was, so its new files are simply picked up again by the next run. A run with no new file does
+nothing at all (``nothing_new`` says why), unless forced.
 """
 
 from __future__ import annotations
@@ -45,6 +46,27 @@ def _file_key(f: Path) -> str:
     from recsys_embed.sources import fingerprint
 
     return fingerprint([f])
+
+
+def nothing_new(cfg: IngestConfig, root: Path, inc: IncrementalConfig) -> str | None:
+    """Why an incremental run has nothing to do, or None when it has work.
+
+    Nothing to do: an earlier run finished (the state names its split) and every log file under
+    ``ingest.source.path`` was ingested by it or before it, unchanged. The reason reads ``nothing new since run
+    <run> (<n> log file(s), all ingested)``. A new file, or a changed one (refused later by
+    ``run_incremental_ingest``, naming the fix), returns None so the run goes ahead.
+    """
+    from recsys_embed.sources import resolve_files
+
+    state = load_state(root, inc)
+    if not state or not state.get("split_dir"):
+        return None
+    files = [f.resolve() for f in resolve_files(cfg.source)]
+    known: dict[str, str] = state["files"]
+    if not files or any(str(f) not in known or known[str(f)] != _file_key(f) for f in files):
+        return None
+    last_run = Path(state["split_dir"]).parent.name  # runs/<run>/split
+    return f"nothing new since run {last_run} ({len(files)} log file(s), all ingested)"
 
 
 def run_incremental_ingest(cfg: IngestConfig, root: Path, inc: IncrementalConfig, run_name: str) -> Record:

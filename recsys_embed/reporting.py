@@ -154,10 +154,10 @@ def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int
     """The Prefect markdown artifact: metrics, accounting, exports, MLflow link."""
     manifest = redact_tree(manifest)
     lines = [f"# recsys-embed run `{manifest['run_name']}`", ""]
-    lines.append(
-        f"MLflow run: `{manifest['mlflow']['run_id']}` at `{manifest['mlflow']['tracking_uri']}` "
-        f"(UI path `{manifest['mlflow']['ui_path']}`; open with `recsys-embed ui`)"
-    )
+    ml = manifest["mlflow"]
+    where = f"[open it in the MLflow UI]({ml['ui_url']})" if ml.get("ui_url") else (
+        f"UI path `{ml['ui_path']}`; open with `recsys-embed ui`, or set `ui_url` in mlflow.yml for a link")
+    lines.append(f"MLflow run: `{ml['run_id']}` at `{ml['tracking_uri']}` ({where})")
     lines += ["", "## Metrics (test split, warm users)", ""]
     cols = [c for c in table.columns if c == "model" or any(c.endswith(f"_at_{k}") for k in ks)]
     lines.append("| " + " | ".join(cols) + " |")
@@ -203,15 +203,16 @@ def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int
         lines.append(f"- database `{db['uri']}`: {tables}, model version {db.get('model_version')}")
     reg = manifest.get("registry")
     if reg:
-        lines += [
-            "",
-            "## Champion decision",
-            "",
-            f"`{reg['name']}` version **{reg['version']}** ({manifest['best_model']}) is **{reg['alias']}**: "
-            f"{reg['metric']} {reg['reason']} (margin {reg['margin']:g}; previous champion: "
-            f"{'v' + reg['previous_champion'] if reg['previous_champion'] else 'none'}). "
-            f"Load it with `mlflow.pyfunc.load_model(\"models:/{reg['name']}@champion\")`.",
-        ]
+        head = (f"`{reg['name']}` version **{reg['version']}** ({manifest['best_model']}) is **{reg['alias']}**: "
+                f"{reg['metric']} {reg['reason']} (margin {reg['margin']:g}")  # fmt: skip
+        prev = f"v{reg['previous_champion']}" if reg["previous_champion"] else "none"
+        if reg["alias"] == "champion":
+            text = (f"{head}; previous champion: {prev}). "
+                    f"Load it with `mlflow.pyfunc.load_model(\"models:/{reg['name']}@champion\")`.")  # fmt: skip
+        else:  # the champion did not move: @champion still answers with the previous version
+            text = (f"{head}). The champion stays {prev}: `models:/{reg['name']}@champion` still loads it; load "
+                    f"this version with `mlflow.pyfunc.load_model(\"models:/{reg['name']}@challenger\")`.")  # fmt: skip
+        lines += ["", "## Champion decision", "", text]
     inc = manifest.get("incremental")
     if inc:
         lines += [

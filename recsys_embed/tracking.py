@@ -58,6 +58,21 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def ui_run_url(settings: MlflowSettings, experiment_id: str, run_id: str) -> str | None:
+    """A clickable URL of the run in the MLflow UI, or None when the UI address is unknown.
+
+    The address is ``settings.ui_url`` (``MLFLOW_UI_URL``), else the tracking URI when it is an http(s) server
+    (which serves the UI too); a local store has none. Credentials never appear in the link.
+    """
+    base = settings.ui_url or (
+        settings.tracking_uri if settings.tracking_uri.startswith(("http://", "https://")) else None
+    )
+    if not base:
+        return None
+    clean = split_credentials(base)[0].rstrip("/")
+    return f"{clean}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def redact_text(text: str) -> str:
     """Free text (an error message, a log line) with ``//user:secret@`` and ``password=...`` masked."""
     out = re.sub(r"//([^:/@\s]+):[^@\s/]*@", r"//\1:***@", text)

@@ -5,6 +5,7 @@ and moves ``champion`` only on a real gain."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
 
 import polars as pl
@@ -87,3 +88,77 @@ def test_second_run_ingests_only_the_new_day(prefect_harness: None, tmp_path: Pa
     old.head(10).write_parquet(logs / "day-000.parquet")
     with pytest.raises(IngestError, match=r"day-000.parquet.*incremental.enabled=false"):
         embedding_pipeline(cfg, overrides, str(mlflow_yml))
+
+
+def test_nothing_new_means_nothing_done(prefect_harness: None, tmp_path: Path, mlflow_yml: Path) -> None:
+    """Regression (issue 13): a scheduled incremental run with no new file retrained, re-exported and registered
+    a new version. Now it ends Completed at once, says "nothing new since <run>" (log, result, Prefect artifact)
+    and touches nothing; ``force`` re-runs anyway."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from flows.deploy import deployment_parameters
+    from flows.embedding_pipeline import embedding_pipeline
+    from recsys_embed.config import load_config
+    from recsys_embed.generate import generate, preset
+
+    generate(preset("tiny", n_events=20_000, n_users=500, n_items=300), tmp_path / "log")
+    config = str(REPO / "configs/synthetic.yaml")
+    overrides = [f"ingest.source.path={tmp_path / 'log'}", f"output_root={tmp_path / 'out'}",
+                 "models.bpr.enabled=false", "models.als.iterations=2", "models.als.eval_every=0"]  # fmt: skip
+    # exactly the parameters of a scheduled run of `recsys-embed serve` (schedule.overrides: incremental on)
+    params = deployment_parameters(config, overrides, str(mlflow_yml), load_config(config, overrides))
+    first = embedding_pipeline(**params)
+    root = tmp_path / "out" / "synthetic-1m"
+    client = MlflowClient(tracking_uri=first["mlflow"]["tracking_uri"])
+
+    def footprint() -> tuple[int, int, list[str], str]:
+        runs = client.search_runs([first["mlflow"]["experiment_id"]])
+        versions = client.search_model_versions(f"name='{first['registry']['name']}'")
+        return len(runs), len(versions), sorted(p.name for p in (root / "runs").iterdir()), \
+            (root / "latest.json").read_text()  # fmt: skip
+
+    before = footprint()
+    t0 = time.perf_counter()
+    state = embedding_pipeline(**params, return_state=True)
+    wall = time.perf_counter() - t0
+    print(f"nothing-new run: {wall:.1f} s")
+    assert state.is_completed(), state
+    second = state.result()
+    assert second["nothing_new"] == f"nothing new since run {first['run_name']} (90 log file(s), all ingested)"
+    assert footprint() == before  # no MLflow run, no model version, no run folder, latest unchanged
+    assert wall < 30, wall
+    with get_client(sync_client=True) as prefect:
+        notes = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            key=ArtifactFilterKey(any_=["recsys-embed-nothing-new"])))  # fmt: skip
+    assert len(notes) == 1 and f"Nothing new since run {first['run_name']}" in str(notes[0].data)
+
+    forced = embedding_pipeline(**params, force=True)  # --force: the whole run, on the same events
+    assert "nothing_new" not in forced and forced["run_name"] != first["run_name"]
+    assert forced["incremental"]["new_files"] == [] and forced["accounting"]["rows_read"] == 20_000
+    runs, versions, folders, _ = footprint()
+    assert (runs, versions, len(folders)) > (before[0], before[1], len(before[2]))
+    assert forced["registry"]["version"] == str(before[1] + 1)
+
+
+def test_nothing_new_names_the_last_finished_run(tmp_path: Path) -> None:
+    from recsys_embed.config import load_config
+    from recsys_embed.incremental import commit_state, nothing_new, run_incremental_ingest
+
+    logs, root = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir()
+    log = pl.read_parquet(RETAIL, n_rows=4_000)
+    log.head(2_000).write_parquet(logs / "day-000.parquet")
+    cfg = load_config(REPO / "configs/retail.yaml", [f"ingest.source.path={logs}", "incremental.enabled=true"])
+    assert nothing_new(cfg.ingest, root, cfg.incremental) is None  # no run yet
+    ingest = run_incremental_ingest(cfg.ingest, root, cfg.incremental, "R1")
+    assert nothing_new(cfg.ingest, root, cfg.incremental) is None  # R1 has not finished: its files are still new
+    commit_state(root, cfg.incremental, ingest, str(root / "runs" / "R1" / "split"))
+    assert nothing_new(cfg.ingest, root, cfg.incremental) == "nothing new since run R1 (1 log file(s), all ingested)"
+    log.tail(2_000).write_parquet(logs / "day-001.parquet")  # a new file: work to do
+    assert nothing_new(cfg.ingest, root, cfg.incremental) is None
+    (logs / "day-001.parquet").unlink()
+    log.head(10).write_parquet(logs / "day-000.parquet")  # changed: the run goes ahead and refuses it there
+    assert nothing_new(cfg.ingest, root, cfg.incremental) is None
