@@ -128,7 +128,8 @@ def refit_task(
     cache_root: str,
 ) -> dict[str, Any]:
     refit_cfg = stages.refit_models_config(name, models_cfg, model["info"])
-    return stages.run_train(name, full, refit_cfg, eval_cfg, Path(out_dir), cache_root=Path(cache_root))
+    return stages.run_train(name, full, refit_cfg, eval_cfg, Path(out_dir), cache_root=Path(cache_root),
+                            cache_prefix="refit")  # fmt: skip
 
 
 @task(name="serve", cache_policy=NONE, task_run_name="serve-{name}")
@@ -366,6 +367,9 @@ def _run_pipeline(
             "shipped": shipped,
             "metrics": metrics,
             "val_metrics": {m: v["metrics"] for m, v in validations.items()},
+            # the evaluation fits (fit window): what was measured; the shipped refits are under "exports"
+            "models": {m: {"embeddings": r["embeddings"], "train_seconds": r.get("train_seconds"), "info": r["info"]}
+                       for m, r in models.items()},  # fmt: skip
             "accounting": split["report"],
             "split": split["split"],
             "test_cold_users": split.get("test_cold_users"),

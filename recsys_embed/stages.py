@@ -9,10 +9,15 @@ Layout under ``<output_root>/<name>/``::
     cache/ingest-<key>/         events, quarantine, item texts, record.json
     cache/split-<key>/          train matrix, ID maps, validation/test targets, record.json
     cache/train-<m>-<key>/      one model's embeddings (Parquet) + meta + record.json (+ artifacts/: encoder)
+    cache/full-<key>/           every kept event for the production refit: matrix, extended maps, history filter
+    cache/refit-<m>-<key>/      one shipped model refit on every kept event (same layout as train-)
     runs/<run>/split/           the run's split: hard links to cache/split-<key>/ (record.json: its own paths)
     runs/<run>/models/<m>/      the run's model: hard links to cache/train-<m>-<key>/ (the two-tower encoder
                                 goes to runs/<run>/models/two_tower_encoder/)
-    runs/<run>/exports/<m>/     topk/ and similar_items/ tables (recomputed by every run)
+    runs/<run>/selection/       per-user validation metric of each model (selection, champion comparison)
+    runs/<run>/full/, refit/<m>/  hard links to cache/full-<key>/ and cache/refit-<m>-<key>/
+    runs/<run>/served/<m>/      the shipped model's served vectors (refit model + popularity fallback)
+    runs/<run>/exports/<m>/     topk/ and similar_items/ tables of the shipped models (recomputed by every run)
     runs/<run>/summary.json     the run manifest, written last: a run folder without it did not finish
     latest.json                 the last successful run (for ``recommend`` / ``similar``)
 
@@ -375,6 +380,7 @@ def run_train(
     lightning_logger: Any | None = None,
     warm_start_from: str | None = None,
     cache_root: Path | None = None,
+    cache_prefix: str = "train",
 ) -> Record:
     """Train one model on the split's train matrix; validation targets drive best-iteration selection.
 
@@ -397,7 +403,7 @@ def run_train(
         return record
     source = warm_start_source(name, warm_start_from) if models_cfg.warm_start else None
     key = train_cache_key(name, split, models_cfg, eval_cfg, source)
-    folder = Path(cache_root) / f"train-{name}-{key}"
+    folder = Path(cache_root) / f"{cache_prefix}-{name}-{key}"  # "refit": the production refits
     cached = is_complete_table(folder)
     if cached:
         log.info("train %s: split and config unchanged, reusing %s", name, folder)
@@ -574,6 +580,7 @@ def _full_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: Ingest
     window = {"first": str(ts.min()), "last": str(ts.max())} if ts is not None and ts.null_count() < ts.len() else None
     with staged_table(folder) as stage:
         save_csr(full.matrix, stage / "train.npz")
+        checkpoint("full")  # mid-write: the refit matrix is written, the history and maps are not
         save_csr(history, stage / "history.npz")
         write_parquet_atomic(full.events, stage / "train_events.parquet")
         save_id_maps(full.users, full.items, stage)

@@ -45,7 +45,7 @@ def test_second_run_ingests_only_the_new_day(prefect_harness: None, tmp_path: Pa
     assert first["accounting"]["rows_read"] == old.height
     assert first["incremental"]["previous_models"] is None
     for name in ("als", "two_tower"):  # nothing to start from yet
-        assert first["exports"][name]["info"]["warm_start"] is False, name
+        assert first["models"][name]["info"]["warm_start"] is False, name
 
     extra.write_parquet(logs / "day-001.parquet")  # one more day lands
     second = embedding_pipeline(cfg, overrides, str(mlflow_yml))
@@ -69,12 +69,12 @@ def test_second_run_ingests_only_the_new_day(prefect_harness: None, tmp_path: Pa
 
     client = MlflowClient(tracking_uri=second["mlflow"]["tracking_uri"])
     for name, source in (("als", first_models / "als"), ("two_tower", first_models / "two_tower_encoder" / "encoder")):
-        info = second["exports"][name]["info"]
+        info = second["models"][name]["info"]
         assert info["warm_start"] is True and Path(info["warm_start_from"]).resolve() == source, (name, info)
         params = client.get_run(second["mlflow"]["model_runs"][name]).data.params
         assert params["info.warm_start"] == "True" and params["info.warm_start_from"] == info["warm_start_from"]
     n_old_users = IdMap.load(first_models.parent / "split" / "user_map.parquet").ids.len()
-    assert second["exports"]["als"]["info"]["warm_start_users"] == n_old_users  # every old user kept its vector
+    assert second["models"]["als"]["info"]["warm_start_users"] == n_old_users  # every old user kept its vector
 
     reg1, reg2 = first["registry"], second["registry"]
     assert reg1["alias"] == "champion"
@@ -140,7 +140,8 @@ def test_nothing_new_means_nothing_done(prefect_harness: None, tmp_path: Path, m
     assert forced["incremental"]["new_files"] == [] and forced["accounting"]["rows_read"] == 20_000
     runs, versions, folders, _ = footprint()
     assert (runs, versions, len(folders)) > (before[0], before[1], len(before[2]))
-    assert forced["registry"]["version"] == str(before[1] + 1)
+    # the same events and config: the forced run trains and exports again but registers no duplicate version
+    assert forced["registry"]["registered"] is False and forced["registry"]["reason"].startswith("unchanged")
 
 
 def test_nothing_new_names_the_last_finished_run(tmp_path: Path) -> None:
