@@ -369,7 +369,7 @@ def _run_pipeline(
             "val_metrics": {m: v["metrics"] for m, v in validations.items()},
             # the evaluation fits (fit window): what was measured; the shipped refits are under "exports"
             "models": {m: {"embeddings": r["embeddings"], "train_seconds": r.get("train_seconds"), "info": r["info"]}
-                       for m, r in models.items()},  # fmt: skip
+                       for m, r in models.items()},
             "accounting": split["report"],
             "split": split["split"],
             "test_cold_users": split.get("test_cold_users"),
