@@ -1,9 +1,11 @@
 """The MLflow Model Registry: the second (and last) module that imports mlflow, beside ``tracking``.
 
-A run's best model is registered as a pyfunc recommender (``Recommender``) that bundles the user and item
-vectors (their Parquet files double as the ID maps), the train matrix used as the seen-item filter, and the
-export's item allow/deny lists. It answers with the same scorer as the exported top-k table
-(``topk.iter_topk``), so for any user the two agree.
+A run's best model is logged with MLflow 3's own API (``mlflow.pyfunc.log_model`` inside the model's run, so a
+LoggedModel exists, carries the run's params and metrics, and is registered as a new version) as the standalone
+recommender of ``recsys_embed.served_model``: models-from-code, numpy/pandas/pyarrow/scipy only, with a bundle of
+the served vectors, ID maps, seen filter, fallback flags, item popularity and admissible items. It loads and
+answers in a virtualenv built from the model's own ``requirements.txt``, without recsys-embed, and ranks exactly
+like the exported top-k table (``topk.iter_topk``).
 
 Aliases: ``champion`` moves to the new version only when its metric beats the champion's by more than the
 configured margin; otherwise the new version becomes ``challenger`` and the decision says why. Each version
@@ -15,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +26,50 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import polars as pl
+import scipy.sparse as sp
 from mlflow.pyfunc.model import PythonModel
 
 from recsys_embed.config import ExportConfig, MlflowSettings, RegistryConfig
 from recsys_embed.errors import RecsysEmbedError
-from recsys_embed.types import Candidate, Embeddings
+from recsys_embed.types import Candidate, Embeddings, IdMap
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_PATH = "recommender"
+# What the served model imports (recsys_embed/served_model.py): its requirements.txt pins these, nothing else.
+SERVED_REQUIREMENTS = ("mlflow", "numpy", "pandas", "pyarrow", "scipy")
 
 
 class RegistryError(RecsysEmbedError):
     """The registry has no such model or alias (names it and the fix)."""
 
 
-class Recommender(PythonModel):
-    """Top-k recommender over bundled embeddings.
+@dataclass(frozen=True)
+class ServedInputs:
+    """What the registered recommender serves.
 
-    Input: a DataFrame with a ``user_id`` column (strings; cast to the model's ID type).
-    Params: ``k`` (default: the registry's ``default_k``).
-    Output: one row per input user: ``user_id`` (string), ``item_ids`` (list of strings, best first),
-    ``scores`` (list of floats). Unknown (cold) users get empty lists. Train-seen items are never returned.
+    Attributes:
+        embeddings: the served vectors and ID maps (scored by ``scoring_vectors()``: dot, or cosine normalised).
+        seen: CSR (users x items of ``embeddings``' maps): stored entries are never recommended; for ALS its values
+            are the confidence that a ``history`` fold-in starts from.
+        fallback: bool per user index, True where the user's rows come from the popularity fallback
+            (``source="fallback"``); None: no user is.
+        popularity: float per item index, the answer for users the model does not know; None: distinct users per
+            item in ``seen``.
+        fold_in: ``{"alpha": ..., "regularization": ...}`` for ALS (enables the ``history`` fold-in); None: off.
     """
+
+    embeddings: Embeddings
+    seen: sp.csr_matrix
+    fallback: np.ndarray | None = None
+    popularity: np.ndarray | None = None
+    fold_in: dict[str, float] | None = None
+
+
+class Recommender(PythonModel):
+    """Legacy (before the standalone model): kept so that versions pickled as this class still load (and their
+    champion can be re-scored) where recsys-embed is installed. New versions use ``served_model``."""
 
     def load_context(self, context: Any) -> None:
         from recsys_embed.export import _item_filters
@@ -77,15 +100,19 @@ class Recommender(PythonModel):
         return pd.DataFrame({"user_id": raw, "item_ids": [a for a, _ in out], "scores": [b for _, b in out]})
 
 
-def _signature(default_k: int) -> Any:
+def _signature(default_k: int, item_ids: pl.Series) -> Any:
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
 
+    item_type = "long" if item_ids.dtype.is_integer() else "string"
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "user_id")]),
-        outputs=Schema(
-            [ColSpec("string", "user_id"), ColSpec(Array("string"), "item_ids"), ColSpec(Array("double"), "scores")]
-        ),
+        inputs=Schema([ColSpec(AnyType(), "user_id"), ColSpec(Array(AnyType()), "history", required=False)]),
+        outputs=Schema([
+            ColSpec(AnyType(), "user_id"),
+            ColSpec(Array(item_type), "item_ids"),
+            ColSpec(Array("double"), "scores"),
+            ColSpec("string", "source"),
+        ]),
         params=ParamSchema([ParamSpec("k", "long", default_k)]),
     )
 
@@ -93,7 +120,123 @@ def _signature(default_k: int) -> Any:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("mlflow", "numpy", "pandas", "polars", "scipy", "pydantic")]
+    return [f"{p}=={version(p)}" for p in SERVED_REQUIREMENTS]
+
+
+def _input_example(emb: Embeddings, seen: sp.csr_matrix) -> pd.DataFrame:
+    """Two known users (the second with a one-item history) in the model's own ID type."""
+    users = emb.users.ids.head(2).to_list()
+    hist: list[Any] = [None] * len(users)
+    if len(users) > 1 and len(emb.items):
+        hist[1] = emb.items.ids.head(1).to_list()
+    return pd.DataFrame({"user_id": users, "history": hist})
+
+
+def write_served_bundle(folder: str | Path, inputs: ServedInputs, export_cfg: ExportConfig, default_k: int) -> Path:
+    """The ``served_model`` bundle for ``inputs`` (allow/deny items resolved from ``export_cfg``)."""
+    from recsys_embed import served_model
+    from recsys_embed.export import _item_filters
+    from recsys_embed.popularity import item_popularity
+
+    emb = inputs.embeddings
+    uvec, ivec = emb.scoring_vectors()
+    seen = sp.csr_matrix(inputs.seen)
+    allow, deny = _item_filters(emb, export_cfg)
+    admissible: np.ndarray | None = None
+    if allow is not None or deny is not None:
+        keep = np.zeros(len(emb.items), dtype=bool)
+        keep[allow if allow is not None else slice(None)] = True
+        if deny is not None:
+            keep[deny] = False
+        admissible = np.flatnonzero(keep)
+    fallback = inputs.fallback if inputs.fallback is not None else np.zeros(len(emb.users), dtype=bool)
+    popularity = inputs.popularity if inputs.popularity is not None else item_popularity(seen).astype(np.float64)
+    fold = inputs.fold_in if emb.scoring == "dot" else None
+    return served_model.save_bundle(
+        folder, user_ids=emb.users.ids.to_arrow(), item_ids=emb.items.ids.to_arrow(), user_factors=uvec,
+        item_factors=ivec, seen=seen, fallback=fallback, popularity=popularity, admissible=admissible,
+        model=emb.model, default_k=default_k, fold_in=fold,
+    )  # fmt: skip
+
+
+def log_recommender(
+    settings: MlflowSettings,
+    run_id: str,
+    inputs: ServedInputs,
+    export_cfg: ExportConfig,
+    default_k: int,
+    tags: Mapping[str, str] | None = None,
+) -> tuple[str, str]:
+    """Log the standalone recommender on the model's run (``mlflow.pyfunc.log_model``) and register it.
+
+    The LoggedModel (the experiment's Models tab) is created inside run ``run_id``, so it takes the run's params
+    and its step-0 metrics (with their dataset link, see ``reporting.log_model_run``); the new version of
+    ``settings.registered_model_name`` points at it and carries ``tags``.
+
+    Returns:
+        (the LoggedModel's URI ``models:/<model_id>``, the registered version as a string).
+    """
+    from recsys_embed import served_model
+
+    client = _client(settings)
+    name = settings.registered_model_name
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="recsys-embed top-k recommender (standalone pyfunc)")
+    emb = inputs.embeddings
+    with tempfile.TemporaryDirectory(prefix="recsys-served-") as tmp:
+        bundle = write_served_bundle(Path(tmp) / "bundle", inputs, export_cfg, default_k)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=ARTIFACT_PATH,
+                python_model=served_model.__file__,
+                artifacts={"bundle": str(bundle)},
+                registered_model_name=name,
+                signature=_signature(default_k, emb.items.ids),
+                input_example=_input_example(emb, inputs.seen),
+                pip_requirements=_requirements(),
+                tags=dict(tags or {}),
+                model_type="recommender",
+            )
+    version = str(info.registered_model_version)
+    log.info("registry: logged %s (%s) as %s v%s", info.model_uri, emb.model, name, version)
+    return info.model_uri, version
+
+
+def served_inputs(candidate: Candidate, settings: MlflowSettings) -> ServedInputs:
+    """``ServedInputs`` from a candidate's files; ALS fold-in parameters from its model run's params."""
+    from recsys_embed.store import load_csr, load_embeddings
+
+    emb = load_embeddings(candidate.embeddings)
+    fold = None
+    if candidate.model == "als":
+        params = _client(settings).get_run(candidate.model_run_id).data.params
+        if "alpha" in params and "regularization" in params:
+            fold = {"alpha": float(params["alpha"]), "regularization": float(params["regularization"])}
+        else:
+            log.warning("registry: the als run %s has no alpha/regularization params; the recommender will not "
+                        "fold in histories", candidate.model_run_id)  # fmt: skip
+    return ServedInputs(
+        embeddings=emb,
+        seen=load_csr(candidate.seen),
+        fallback=np.load(candidate.fallback) if candidate.fallback else None,
+        popularity=np.load(candidate.popularity) if candidate.popularity else None,
+        fold_in=fold,
+    )
+
+
+def served_embeddings(model: Any) -> Embeddings:
+    """The ``Embeddings`` inside a loaded registered recommender (standalone or legacy)."""
+    py = model.unwrap_python_model()
+    if hasattr(py, "emb"):  # legacy Recommender
+        return py.emb  # type: ignore[no-any-return]
+    return Embeddings(
+        user_vectors=py.user_factors,
+        item_vectors=py.item_factors,
+        users=IdMap(pl.Series("id", pl.from_arrow(py.user_ids))),
+        items=IdMap(pl.Series("id", pl.from_arrow(py.item_ids))),
+        model=str(py.meta["model"]),
+        scoring="dot",
+    )
 
 
 def _client(settings: MlflowSettings) -> Any:
@@ -132,8 +275,8 @@ def register_best(
     primary_metric: str,
     rescore: Callable[[Embeddings], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Log ``candidate`` as a pyfunc recommender on its model run, register a new version, and move ``champion``
-    or ``challenger``.
+    """Log ``candidate`` as the standalone recommender on its model run (``log_recommender``: a LoggedModel and a
+    new registered version), and move ``champion`` or ``challenger``.
 
     With ``rescore`` (``compare.rescore`` bound to this run's split), the champion is evaluated on this run's
     test window and compared on that; without it (or if the champion cannot be loaded) its stored metric is used.
@@ -148,40 +291,19 @@ def register_best(
     if metric not in metrics:
         raise RegistryError(f"registry.metric {metric!r} is not among the model's metrics ({sorted(metrics)})")
     value = float(metrics[metric])
+    tags = {"metric": metric, "metric_value": repr(value), "model": model,
+            "pipeline_run_id": candidate.pipeline_run_id}  # fmt: skip
+    model_uri, version = log_recommender(settings, model_run_id, served_inputs(candidate, settings), export_cfg,
+                                         cfg.default_k, tags)  # fmt: skip
     client = _client(settings)
     name = settings.registered_model_name
-    with tempfile.TemporaryDirectory(prefix="recsys-pyfunc-") as tmp:
-        meta = Path(tmp) / "meta.json"
-        meta.write_text(json.dumps({"export": export_cfg.model_dump(mode="json"), "default_k": cfg.default_k}))
-        local = Path(tmp) / ARTIFACT_PATH
-        mlflow.pyfunc.save_model(
-            path=str(local),
-            python_model=Recommender(),
-            artifacts={"embeddings": candidate.embeddings, "seen": candidate.seen, "meta": str(meta)},
-            signature=_signature(cfg.default_k),
-            pip_requirements=_requirements(),
-        )
-        client.log_artifacts(model_run_id, str(local), ARTIFACT_PATH)
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, description="recsys-embed top-k recommender (pyfunc)")
-    run = client.get_run(model_run_id)
-    mv = client.create_model_version(
-        name,
-        source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
-        run_id=model_run_id,
-        tags={
-            "metric": metric,
-            "metric_value": repr(value),
-            "model": model,
-            "pipeline_run_id": candidate.pipeline_run_id,
-        },
-    )
+    mv = client.get_model_version(name, version)
     champ = _alias_version(client, name, CHAMPION)
     champ_value = None
     basis = None
     if champ is not None and rescore is not None:
         try:
-            champ_emb = mlflow.pyfunc.load_model(f"models:/{name}/{champ.version}").unwrap_python_model().emb
+            champ_emb = served_embeddings(mlflow.pyfunc.load_model(f"models:/{name}/{champ.version}"))
             champ_value = float(rescore(champ_emb)[metric])
             basis = "re-scored on this run's test window"
         except Exception as e:  # an unloadable old version must not block registering the new one
@@ -213,6 +335,7 @@ def register_best(
         "champion_value": champ_value,
         "champion_basis": basis,
         "uri": f"models:/{name}/{mv.version}",
+        "model_uri": model_uri,
     }
     log.info("registry: %s v%s is %s (%s)", name, mv.version, alias, reason)
     return decision

@@ -294,6 +294,10 @@ class Candidate:
         embeddings: the saved ``Embeddings`` folder.
         seen: the train CSR (``.npz``) used as the seen-item filter.
         metrics: its test metrics (``evaluate``).
+        fallback: optional ``.npy`` of one bool per user index: True where the user's rows come from the
+            popularity fallback (the registered model answers them with ``source="fallback"``); None: none.
+        popularity: optional ``.npy`` of one score per item index, the registered model's answer for users it
+            does not know; None: distinct users per item in ``seen``.
     """
 
     model: str
@@ -302,3 +306,5 @@ class Candidate:
     embeddings: str
     seen: str
     metrics: dict[str, float]
+    fallback: str | None = None
+    popularity: str | None = None
