@@ -270,7 +270,7 @@ def _run_pipeline(
         tracker.log_metrics(parent, {f"{m}.{k}": v for m, d in metrics.items() for k, v in d.items()})
         reporting.log_comparison(tracker, parent, table, cfg.eval.ks)
         markdown = reporting.summary_markdown(manifest, table, cfg.eval.ks)
-        tracker.log_text(parent, markdown, "summary.md")
+        reporting.log_summary(tracker, parent, markdown)  # summary.md + the run's description
         create_markdown_artifact(markdown=markdown, key="recsys-embed-summary", description="metrics and accounting")
         write_json_atomic({"run_dir": str(run_dir.resolve()), "run_id": parent}, root / "latest.json")
         if cfg.incremental.enabled:  # only now: a failed run leaves the state as it was

@@ -14,6 +14,8 @@ carries its metric as tags (``metric``, ``metric_value``), so the comparison nee
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
@@ -167,15 +169,20 @@ def log_recommender(
     default_k: int,
     tags: Mapping[str, str] | None = None,
 ) -> tuple[str, str]:
-    """Log the standalone recommender on the model's run (``mlflow.pyfunc.log_model``) and register it.
+    """Log the standalone recommender as the model run's LoggedModel (``mlflow.pyfunc.log_model``) and register it.
 
-    The LoggedModel (the experiment's Models tab) is created inside run ``run_id``, so it takes the run's params
-    and its step-0 metrics (with their dataset link, see ``reporting.log_model_run``); the new version of
-    ``settings.registered_model_name`` points at it and carries ``tags``.
+    The LoggedModel (the experiment's Models tab) has ``run_id`` as its source run and output, the run's params
+    (hyperparameters) and its step-0 metrics (the test metrics), each linked to the run's training dataset (see
+    ``reporting.log_model_run``); the new version of ``settings.registered_model_name`` points at it and carries
+    ``tags``. The model is created first and handed to ``log_model`` (``model_id=``) rather than logged under an
+    active run: MLflow's in-run path copies the run's metrics without their dataset, and a second, linked copy
+    would collide with it. No fluent "active run" is involved, so it is safe in Prefect's worker threads.
 
     Returns:
         (the LoggedModel's URI ``models:/<model_id>``, the registered version as a string).
     """
+    from mlflow.entities import LoggedModelOutput, Metric
+
     from recsys_embed import served_model
 
     client = _client(settings)
@@ -183,11 +190,30 @@ def log_recommender(
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="recsys-embed top-k recommender (standalone pyfunc)")
     emb = inputs.embeddings
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=ARTIFACT_PATH, source_run_id=run_id,
+                                       params=dict(run.data.params), tags=dict(tags or {}),
+                                       model_type="recommender")  # fmt: skip
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    training = [d.dataset for d in (run.inputs.dataset_inputs if run.inputs else [])
+                if any(t.key == "mlflow.data.context" and t.value == "training" for t in d.tags)]  # fmt: skip
+    ds_name, ds_digest = (training[0].name, training[0].digest) if training else (None, None)
+    # the run's test metrics become the model's, linked to the dataset; with their own timestamps the run-side
+    # rows are the ones it already has (MLflow skips exact duplicates), only the model's rows are new
+    linked = [Metric(m.key, m.value, m.timestamp, 0, model_id=model.model_id, dataset_name=ds_name,
+                     dataset_digest=ds_digest)
+              for key in run.data.metrics for m in client.get_metric_history(run_id, key) if m.step == 0]  # fmt: skip
+    for i in range(0, len(linked), 500):
+        client.log_batch(run_id, metrics=linked[i : i + 500])
     with tempfile.TemporaryDirectory(prefix="recsys-served-") as tmp:
         bundle = write_served_bundle(Path(tmp) / "bundle", inputs, export_cfg, default_k)
-        with mlflow.start_run(run_id=run_id):
+        # MLflow prints its registration messages straight to stderr; they go to this module's log instead
+        # (logging handlers keep their own stream, so only direct prints are captured, for these few seconds)
+        printed = io.StringIO()
+        with contextlib.redirect_stderr(printed):
             info = mlflow.pyfunc.log_model(
                 name=ARTIFACT_PATH,
+                model_id=model.model_id,
                 python_model=served_model.__file__,
                 artifacts={"bundle": str(bundle)},
                 registered_model_name=name,
@@ -195,8 +221,10 @@ def log_recommender(
                 input_example=_input_example(emb, inputs.seen),
                 pip_requirements=_requirements(),
                 tags=dict(tags or {}),
-                model_type="recommender",
             )
+    for line in printed.getvalue().splitlines():
+        if line.strip() and "it/s]" not in line:  # tqdm bars (when enabled) are noise in a log
+            log.debug("mlflow: %s", line.strip())
     version = str(info.registered_model_version)
     log.info("registry: logged %s (%s) as %s v%s", info.model_uri, emb.model, name, version)
     return info.model_uri, version
@@ -228,7 +256,7 @@ def served_embeddings(model: Any) -> Embeddings:
     """The ``Embeddings`` inside a loaded registered recommender (standalone or legacy)."""
     py = model.unwrap_python_model()
     if hasattr(py, "emb"):  # legacy Recommender
-        return py.emb  # type: ignore[no-any-return]
+        return py.emb
     return Embeddings(
         user_vectors=py.user_factors,
         item_vectors=py.item_factors,

@@ -23,7 +23,7 @@ Input (DataFrame):
     row. For ALS (``meta.fold_in`` set) the row's user vector is recomputed from its stored train row plus the
     history (each listing adds 1 to the item's count), with implicit's ``recalculate_user`` math: ``c = alpha *
     r``, ``x = (YᵀY + λI + Yᵀ(C − I)Y)⁻¹ Yᵀ C p``. Other models keep the stored vector (the two-tower fold-in
-    needs torch: ``TwoTowerEncoder.user_vectors`` is its entry point, see the README).
+    needs torch: its entry point is ``TwoTowerEncoder.user_vectors`` + ``ServedRecommender.recommend_vectors``).
 Params: ``k`` (default ``meta.default_k``).
 Output: one row per input row: ``user_id`` (as given), ``item_ids`` (list, the export's item ID type, best first),
 ``scores`` (list of float), ``source`` (``model``, or ``fallback`` for a user flagged in ``fallback.npy`` or
@@ -207,9 +207,9 @@ class ServedRecommender(PythonModel):
         # popularity order over admissible items: descending, ties by the lower index (the scorer's rule)
         cand_idx = np.arange(len(self.popularity)) if self.cols is None else self.cols
         self.pop_order = cand_idx[np.argsort(-self.popularity[cand_idx], kind="stable")]
-        fold = self.meta.get("fold_in")
-        self.fold = fold
-        self.yty = self.item_factors.astype(np.float64).T @ self.item_factors.astype(np.float64) if fold else None
+        self.fold: dict[str, float] | None = self.meta.get("fold_in")
+        y64 = self.item_factors.astype(np.float64)
+        self.yty: np.ndarray | None = y64.T @ y64 if self.fold else None
         return self
 
     # -- IDs -------------------------------------------------------------------------------------------
@@ -254,8 +254,9 @@ class ServedRecommender(PythonModel):
                     lo, hi = self.seen.indptr[u], self.seen.indptr[u + 1]
                     np.add.at(r, self.seen.indices[lo:hi], self.seen.data[lo:hi])
                 nz = np.flatnonzero(r)
-                vectors[row] = fold_in(self.item_factors, self.yty, nz, r[nz], self.fold["alpha"],  # type: ignore[index]
-                                       self.fold["regularization"])  # type: ignore[index]  # fmt: skip
+                assert self.yty is not None
+                vectors[row] = fold_in(self.item_factors, self.yty, nz, r[nz], float(self.fold["alpha"]),
+                                       float(self.fold["regularization"]))  # fmt: skip
                 scored[row] = True
             elif u >= 0:
                 vectors[row] = self.user_factors[u]
@@ -280,10 +281,35 @@ class ServedRecommender(PythonModel):
                 sc = self.popularity[idx]
             item_lists.append(self.item_values[idx].tolist())
             score_lists.append([float(x) for x in sc])
-        return pd.DataFrame(
-            {"user_id": frame["user_id"].tolist(), "item_ids": item_lists, "scores": score_lists,
-             "source": source.tolist()}  # fmt: skip
-        )
+        columns = {"user_id": frame["user_id"].tolist(), "item_ids": item_lists, "scores": score_lists}
+        return pd.DataFrame({**columns, "source": source.tolist()})
+
+    def recommend_vectors(self, vectors: np.ndarray, k: int | None = None, histories: list[Any] | None = None
+                          ) -> pd.DataFrame:  # fmt: skip
+        """Top-k for user vectors computed elsewhere, in this model's space: the two-tower fold-in entry point
+        (``TwoTowerEncoder.user_vectors(history)`` embeds users from their history with torch; this ranks them
+        with the served items, filters and tie rule). ``histories``: item IDs per row, never recommended.
+
+        Returns:
+            ``item_ids`` and ``scores`` per row (``source`` is ``model``).
+        """
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if vectors.shape[1] != self.item_factors.shape[1]:
+            raise ValueError(f"vectors have {vectors.shape[1]} columns, the {self.meta['model']} model's items have "
+                             f"{self.item_factors.shape[1]}; embed them with the same model's encoder")  # fmt: skip
+        k = int(k) if k is not None else self.default_k
+        hist = histories if histories is not None else [None] * len(vectors)
+        exclude = []
+        for h in hist:
+            idx = self.item_indices(_history(h) or [])
+            exclude.append(idx[idx >= 0])
+        items, scores = rank(vectors, self.items_t, k, exclude, self.cols)
+        ok = items >= 0
+        return pd.DataFrame({
+            "item_ids": [self.item_values[items[r][ok[r]]].tolist() for r in range(len(items))],
+            "scores": [[float(x) for x in scores[r][ok[r]]] for r in range(len(items))],
+            "source": [SOURCE_MODEL] * len(items),
+        })
 
     def _popular(self, k: int, exclude: np.ndarray) -> np.ndarray:
         """The popularity top-k (admissible items, minus ``exclude``)."""

@@ -94,7 +94,8 @@ def test_ids_as_ints_strings_and_unknown_users(tmp_path: Path) -> None:
     assert cold.scores[0] == [float(popularity[i]) for i in want]
     assert set(cold.source) == {"fallback"}
     # history items are never recommended, to known and unknown users alike
-    hist = model.recommend(pd.DataFrame({"user_id": [1010, "nobody"], "history": [ints.item_ids[0][:2], [f"sku{want[0]:03d}"]]}))
+    histories = [ints.item_ids[0][:2], [f"sku{want[0]:03d}"]]
+    hist = model.recommend(pd.DataFrame({"user_id": [1010, "nobody"], "history": histories}))
     assert not set(hist.item_ids[0]) & set(ints.item_ids[0][:2]) and hist.item_ids[0][:3] == ints.item_ids[0][2:]
     assert f"sku{want[0]:03d}" not in hist.item_ids[1]
 
@@ -177,3 +178,18 @@ def test_served_model_imports_no_project_code() -> None:
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert roots <= {"__future__", "json", "pathlib", "typing", "mlflow", "numpy", "pandas", "pyarrow", "scipy"}
+
+
+def test_recommend_vectors_is_the_scorer_for_outside_vectors(tmp_path: Path) -> None:
+    """The two-tower fold-in entry point: vectors from elsewhere (its encoder) ranked like stored users."""
+    emb, seen = _tied_embeddings()
+    model = _served(tmp_path, ServedInputs(emb, seen))
+    users = [1010, 1020, 1030]
+    stored = model.recommend(pd.DataFrame({"user_id": users}))
+    rows = [u - 1000 for u in users]
+    hist = [emb.items.decode(seen[r].indices).to_list() for r in rows]  # the same seen items, given as history
+    outside = model.recommend_vectors(emb.user_vectors[rows], histories=hist)
+    assert outside.item_ids.tolist() == stored.item_ids.tolist()
+    assert outside.scores.tolist() == stored.scores.tolist()
+    with pytest.raises(ValueError, match="columns"):
+        model.recommend_vectors(np.zeros((1, D + 1), dtype=np.float32))
