@@ -71,6 +71,7 @@ def item_projection(
 _STEP_KEYS = ("iteration", "epoch", "step")
 # Not curves of quality: wall time and counts would flatten every [0, 1] metric sharing their axis.
 _NOT_PLOTTED = ("seconds", "n_users_evaluated", "n_users", "samples")
+_VAL_SHOWN = ("val_recall_at_", "val_ndcg_at_")
 
 
 def _series(history: list[dict[str, Any]], key: str, step_key: str) -> tuple[list[float], list[float]]:
@@ -92,32 +93,35 @@ def _signal_label(keys: list[str]) -> str:
 def training_curves(history: list[dict[str, Any]], model: str) -> Figure:
     """Training signal and validation metrics per iteration/epoch, on two panels with their own axes.
 
-    Left: ``train_*`` keys (ALS loss, BPR sampled AUC, two-tower loss), labelled by what they are. Right:
-    ``val_*`` quality metrics (all in [0, 1]); wall time and counts are left out. Every series has its own colour
-    and the legends sit below the panels, never over the curves.
+    Left: ``train_*`` keys (ALS loss, BPR sampled AUC, two-tower loss), labelled by what they are. Right: the
+    validation recall and NDCG at each k (in [0, 1]); wall time, counts and the other validation metrics are left
+    out (MLflow charts every logged metric). Every series has its own colour and the legends sit below the panels,
+    never over the curves or the axis labels.
     """
     step_key = next((k for k in _STEP_KEYS if history and k in history[0]), "iteration")
     keys = sorted({k for h in history for k in h if k not in _STEP_KEYS})
-    keys = [k for k in keys if not k.endswith(_NOT_PLOTTED) and "popularity_bias" not in k]
+    keys = [k for k in keys if not k.endswith(_NOT_PLOTTED)]
     train_keys = [k for k in keys if not k.startswith("val_")]
-    val_keys = [k for k in keys if k.startswith("val_")]
+    # the ranking metrics that select the best iteration; the rest (map, mrr, coverage, ...) stay in MLflow's charts
+    val_keys = [k for k in keys if k.startswith(_VAL_SHOWN)]
     panels = [p for p in ((train_keys, _signal_label(train_keys)), (val_keys, "validation metric")) if p[0]]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 4.2), squeeze=False)
+    # constrained layout makes room for the legends below the panels (tight_layout would let them cover the labels)
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 4.2), squeeze=False,
+                             layout="constrained")  # fmt: skip
     # a distinct colour per series across both panels (tab10's ten, then Dark2's eight)
     colours = itertools.cycle([plt.get_cmap(c)(i) for c, n in (("tab10", 10), ("Dark2", 8)) for i in range(n)])
     for ax, (group, label) in zip(axes[0], panels, strict=False):
         for k in group:
             xs, ys = _series(history, k, step_key)
             if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, ms=3, label=k, color=next(colours))
+                ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, ms=4, label=k, color=next(colours), lw=1.6)
         ax.set_xlabel(step_key)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     if not panels:
         axes[0][0].text(0.5, 0.5, "no training history", ha="center", va="center")
     fig.suptitle(f"{model}: training")
-    fig.tight_layout()
     return fig
 
 

@@ -191,8 +191,10 @@ def log_recommender(
         client.create_registered_model(name, description="recsys-embed top-k recommender (standalone pyfunc)")
     emb = inputs.embeddings
     run = client.get_run(run_id)
+    note = run.data.tags.get("mlflow.note.content")  # the run's description is the model's too
     model = client.create_logged_model(run.info.experiment_id, name=ARTIFACT_PATH, source_run_id=run_id,
-                                       params=dict(run.data.params), tags=dict(tags or {}),
+                                       params=dict(run.data.params),
+                                       tags={**(tags or {}), **({"mlflow.note.content": note} if note else {})},
                                        model_type="recommender")  # fmt: skip
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     training = [d.dataset for d in (run.inputs.dataset_inputs if run.inputs else [])

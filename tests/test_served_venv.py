@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -84,6 +85,8 @@ def test_champion_loads_and_answers_in_a_fresh_venv(prefect_harness: None, tmp_p
     name = settings.registered_model_name
     assert manifest["registry"]["alias"] == "champion"
 
+    _check_mlflow_records(manifest, settings.tracking_uri, name)
+
     mlflow.set_tracking_uri(settings.tracking_uri)
     requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}@champion"))
     reqs = [line.split("==")[0].strip().lower() for line in requirements.read_text().splitlines() if line.strip()]
@@ -116,3 +119,44 @@ def test_champion_loads_and_answers_in_a_fresh_venv(prefect_harness: None, tmp_p
             assert got["item_ids"][row] == rows["item_id"].to_list(), (kind, u)
             assert got["scores"][row] == pytest.approx(rows["score"].to_list(), rel=1e-6, abs=1e-7), (kind, u)
     assert out["cold"] == {"n": 20, "source": "fallback"}  # an unknown user gets the popularity top-k
+
+
+def _check_mlflow_records(manifest: dict[str, Any], tracking_uri: str, name: str) -> None:
+    """MLflow 3 done natively: a LoggedModel on the best model's run with its hyperparameters and test metrics linked
+    to the dataset; nested runs with hyperparameters and descriptions; summary.json with absolute paths only."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    best = manifest["best_model"]
+    run_id = manifest["mlflow"]["model_runs"][best]
+    version = client.get_model_version(name, manifest["registry"]["version"])
+    assert version.source == manifest["registry"]["model_uri"] and version.run_id == run_id
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert model.source_run_id == run_id and model.name == "recommender"
+    assert {"factors", "alpha", "regularization", "iterations"} <= set(model.params)  # ALS's hyperparameters
+    linked = {m.key: (m.dataset_name, m.dataset_digest) for m in model.metrics}
+    parent = client.get_run(manifest["mlflow"]["run_id"])
+    dataset = parent.inputs.dataset_inputs[0].dataset
+    assert linked["ndcg_at_20"] == (dataset.name, dataset.digest)
+    assert mlflow.search_logged_models(experiment_ids=[model.experiment_id], output_format="list")  # Models tab
+    run = client.get_run(run_id)
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {dataset.digest}
+    for m, rid in manifest["mlflow"]["model_runs"].items():
+        child = client.get_run(rid)
+        assert child.data.tags["mlflow.note.content"].startswith(f"**{m}**")
+    assert {"factors", "alpha", "regularization", "info.backend"} <= set(run.data.params)  # the nested ALS run
+    assert parent.data.tags["mlflow.note.content"].startswith("# recsys-embed run")
+
+    summary = json.loads((Path(manifest["run_dir"]) / "summary.json").read_text())
+
+    def paths(obj: Any) -> list[str]:
+        if isinstance(obj, dict):
+            return [p for v in obj.values() for p in paths(v)]
+        if isinstance(obj, list):
+            return [p for v in obj for p in paths(v)]
+        return [obj] if isinstance(obj, str) and "/" in obj and "://" not in obj and not obj.startswith("#") else []
+
+    found = paths(summary)
+    assert found and all(Path(p).is_absolute() for p in found), [p for p in found if not Path(p).is_absolute()]
