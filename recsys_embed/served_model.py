@@ -242,6 +242,7 @@ class ServedRecommender(PythonModel):
         vectors = np.zeros((n, self.user_factors.shape[1]), dtype=np.float32)
         exclude: list[np.ndarray] = []
         scored = np.zeros(n, dtype=bool)  # rows answered by the model's vectors
+        folded = np.zeros(n, dtype=bool)  # rows whose vector was folded in from their history
         for row in range(n):
             u, hist = int(users[row]), histories[row]
             items = self.item_indices(hist) if hist else np.empty(0, dtype=np.int64)
@@ -257,7 +258,7 @@ class ServedRecommender(PythonModel):
                 assert self.yty is not None
                 vectors[row] = fold_in(self.item_factors, self.yty, nz, r[nz], float(self.fold["alpha"]),
                                        float(self.fold["regularization"]))  # fmt: skip
-                scored[row] = True
+                scored[row] = folded[row] = True
             elif u >= 0:
                 vectors[row] = self.user_factors[u]
                 scored[row] = True
@@ -267,7 +268,6 @@ class ServedRecommender(PythonModel):
         if rows.size:
             it, sc = rank(vectors[rows], self.items_t, k, [exclude[r] for r in rows], self.cols)
             out_items[rows], out_scores[rows] = it, sc
-        folded = np.array([h is not None and len(h) > 0 for h in histories]) & (self.fold is not None)
         source = np.where(scored, SOURCE_MODEL, SOURCE_FALLBACK).astype(object)
         known = users >= 0
         source[known & ~folded & self.fallback[np.maximum(users, 0)]] = SOURCE_FALLBACK

@@ -144,9 +144,14 @@ def test_fold_in_matches_implicit_recalculate_user(tmp_path: Path) -> None:
     users = IdMap(pl.Series("id", [f"u{i}" for i in range(80)]))
     items = IdMap(pl.Series("id", np.arange(50), dtype=pl.Int64))
     emb = Embeddings(np.asarray(als.user_factors), y, users, items, "als")
-    model = _served(tmp_path, ServedInputs(emb, train, fold_in={"alpha": alpha, "regularization": reg}), k=50)
+    fallback = np.zeros(80, dtype=bool)
+    fallback[5] = True  # u5 is a fallback user of the production refit, until a history folds it in
+    inputs = ServedInputs(emb, train, fallback=fallback, fold_in={"alpha": alpha, "regularization": reg})
+    model = _served(tmp_path, inputs, k=50)
     out = model.recommend(pd.DataFrame({"user_id": ["new", "u5"], "history": [[3, 3, 7, 20], [3, 3, 7, 20]]}))
     assert out.source.tolist() == ["model", "model"]  # a folded-in user is answered by the model
+    plain = model.recommend(pd.DataFrame({"user_id": ["u5", "u5"], "history": [None, ["not-an-item"]]}))
+    assert plain.source.tolist() == ["fallback", "fallback"]  # nothing to fold in: the flag stands
     for r, vec, seen_items in ((0, want, {3, 7, 20}), (1, want5, set(combined.indices))):
         scores = y @ vec
         order = [i for i in np.argsort(-scores, kind="stable") if i not in seen_items]
