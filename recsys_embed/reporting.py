@@ -86,9 +86,9 @@ def log_model_run(
     shows which data its metrics come from.
     """
     name = model["model"]
+    tracker.log_params(run_id, {f"info.{k}": v for k, v in model["info"].items() if not isinstance(v, dict | list)})
     hyper, datasets = _parent_context(tracker, run_id, name)
-    info = {f"info.{k}": v for k, v in model["info"].items() if not isinstance(v, dict | list)}
-    tracker.log_params(run_id, {**hyper, **info})
+    tracker.log_params(run_id, hyper)
     tracker.log_dataset_inputs(run_id, datasets)
     link = (datasets[0].name, datasets[0].digest) if datasets else None
     tracker.log_metrics(run_id, metrics, dataset=link)

@@ -79,7 +79,7 @@ def test_champion_loads_and_answers_in_a_fresh_venv(prefect_harness: None, tmp_p
     src = tmp_path / "events.parquet"
     pl.read_parquet(RETAIL, n_rows=N_ROWS).write_parquet(src)
     overrides = [f"ingest.source.path={src}", f"output_root={tmp_path / 'out'}", "models.bpr.enabled=false",
-                 "models.als.iterations=4", "models.als.eval_every=0"]  # fmt: skip
+                 "models.two_tower.enabled=false", "models.als.iterations=4", "models.als.eval_every=0"]  # fmt: skip
     manifest = embedding_pipeline(str(REPO / "configs/retail.yaml"), overrides, str(mlflow_yml))
     settings = resolve_settings(load_mlflow_settings(mlflow_yml))
     name = settings.registered_model_name
@@ -156,7 +156,7 @@ def _check_mlflow_records(manifest: dict[str, Any], tracking_uri: str, name: str
             return [p for v in obj.values() for p in paths(v)]
         if isinstance(obj, list):
             return [p for v in obj for p in paths(v)]
-        return [obj] if isinstance(obj, str) and "/" in obj and "://" not in obj and not obj.startswith("#") else []
+        return [obj] if isinstance(obj, str) and "/" in obj and ":/" not in obj and not obj.startswith("#") else []
 
     found = paths(summary)
     assert found and all(Path(p).is_absolute() for p in found), [p for p in found if not Path(p).is_absolute()]
