@@ -393,7 +393,7 @@ def _run_pipeline(
         tracker.log_metrics(parent, {f"{m}.{k}": v for m, d in metrics.items() for k, v in d.items()})
         reporting.log_comparison(tracker, parent, table, cfg.eval.ks)
         markdown = reporting.summary_markdown(manifest, table, cfg.eval.ks)
-        tracker.log_text(parent, markdown, "summary.md")
+        reporting.log_summary(tracker, parent, markdown)  # summary.md + the run's description
         create_markdown_artifact(markdown=markdown, key="recsys-embed-summary", description="metrics and accounting")
         if manifest["mlflow"]["ui_url"]:
             create_link_artifact(manifest["mlflow"]["ui_url"], link_text=f"MLflow run {run_name}",

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,30 @@ def _setup_logging(args: argparse.Namespace) -> None:
     # The ephemeral server's 20 s start budget is not enough on a busy 2-core machine (measured: a timeout while
     # other jobs ran); waiting longer costs nothing when it starts fast.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    for noisy in ("alembic", "mlflow", "urllib3", "distributed", "httpx", "pytorch_lightning", "lightning_fabric"):
+    for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # ...and again on the way out: some set their own level on import (Lightning: INFO), after this runs
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_libraries)
+    # MLflow configures its own handler when imported, at MLFLOW_LOGGING_LEVEL (default INFO: "Creating initial
+    # MLflow database tables..."); its upload/download bars follow our rule for bars.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if not progress.enabled():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.quiet:
+        # what a user can act on stays (our DataWarning, config errors); library chatter about its own internals
+        # (deprecations, "consider increasing num_workers", ...) does not
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", module=r"(pytorch_lightning|lightning_fabric|torch|mlflow|prefect)\b")
+
+
+_NOISY = ("alembic", "mlflow", "urllib3", "distributed", "httpx", "pytorch_lightning", "lightning_fabric")
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Drop the INFO chatter of noisy libraries (GPU/TPU availability, tips) whatever level they set themselves."""
+    return record.levelno >= logging.WARNING or not record.name.startswith(_NOISY)
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -245,6 +268,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         if not len(out["item_ids"]):
             raise RecsysEmbedError(f"user {args.user!r} is unknown to {name}@{args.alias}")
         print(f"Top {len(out['item_ids'])} for user {args.user} ({name}@{args.alias}):")
+        if out.get("source") == "fallback":
+            print("  (popularity fallback: the model has no history of this user)")
         for rank, (item, score) in enumerate(zip(out["item_ids"], out["scores"], strict=True), 1):
             print(f"  {rank:>2}. {item!s:<12} {score:8.4f}")
         return 0

@@ -106,7 +106,7 @@ class _Progress:
         done = iteration + 1
         row: dict[str, float] = {"iteration": float(done), "seconds": seconds, **train_metrics}
         shown = " ".join(f"{k} {v:.5g}" for k, v in train_metrics.items())
-        log.info("%s iteration %d/%d: %s (%.2f s)", self.name, done, self.iterations, shown, seconds)
+        log.debug("%s iteration %d/%d: %s (%.2f s)", self.name, done, self.iterations, shown, seconds)
         if self.on_metrics is not None and train_metrics:
             self.on_metrics(dict(train_metrics), done)
         if self.validating and (done % self.eval_every == 0 or done == self.iterations):
@@ -127,7 +127,7 @@ class _Progress:
             last = done == self.iterations
             self.best_factors = (user, item) if last else (np.array(user, copy=True), np.array(item, copy=True))
         self.eval_seconds += time.perf_counter() - t0
-        log.info(
+        log.debug(
             "%s iteration %d: val %s %.5f (best %.5f at %s)",
             self.name,
             done,

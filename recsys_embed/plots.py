@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import matplotlib
@@ -67,30 +68,60 @@ def item_projection(
     return fig
 
 
+_STEP_KEYS = ("iteration", "epoch", "step")
+# Not curves of quality: wall time and counts would flatten every [0, 1] metric sharing their axis.
+_NOT_PLOTTED = ("seconds", "n_users_evaluated", "n_users", "samples")
+_VAL_SHOWN = ("val_recall_at_", "val_ndcg_at_")
+
+
+def _series(history: list[dict[str, Any]], key: str, step_key: str) -> tuple[list[float], list[float]]:
+    pts = [(float(h.get(step_key, i + 1)), float(h[key])) for i, h in enumerate(history)
+           if h.get(key) is not None and np.isfinite(h[key])]  # fmt: skip
+    return ([x for x, _ in pts], [y for _, y in pts]) if pts else ([], [])
+
+
+def _signal_label(keys: list[str]) -> str:
+    """The y label of the training-signal panel, from what it holds (loss, AUC, accuracy)."""
+    names = {k.removeprefix("train_").replace("_", " ") for k in keys}
+    if names == {"auc"}:
+        return "train AUC (sampled pairs ranked right)"
+    if names == {"loss"}:
+        return "train loss"
+    return "training signal"
+
+
 def training_curves(history: list[dict[str, Any]], model: str) -> Figure:
-    """Loss and validation metrics per iteration/epoch."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    keys = sorted({k for h in history for k in h if k not in ("iteration", "epoch", "step")})
-    step_key = "iteration" if history and "iteration" in history[0] else "epoch"
-    ax2 = None
-    for k in keys:
-        pts = [(h.get(step_key, i), h[k]) for i, h in enumerate(history) if k in h and h[k] is not None]
-        if not pts:
-            continue
-        xs, ys = zip(*pts, strict=True)
-        if "loss" in k or k.startswith("train_"):
-            ax.plot(xs, ys, label=k, color="tab:red")
-        else:
-            ax2 = ax2 or ax.twinx()
-            ax2.plot(xs, ys, marker="o", label=k)
-    ax.set_xlabel(step_key)
-    ax.set_ylabel("loss")
-    if ax2 is not None:
-        ax2.set_ylabel("validation metric")
-        ax2.legend(loc="lower right", fontsize=7)
-    ax.legend(loc="upper right", fontsize=7)
-    ax.set_title(f"{model}: training")
-    fig.tight_layout()
+    """Training signal and validation metrics per iteration/epoch, on two panels with their own axes.
+
+    Left: ``train_*`` keys (ALS loss, BPR sampled AUC, two-tower loss), labelled by what they are. Right: the
+    validation recall and NDCG at each k (in [0, 1]); wall time, counts and the other validation metrics are left
+    out (MLflow charts every logged metric). Every series has its own colour and the legends sit below the panels,
+    never over the curves or the axis labels.
+    """
+    step_key = next((k for k in _STEP_KEYS if history and k in history[0]), "iteration")
+    keys = sorted({k for h in history for k in h if k not in _STEP_KEYS})
+    keys = [k for k in keys if not k.endswith(_NOT_PLOTTED)]
+    train_keys = [k for k in keys if not k.startswith("val_")]
+    # the ranking metrics that select the best iteration; the rest (map, mrr, coverage, ...) stay in MLflow's charts
+    val_keys = [k for k in keys if k.startswith(_VAL_SHOWN)]
+    panels = [p for p in ((train_keys, _signal_label(train_keys)), (val_keys, "validation metric")) if p[0]]
+    # constrained layout makes room for the legends below the panels (tight_layout would let them cover the labels)
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 4.2), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    # a distinct colour per series across both panels (tab10's ten, then Dark2's eight)
+    colours = itertools.cycle([plt.get_cmap(c)(i) for c, n in (("tab10", 10), ("Dark2", 8)) for i in range(n)])
+    for ax, (group, label) in zip(axes[0], panels, strict=False):
+        for k in group:
+            xs, ys = _series(history, k, step_key)
+            if xs:
+                ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, ms=4, label=k, color=next(colours), lw=1.6)
+        ax.set_xlabel(step_key)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no training history", ha="center", va="center")
+    fig.suptitle(f"{model}: training")
     return fig
 
 

@@ -1,9 +1,11 @@
 """The MLflow Model Registry: the second (and last) module that imports mlflow, beside ``tracking``.
 
-A run's best model is registered as a pyfunc recommender (``Recommender``) that bundles the user and item
-vectors (their Parquet files double as the ID maps), the train matrix used as the seen-item filter, and the
-export's item allow/deny lists. It answers with the same scorer as the exported top-k table
-(``topk.iter_topk``), so for any user the two agree.
+A run's best model is logged with MLflow 3's own API (``mlflow.pyfunc.log_model`` inside the model's run, so a
+LoggedModel exists, carries the run's params and metrics, and is registered as a new version) as the standalone
+recommender of ``recsys_embed.served_model``: models-from-code, numpy/pandas/pyarrow/scipy only, with a bundle of
+the served vectors, ID maps, seen filter, fallback flags, item popularity and admissible items. It loads and
+answers in a virtualenv built from the model's own ``requirements.txt``, without recsys-embed, and ranks exactly
+like the exported top-k table (``topk.iter_topk``).
 
 Aliases: ``champion`` moves to the new version only when its metric beats the champion's by more than the
 configured margin; otherwise the new version becomes ``challenger`` and the decision says why. Each version
@@ -12,10 +14,12 @@ carries its metric as tags (``metric``, ``metric_value``), so the comparison nee
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,30 +28,50 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import polars as pl
+import scipy.sparse as sp
 from mlflow.pyfunc.model import PythonModel
 
 from recsys_embed.config import ExportConfig, MlflowSettings, RegistryConfig
 from recsys_embed.errors import RecsysEmbedError
-from recsys_embed.types import Candidate
+from recsys_embed.types import Candidate, Embeddings, IdMap
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_PATH = "recommender"
+# What the served model imports (recsys_embed/served_model.py): its requirements.txt pins these, nothing else.
+SERVED_REQUIREMENTS = ("mlflow", "numpy", "pandas", "pyarrow", "scipy")
 
 
 class RegistryError(RecsysEmbedError):
     """The registry has no such model or alias (names it and the fix)."""
 
 
-class Recommender(PythonModel):
-    """Top-k recommender over bundled embeddings.
+@dataclass(frozen=True)
+class ServedInputs:
+    """What the registered recommender serves.
 
-    Input: a DataFrame with a ``user_id`` column (strings; cast to the model's ID type).
-    Params: ``k`` (default: the registry's ``default_k``).
-    Output: one row per input user: ``user_id`` (string), ``item_ids`` (list of strings, best first),
-    ``scores`` (list of floats). Unknown (cold) users get empty lists. Train-seen items are never returned.
+    Attributes:
+        embeddings: the served vectors and ID maps (scored by ``scoring_vectors()``: dot, or cosine normalised).
+        seen: CSR (users x items of ``embeddings``' maps): stored entries are never recommended; for ALS its values
+            are the confidence that a ``history`` fold-in starts from.
+        fallback: bool per user index, True where the user's rows come from the popularity fallback
+            (``source="fallback"``); None: no user is.
+        popularity: float per item index, the answer for users the model does not know; None: distinct users per
+            item in ``seen``.
+        fold_in: ``{"alpha": ..., "regularization": ...}`` for ALS (enables the ``history`` fold-in); None: off.
     """
+
+    embeddings: Embeddings
+    seen: sp.csr_matrix
+    fallback: np.ndarray | None = None
+    popularity: np.ndarray | None = None
+    fold_in: dict[str, float] | None = None
+
+
+class Recommender(PythonModel):
+    """Legacy (before the standalone model): kept so that versions pickled as this class still load (and their
+    champion can be re-scored) where recsys-embed is installed. New versions use ``served_model``."""
 
     def load_context(self, context: Any) -> None:
         from recsys_embed.export import _item_filters
@@ -78,15 +102,19 @@ class Recommender(PythonModel):
         return pd.DataFrame({"user_id": raw, "item_ids": [a for a, _ in out], "scores": [b for _, b in out]})
 
 
-def _signature(default_k: int) -> Any:
+def _signature(default_k: int, item_ids: pl.Series) -> Any:
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
 
+    item_type = "long" if item_ids.dtype.is_integer() else "string"
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "user_id")]),
-        outputs=Schema(
-            [ColSpec("string", "user_id"), ColSpec(Array("string"), "item_ids"), ColSpec(Array("double"), "scores")]
-        ),
+        inputs=Schema([ColSpec(AnyType(), "user_id"), ColSpec(Array(AnyType()), "history", required=False)]),
+        outputs=Schema([
+            ColSpec(AnyType(), "user_id"),
+            ColSpec(Array(item_type), "item_ids"),
+            ColSpec(Array("double"), "scores"),
+            ColSpec("string", "source"),
+        ]),
         params=ParamSchema([ParamSpec("k", "long", default_k)]),
     )
 
@@ -94,7 +122,160 @@ def _signature(default_k: int) -> Any:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("mlflow", "numpy", "pandas", "polars", "scipy", "pydantic")]
+    return [f"{p}=={version(p)}" for p in SERVED_REQUIREMENTS]
+
+
+def _input_example(emb: Embeddings, seen: sp.csr_matrix) -> pd.DataFrame:
+    """Two known users (the second with a one-item history) in the model's own ID type."""
+    users = emb.users.ids.head(2).to_list()
+    hist: list[Any] = [None] * len(users)
+    if len(users) > 1 and len(emb.items):
+        hist[1] = emb.items.ids.head(1).to_list()
+    return pd.DataFrame({"user_id": users, "history": hist})
+
+
+def write_served_bundle(folder: str | Path, inputs: ServedInputs, export_cfg: ExportConfig, default_k: int) -> Path:
+    """The ``served_model`` bundle for ``inputs`` (allow/deny items resolved from ``export_cfg``)."""
+    from recsys_embed import served_model
+    from recsys_embed.export import _item_filters
+    from recsys_embed.popularity import item_popularity
+
+    emb = inputs.embeddings
+    uvec, ivec = emb.scoring_vectors()
+    seen = sp.csr_matrix(inputs.seen)
+    allow, deny = _item_filters(emb, export_cfg)
+    admissible: np.ndarray | None = None
+    if allow is not None or deny is not None:
+        keep = np.zeros(len(emb.items), dtype=bool)
+        keep[allow if allow is not None else slice(None)] = True
+        if deny is not None:
+            keep[deny] = False
+        admissible = np.flatnonzero(keep)
+    fallback = inputs.fallback if inputs.fallback is not None else np.zeros(len(emb.users), dtype=bool)
+    popularity = inputs.popularity if inputs.popularity is not None else item_popularity(seen).astype(np.float64)
+    fold = inputs.fold_in if emb.scoring == "dot" else None
+    return served_model.save_bundle(
+        folder, user_ids=emb.users.ids.to_arrow(), item_ids=emb.items.ids.to_arrow(), user_factors=uvec,
+        item_factors=ivec, seen=seen, fallback=fallback, popularity=popularity, admissible=admissible,
+        model=emb.model, default_k=default_k, fold_in=fold,
+    )  # fmt: skip
+
+
+def log_recommender(
+    settings: MlflowSettings,
+    run_id: str,
+    inputs: ServedInputs,
+    export_cfg: ExportConfig,
+    default_k: int,
+    tags: Mapping[str, str] | None = None,
+    name: str | None = None,
+) -> tuple[str, str]:
+    """Log the standalone recommender as the model run's LoggedModel (``mlflow.pyfunc.log_model``) and register it.
+
+    The LoggedModel (the experiment's Models tab) has ``run_id`` as its source run and output, the run's params
+    (hyperparameters) and its step-0 metrics (the test metrics), each linked to the run's training dataset (see
+    ``reporting.log_model_run``); the new version of ``name`` (default ``settings.registered_model_name``) points
+    at it and carries ``tags``. The model is created first and handed to ``log_model`` (``model_id=``) rather than
+    logged under an active run: MLflow's in-run path copies the run's metrics without their dataset, and a second,
+    linked copy would collide with it. No fluent "active run" is involved, so it is safe in Prefect's worker threads.
+
+    Returns:
+        (the LoggedModel's URI ``models:/<model_id>``, the registered version as a string).
+    """
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    from recsys_embed import served_model
+
+    client = _client(settings)
+    name = name or settings.registered_model_name
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="recsys-embed top-k recommender (standalone pyfunc)")
+    emb = inputs.embeddings
+    run = client.get_run(run_id)
+    note = run.data.tags.get("mlflow.note.content")  # the run's description is the model's too
+    model = client.create_logged_model(run.info.experiment_id, name=ARTIFACT_PATH, source_run_id=run_id,
+                                       params=dict(run.data.params),
+                                       tags={**(tags or {}), **({"mlflow.note.content": note} if note else {})},
+                                       model_type="recommender")  # fmt: skip
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    training = [d.dataset for d in (run.inputs.dataset_inputs if run.inputs else [])
+                if any(t.key == "mlflow.data.context" and t.value == "training" for t in d.tags)]  # fmt: skip
+    ds_name, ds_digest = (training[0].name, training[0].digest) if training else (None, None)
+    # the run's test metrics become the model's, linked to the dataset; with their own timestamps the run-side
+    # rows are the ones it already has (MLflow skips exact duplicates), only the model's rows are new
+    linked = [Metric(m.key, m.value, m.timestamp, 0, model_id=model.model_id, dataset_name=ds_name,
+                     dataset_digest=ds_digest)
+              for key in run.data.metrics for m in client.get_metric_history(run_id, key) if m.step == 0]  # fmt: skip
+    for i in range(0, len(linked), 500):
+        client.log_batch(run_id, metrics=linked[i : i + 500])
+    with tempfile.TemporaryDirectory(prefix="recsys-served-") as tmp:
+        bundle = write_served_bundle(Path(tmp) / "bundle", inputs, export_cfg, default_k)
+        # MLflow prints its registration messages straight to stderr; they go to this module's log instead
+        # (logging handlers keep their own stream, so only direct prints are captured, for these few seconds)
+        printed = io.StringIO()
+        with contextlib.redirect_stderr(printed):
+            info = mlflow.pyfunc.log_model(
+                name=ARTIFACT_PATH,
+                model_id=model.model_id,
+                python_model=served_model.__file__,
+                artifacts={"bundle": str(bundle)},
+                registered_model_name=name,
+                signature=_signature(default_k, emb.items.ids),
+                input_example=_input_example(emb, inputs.seen),
+                pip_requirements=_requirements(),
+                tags=dict(tags or {}),
+            )
+    for line in printed.getvalue().splitlines():
+        if line.strip() and "it/s]" not in line:  # tqdm bars (when enabled) are noise in a log
+            log.debug("mlflow: %s", line.strip())
+    version = str(info.registered_model_version)
+    log.info("registry: logged %s (%s) as %s v%s", info.model_uri, emb.model, name, version)
+    return info.model_uri, version
+
+
+def served_inputs(candidate: Candidate, settings: MlflowSettings) -> ServedInputs:
+    """``ServedInputs`` from a candidate's files; ALS fold-in parameters from its model run's params."""
+    from recsys_embed.store import load_csr, load_embeddings
+
+    emb = load_embeddings(candidate.embeddings)
+    fold = None
+    if candidate.model == "als":
+        params = _client(settings).get_run(candidate.model_run_id).data.params
+        if "alpha" in params and "regularization" in params:
+            fold = {"alpha": float(params["alpha"]), "regularization": float(params["regularization"])}
+        else:
+            log.warning("registry: the als run %s has no alpha/regularization params; the recommender will not "
+                        "fold in histories", candidate.model_run_id)  # fmt: skip
+    from recsys_embed.coverage import fallback_mask
+
+    mask = fallback_mask(emb)  # served embeddings: the last dimension is the popularity fallback
+    if fold is not None and mask is not None:
+        fold["dims"] = float(emb.dim - 1)  # fold in over the model's own dimensions; the fallback one stays 0
+    popularity = np.load(candidate.popularity) if candidate.popularity else None
+    if popularity is None and mask is not None:
+        popularity = emb.item_vectors[:, -1].astype(np.float64)  # the refit popularity the fallback ranks by
+    return ServedInputs(
+        embeddings=emb,
+        seen=load_csr(candidate.seen),
+        fallback=np.load(candidate.fallback) if candidate.fallback else mask,
+        popularity=popularity,
+        fold_in=fold,
+    )
+
+
+def served_embeddings(model: Any) -> Embeddings:
+    """The ``Embeddings`` inside a loaded registered recommender (standalone or legacy)."""
+    py = model.unwrap_python_model()
+    if hasattr(py, "emb"):  # legacy Recommender
+        return py.emb
+    return Embeddings(
+        user_vectors=py.user_factors,
+        item_vectors=py.item_factors,
+        users=IdMap(pl.Series("id", pl.from_arrow(py.user_ids))),
+        items=IdMap(pl.Series("id", pl.from_arrow(py.item_ids))),
+        model=str(py.meta["model"]),
+        scoring="dot",
+    )
 
 
 def _client(settings: MlflowSettings) -> Any:
@@ -212,7 +393,7 @@ def register_best(
                 "previous_champion": str(champ.version) if champ is not None else None, "champion_value": None,
                 "champion_basis": None, "uri": f"models:/{name}/{same.version}"}  # fmt: skip
 
-    mv = _log_version(client, name, candidate, export_cfg, cfg, metric, value)
+    mv = _log_version(settings, name, candidate, export_cfg, cfg, metric, value)
     champ_value: float | None = None
     basis: str | None = None
     stats: dict[str, float] = {}
@@ -258,25 +439,11 @@ def register_best(
 
 
 def _log_version(
-    client: Any, name: str, candidate: Candidate, export_cfg: ExportConfig, cfg: RegistryConfig, metric: str,
-    value: float,
+    settings: MlflowSettings, name: str, candidate: Candidate, export_cfg: ExportConfig, cfg: RegistryConfig,
+    metric: str, value: float,
 ) -> Any:
-    """Log ``candidate`` as a pyfunc recommender on its model run and register it as a new version of ``name``."""
-    with tempfile.TemporaryDirectory(prefix="recsys-pyfunc-") as tmp:
-        meta = Path(tmp) / "meta.json"
-        meta.write_text(json.dumps({"export": export_cfg.model_dump(mode="json"), "default_k": cfg.default_k}))
-        local = Path(tmp) / ARTIFACT_PATH
-        mlflow.pyfunc.save_model(
-            path=str(local),
-            python_model=Recommender(),
-            artifacts={"embeddings": candidate.embeddings, "seen": candidate.seen, "meta": str(meta)},
-            signature=_signature(cfg.default_k),
-            pip_requirements=_requirements(),
-        )
-        client.log_artifacts(candidate.model_run_id, str(local), ARTIFACT_PATH)
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, description="recsys-embed top-k recommender (pyfunc)")
-    run = client.get_run(candidate.model_run_id)
+    """Log ``candidate`` as the standalone recommender on its model run (``log_recommender``) and register it as a
+    new version of ``name`` with the version tags the decision and downstream readers use."""
     tags = {
         **candidate.tags,
         "metric": metric,
@@ -291,8 +458,9 @@ def _log_version(
     test_value = candidate.metrics.get(f"test_{metric}")
     if test_value is not None:
         tags["test_metric_value"] = repr(float(test_value))
-    return client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
-                                       run_id=candidate.model_run_id, tags=tags)  # fmt: skip
+    _, version = log_recommender(settings, candidate.model_run_id, served_inputs(candidate, settings), export_cfg,
+                                 cfg.default_k, tags, name=name)  # fmt: skip
+    return _client(settings).get_model_version(name, version)
 
 
 def load_recommender(settings: MlflowSettings, alias: str = CHAMPION, name: str | None = None) -> Any:

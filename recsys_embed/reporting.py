@@ -77,11 +77,24 @@ def log_model_run(
     export: dict[str, Any],
     split: dict[str, Any],
 ) -> None:
-    """Metrics, embeddings, ID maps, exports (preview + full when small) and plots on the model's run."""
+    """Hyperparameters, metrics, dataset, embeddings, ID maps, exports (preview + full when small) and plots on the
+    model's run.
+
+    Params: the model's own config slice (``models.<name>.*`` of the parent run, without the prefix, e.g.
+    ``factors``, ``alpha``) beside the training facts (``info.*``). The parent's dataset becomes this run's training
+    input, and the test metrics are linked to it, so the model logged on this run (``registry.log_recommender``)
+    shows which data its metrics come from.
+    """
     name = model["model"]
     tracker.log_params(run_id, {f"info.{k}": v for k, v in model["info"].items() if not isinstance(v, dict | list)})
+    hyper, datasets = _parent_context(tracker, run_id, name)
+    tracker.log_params(run_id, hyper)
+    tracker.log_dataset_inputs(run_id, datasets)
+    link = (datasets[0].name, datasets[0].digest) if datasets else None
+    tracker.log_metrics(run_id, metrics, dataset=link)
     extra = {"ann_recall_at_k": export["ann_recall_at_k"]} if "ann_recall_at_k" in export else {}
-    tracker.log_metrics(run_id, {**metrics, "train_seconds": model["train_seconds"], **extra})
+    tracker.log_metrics(run_id, {"train_seconds": model["train_seconds"], **extra})
+    tracker.set_description(run_id, model_description(name, model, metrics, hyper))
     tracker.log_artifact(run_id, model["embeddings"], f"embeddings/{name}")
     tracker.log_artifact(run_id, split["user_map"], "id_maps")
     tracker.log_artifact(run_id, split["item_map"], "id_maps")
@@ -115,6 +128,46 @@ def log_model_run(
         _log_fig(
             tracker, run_id, plots.item_projection(emb.item_vectors, popularity, name), "plots/item_embeddings_2d.png"
         )
+
+
+def _parent_context(tracker: Tracker, run_id: str, name: str) -> tuple[dict[str, Any], list[Any]]:
+    """(the model's hyperparameters, the parent run's datasets) for nested run ``run_id`` of model ``name``.
+
+    Params the run already has (Lightning's logger writes the two-tower's own, with resolved values) are left out:
+    MLflow refuses to change a param."""
+    run = tracker.get_run(run_id)
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if not parent_id:
+        return {}, []
+    parent = tracker.get_run(parent_id)
+    prefix = f"models{tracker.settings.flatten_sep}{name}{tracker.settings.flatten_sep}"
+    hyper = {k[len(prefix) :]: v for k, v in parent.data.params.items()
+             if k.startswith(prefix) and k[len(prefix) :] not in run.data.params}  # fmt: skip
+    hyper.pop("enabled", None)
+    datasets = [d.dataset for d in (parent.inputs.dataset_inputs if parent.inputs else [])]
+    return hyper, datasets
+
+
+def model_description(name: str, model: dict[str, Any], metrics: dict[str, float], hyper: dict[str, Any]) -> str:
+    """A nested run's description (Markdown): what was trained, with what, and how it scored."""
+    info = model.get("info", {})
+    lines = [f"**{name}** ({info.get('backend', 'numpy')}), trained in {model['train_seconds']:.1f} s"
+             + (" (reused from the cache)" if model.get("cached") else "") + "."]  # fmt: skip
+    if hyper:
+        lines.append("Hyperparameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(hyper.items())) + ".")
+    if info.get("best_iteration") is not None:
+        lines.append(f"Best validation {info.get('val_metric')} {info.get('best_val_metric', float('nan')):.4f} at "
+                     f"iteration/epoch {info['best_iteration']}.")  # fmt: skip
+    shown = [k for k in metrics if k.startswith(("recall_at", "ndcg_at", "hit_rate_at"))]
+    if shown:
+        lines.append("Test (warm users): " + ", ".join(f"{k} {metrics[k]:.4f}" for k in sorted(shown)) + ".")
+    return "\n\n".join(lines)
+
+
+def log_summary(tracker: Tracker, run_id: str, markdown: str) -> None:
+    """``summary.md`` as an artifact of the parent run and as its description (the UI's run page shows it)."""
+    tracker.log_text(run_id, markdown, "summary.md")
+    tracker.set_description(run_id, markdown)
 
 
 def log_comparison(tracker: Tracker, run_id: str, table: pl.DataFrame, ks: list[int]) -> None:
@@ -226,8 +279,30 @@ def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    """Write the run manifest (``summary.json``) atomically; any credentials in a URI are masked first."""
-    return write_json_atomic(redact_tree(manifest), path)
+    """Write the run manifest (``summary.json``) atomically; any credentials in a URI are masked first.
+
+    Every path in it is absolute (``absolute_paths``), so the file means the same read from any folder.
+    """
+    return write_json_atomic(redact_tree(absolute_paths(manifest)), path)
+
+
+def absolute_paths(obj: Any, root: Path | None = None) -> Any:
+    """A copy of a JSON-like tree where every relative path (a string with a ``/`` that names an existing file or
+    folder under ``root``, default the working directory) is made absolute. URIs (``scheme://``), absolute paths
+    and other strings are kept as they are."""
+    base = (root or Path.cwd()).resolve()
+    if isinstance(obj, dict):
+        return {k: absolute_paths(v, base) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [absolute_paths(v, base) for v in obj]
+    if isinstance(obj, str) and "/" in obj and "://" not in obj and not obj.startswith(("/", "#")) and "\n" not in obj:
+        try:
+            p = base / obj
+            if p.exists():
+                return str(p.resolve())
+        except OSError:  # not a path after all (too long, odd characters)
+            return obj
+    return obj
 
 
 def redact_tree(obj: Any) -> Any:

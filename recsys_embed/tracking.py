@@ -21,6 +21,7 @@ import re
 import subprocess
 import time
 import urllib.parse
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from recsys_embed.errors import RecsysEmbedError
 log = logging.getLogger(__name__)
 
 _MAX_PARAM = 6000  # MLflow's limit on a param value
+_MAX_NOTE = 8000  # MLflow's limit on a tag value (a run description is the mlflow.note.content tag)
 # MLflow's HTTP client defaults (7 retries, backoff factor 2) make one call to a dead server take minutes; these
 # keep a refused call to ~3 s, and Tracker._retry adds its own backoff on top (4 tries: ~14 s measured in all).
 # The request timeout stays MLflow's (120 s): large artifact uploads need it. Values in the environment win.
@@ -187,8 +189,12 @@ class Tracker:
         import mlflow
         from mlflow import MlflowClient
 
+        from recsys_embed import progress
+
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        # MLflow's own upload/download bars follow the project's rule for bars (an interactive terminal, not --quiet)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if progress.enabled() else "false")
         self.settings = resolve_settings(settings, root)
         self.retries = retries
         self.local_outputs = local_outputs
@@ -266,17 +272,38 @@ class Tracker:
         for i in range(0, len(items), 100):
             self._retry(self.client.log_batch, run_id, params=items[i : i + 100])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int = 0, dataset: tuple[str, str] | None = None
+    ) -> None:
+        """Log numeric ``metrics`` at ``step``; ``dataset`` = (name, digest) links them to that dataset (MLflow 3:
+        a model logged later in the run carries the link)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
+        name, digest = dataset if dataset is not None else (None, None)
         items = [
-            Metric(_metric_name(k), float(v), ts, step)
+            Metric(_metric_name(k), float(v), ts, step, dataset_name=name, dataset_digest=digest)
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         ]
         for i in range(0, len(items), 500):
             self._retry(self.client.log_batch, run_id, metrics=items[i : i + 500])
+
+    def get_run(self, run_id: str) -> Any:
+        """The run entity (params, tags, metrics, inputs)."""
+        return self._retry(self.client.get_run, run_id)
+
+    def set_description(self, run_id: str, markdown: str) -> None:
+        """The run's description in the UI (the ``mlflow.note.content`` tag, rendered as Markdown)."""
+        self._retry(self.client.set_tag, run_id, "mlflow.note.content", markdown[:_MAX_NOTE])
+
+    def log_dataset_inputs(self, run_id: str, datasets: list[Any], context: str = "training") -> None:
+        """Log dataset entities (e.g. another run's ``inputs.dataset_inputs[i].dataset``) as inputs of ``run_id``."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = [DatasetInput(d, tags=[InputTag("mlflow.data.context", context)]) for d in datasets]
+        if inputs:
+            self._retry(self.client.log_inputs, run_id, datasets=inputs)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
@@ -305,7 +332,11 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
 
         frame = pl.read_parquet(events_path, n_rows=1000)
-        ds = from_polars(frame, source=source, name=name, digest=fingerprint[:32])
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source class twice ("file" and ""), then warns that a local path
+            # "can be interpreted in multiple ways": both are the same class, so there is nothing to act on.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            ds = from_polars(frame, source=source, name=name, digest=fingerprint[:32])
         ds_input = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
         self._retry(self.client.log_inputs, run_id, datasets=[ds_input])
 

@@ -300,6 +300,10 @@ class Candidate:
         recipe_config: that config slice as JSON (a later run re-fits the recipe from it).
         run_key: hash of the data fingerprint and the whole config: an identical re-run registers nothing.
         tags: version tags (pipeline, data fingerprint, training window, rows, ...).
+        fallback: optional ``.npy`` of one bool per user index: True where the user's rows come from the
+            popularity fallback (the registered model answers them with ``source="fallback"``); None: none.
+        popularity: optional ``.npy`` of one score per item index, the registered model's answer for users it
+            does not know; None: distinct users per item in ``seen``.
     """
 
     model: str
@@ -313,3 +317,5 @@ class Candidate:
     recipe_config: str = ""
     run_key: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    fallback: str | None = None
+    popularity: str | None = None

@@ -8,6 +8,7 @@ registers nothing (no churn), and the database and ``current/`` keep serving the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,6 @@ def test_champion_pyfunc_and_database(prefect_harness: None, tmp_path: Path, mlf
     cli = subprocess.run(
         [sys.executable, "-m", "recsys_embed.cli", "--mlflow-config", str(mlflow_yml), "recommend", "--user", users[0],
          "-k", "5", "--from-registry", "--config", cfg, *[a for o in overrides for a in ("--set", o)]],
-        capture_output=True, text=True, check=True, cwd=tmp_path,
+        capture_output=True, text=True, check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert answers[users[0]][0][0] in cli.stdout and "@champion" in cli.stdout

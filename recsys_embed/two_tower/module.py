@@ -259,7 +259,7 @@ class TwoTowerModule(pl_.LightningModule):
     @rank_zero_only
     def _log_epoch(self, row: dict[str, float], samples_per_second: float) -> None:
         shown = " ".join(f"{k} {v:.5g}" for k, v in row.items() if k != "epoch")
-        log.info(
+        log.debug(
             "two_tower epoch %d/%d: %s (%.0f samples/s)",
             int(row["epoch"]), self.trainer.max_epochs or -1, shown, samples_per_second,
         )  # fmt: skip
