@@ -152,7 +152,8 @@ def test_code_like_ids_round_trip_through_ingest_export_and_the_database(
     # the distinctive values (short ones such as "topk" or "*" occur in any SQL text)
     hostile = [h for h in (*USERS, *ITEMS, "run'); DROP TABLE x;--") if len(h) >= 8]
     inserts = [(sql, rows) for sql, rows in statements if sql.lstrip().upper().startswith("INSERT")]
-    assert inserts and all(sql.count("?") == len(topk.columns) + 1 for sql, _ in inserts)  # placeholders only
+    widths = {len(topk.columns) + 1, len(similar.columns) + 1}  # each table's columns + model_version
+    assert inserts and all(sql.count("?") in widths for sql, _ in inserts)  # placeholders only
     for sql, _ in statements:
         assert not any(h in sql for h in hostile), f"a value was spliced into SQL text: {sql!r}"
     bound = {v for _, rows in inserts for row in rows for v in row}

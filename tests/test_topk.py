@@ -149,7 +149,9 @@ def test_chunking_and_threads_do_not_change_results() -> None:
         other = topk(emb, 12, users, seen, chunk_users=chunk, threads=threads)
         assert np.array_equal(other.users, base.users)
         assert np.array_equal(other.items, base.items)
-        assert np.array_equal(other.scores, base.scores)
+        # BLAS may pick another kernel for another chunk height (a one-row chunk is a matrix-vector product), so
+        # scores can differ in the last bits on some CPUs (seen on this 2-core box); the ranking may not
+        np.testing.assert_allclose(other.scores, base.scores, rtol=1e-6, atol=1e-6)
 
 
 def test_iter_topk_yields_bounded_chunks_in_user_order() -> None:
