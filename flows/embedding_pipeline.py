@@ -32,14 +32,16 @@ from recsys_embed.config import (
     PipelineConfig,
     RegistryConfig,
     SplitConfig,
+    TuningConfig,
     load_config,
     load_mlflow_settings,
 )
 from recsys_embed.incremental import commit_state, run_incremental_ingest
 from recsys_embed.io import write_json_atomic
 from recsys_embed.lock import run_lock
-from recsys_embed.models import enabled_models
+from recsys_embed.models import runnable_models
 from recsys_embed.tracking import Tracker, git_commit, lightning_logger, redact_uri
+from recsys_embed.tuning import apply_tuning, log_tuning, score_defaults
 from recsys_embed.types import Candidate, RowReport
 
 
@@ -95,6 +97,26 @@ def train_task(
         warm_start_from=warm_start_from,
         cache_root=Path(cache_root) if cache_root else None,
     )
+
+
+@task(name="tune", cache_policy=NONE)
+def tune_task(
+    split: dict[str, Any], models_cfg: ModelsConfig, eval_cfg: EvalConfig, cfg: TuningConfig, cache_root: str,
+    storage_file: str,
+) -> dict[str, Any]:  # fmt: skip
+    return stages.run_tune(split, models_cfg, eval_cfg, cfg, Path(cache_root), Path(storage_file))
+
+
+@task(name="tuning-report", cache_policy=NONE, task_run_name="tuning-report-{name}")
+def tuning_report_task(
+    settings: MlflowSettings, run_id: str, name: str, split: dict[str, Any], defaults_cfg: ModelsConfig,
+    final_cfg: ModelsConfig, eval_cfg: EvalConfig, tuned: dict[str, Any], metrics: dict[str, float], out_dir: str,
+    cache_root: str, tuning_metric: str,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    test = score_defaults(name, split, defaults_cfg, final_cfg, eval_cfg, metrics, Path(out_dir), Path(cache_root))
+    final = getattr(final_cfg, name).model_dump(mode="json")
+    log_tuning(Tracker(settings), run_id, name, tuned, final, test, tuning_metric)
+    return test
 
 
 @task(name="evaluate", cache_policy=NONE, task_run_name="evaluate-{model[model]}")
@@ -191,19 +213,30 @@ def _run_pipeline(
         report = RowReport.from_dict(split["report"])
         logger.info("row accounting for %s:\n%s", cfg.ingest.source.path, report.format())
         reporting.log_run_inputs(tracker, parent, cfg, ingest, split, git_commit())
+        # hyperparameter search on the validation window; the best parameters replace the configured ones
+        tuning = None
+        if cfg.tuning.enabled:
+            tuning = tune_task(split, cfg.models, cfg.eval, cfg.tuning, str(root / "cache"),
+                               str(root / cfg.tuning.storage_file))  # fmt: skip
+            tracker.log_metrics(parent, {"tuning_seconds": tuning["seconds"]})
+        models_cfg = apply_tuning(cfg.models, tuning)
 
         metrics: dict[str, dict[str, float]] = {}
         exports: dict[str, dict[str, Any]] = {}
         model_runs: dict[str, str] = {}
         reused: dict[str, bool] = {}  # model -> trained by an earlier (possibly killed) run, read back here
-        for name in enabled_models(cfg.models):
+        for name in runnable_models(models_cfg, split["n_users"], split["n_items"]):
             child = tracker.start_run(name, parent_run_id=parent, tags={**scope, "model": name})
             model_runs[name] = child
             try:
-                model = train_task(name, split, cfg.models, cfg.eval, str(run_dir / "models"), settings, child,
+                model = train_task(name, split, models_cfg, cfg.eval, str(run_dir / "models"), settings, child,
                                    warm_from, str(root / "cache"))  # fmt: skip
                 reused[name] = bool(model.get("cached"))
                 metrics[name] = evaluate_task(model, split, cfg.eval)
+                if tuning and name in tuning["models"]:  # the defaults scored on test beside the tuned model
+                    tuning["models"][name]["test"] = tuning_report_task(
+                        settings, child, name, split, cfg.models, models_cfg, cfg.eval, tuning["models"][name],
+                        metrics[name], str(run_dir / "defaults"), str(root / "cache"), tuning["metric"])  # fmt: skip
                 if cluster is None:
                     exports[name] = export_task(model, split, cfg.export, str(run_dir / "exports"), parent)
                 else:  # top-k in shards on Dask (flows/distributed.py)
@@ -264,6 +297,7 @@ def _run_pipeline(
             ),
             "registry": decision,
             "database": database,
+            "tuning": tuning,
         }
         reporting.write_manifest(run_dir / "summary.json", manifest)
         tracker.log_artifact(parent, run_dir / "summary.json")

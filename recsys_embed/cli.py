@@ -61,6 +61,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(report.format())
     print(f"\nTest metrics (warm users; {manifest['test_cold_users'] or 0:,} cold test users reported apart):")
     print(format_metrics(metrics_table(manifest["metrics"]), ks))
+    tuning = manifest.get("tuning")
+    if tuning and tuning.get("models"):
+        from recsys_embed.tuning import format_table
+
+        how = "reused from the cache" if tuning.get("cached") else f"search took {tuning['seconds']:.0f} s"
+        print(f"\nTuning on the validation window ({how}): {manifest['primary_metric']}, defaults vs tuned")
+        print(format_table(tuning, manifest["primary_metric"]))
     print(f"\nBest model by {manifest['primary_metric']}: {manifest['best_model']}")
     print("\nExports:")
     for m, e in manifest["exports"].items():
