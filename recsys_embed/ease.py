@@ -24,6 +24,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import lapack
+from threadpoolctl import threadpool_limits
 
 from recsys_embed.config import EASEConfig
 from recsys_embed.errors import ConfigError
@@ -32,6 +33,9 @@ from recsys_embed.types import Embeddings, Interactions, check_trainable
 log = logging.getLogger(__name__)
 
 _GIB = 2**30
+# Below this many items the inverse takes milliseconds on one thread, and BLAS threads only add synchronisation
+# (measured on a busy 2-core box: 497 items 0.93 s on 2 threads against 0.004 s on 1).
+_PARALLEL_MIN_ITEMS = 1024
 
 
 class EASETooLarge(ConfigError):
@@ -82,24 +86,27 @@ def gram(x: sp.csr_matrix) -> np.ndarray:
     return np.asarray((x.T @ x).toarray(), dtype=np.float64)
 
 
-def weights(g: np.ndarray, regularization: float, overwrite: bool = False) -> np.ndarray:
+def weights(g: np.ndarray, regularization: float, overwrite: bool = False, threads: int = 0) -> np.ndarray:
     """B from the Gram matrix: float32 (n_items x n_items, column-major), diagonal 0, ``B[i, j] = -P[i, j] / P[j, j]``.
 
     Args:
         g: G = X^T X, float64, symmetric.
         regularization: lambda > 0 (G + lambda I is then positive definite).
         overwrite: reuse ``g``'s memory for the inverse (``g`` is destroyed); False keeps it (tuning reuses it).
+        threads: BLAS threads for the inverse (0: BLAS's default, every core); small catalogs always use 1.
     """
     if regularization <= 0:
         raise ValueError(f"ease: regularization must be > 0, got {regularization}; set models.ease.regularization")
     n = g.shape[0]
     a = g if overwrite else g.copy()
     a[np.diag_indices(n)] += regularization
-    chol, info = lapack.dpotrf(a, lower=False, overwrite_a=True, clean=False)
-    if info != 0:
-        raise ValueError(f"ease: G + {regularization:g} I is not positive definite (LAPACK potrf info {info}); "
-                         "raise models.ease.regularization")  # fmt: skip
-    p, info = lapack.dpotri(chol, lower=False, overwrite_c=True)
+    limit = 1 if n < _PARALLEL_MIN_ITEMS else (threads or None)
+    with threadpool_limits(limit, user_api="blas"):
+        chol, info = lapack.dpotrf(a, lower=False, overwrite_a=True, clean=False)
+        if info != 0:
+            raise ValueError(f"ease: G + {regularization:g} I is not positive definite (LAPACK potrf info {info}); "
+                             "raise models.ease.regularization")  # fmt: skip
+        p, info = lapack.dpotri(chol, lower=False, overwrite_c=True)
     if info != 0:
         raise ValueError(f"ease: inverse failed (LAPACK potri info {info}); raise models.ease.regularization")
     _symmetrize_from_upper(p)
@@ -151,7 +158,7 @@ def train_ease(train: Interactions, cfg: EASEConfig) -> Embeddings:
         raise EASETooLarge(reason)
     t0 = time.perf_counter()
     x = fit_matrix(train.matrix, cfg.binary)
-    b = weights(gram(x), cfg.regularization, overwrite=True)
+    b = weights(gram(x), cfg.regularization, overwrite=True, threads=cfg.blas_threads)
     seconds = time.perf_counter() - t0
     log.info("ease: %d users x %d items, lambda=%g, binary=%s: fitted in %.2f s", n_users, n_items,
              cfg.regularization, cfg.binary, seconds)  # fmt: skip

@@ -195,7 +195,7 @@ def _fit(
         from recsys_embed import ease
 
         _, dense, g = data.ease_inputs(sub.binary)
-        b = ease.weights(g, sub.regularization)
+        b = ease.weights(g, sub.regularization, threads=sub.blas_threads)
         return ease.embeddings(data.train, b, dense, {"regularization": sub.regularization})
 
     from recsys_embed.models import train_model

@@ -43,6 +43,8 @@ def test_serve_creates_scheduled_deployment_and_runs_it(
         "models.bpr.enabled=false",
         "models.als.iterations=2",
         "models.als.eval_every=0",
+        "models.ease.enabled=false",
+        "tuning.enabled=false",
         "schedule.cron=15 4 * * 1",
         "schedule.deployment_name=nightly-test",
     ]

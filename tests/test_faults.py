@@ -67,6 +67,8 @@ def _overrides(src: Path, out: Path) -> list[str]:
         "models.two_tower.accelerator=cpu",
         "models.als.use_gpu=false",
         "export.database.enabled=true",  # SQLite under the output folder: the db-export point
+        "models.ease.enabled=false",
+        "tuning.enabled=false",  # killed and resumed searches: tests/test_tuning.py
     ]
 
 
