@@ -29,16 +29,17 @@ def enabled_models(cfg: ModelsConfig) -> list[str]:
     return [name for name in MODEL_NAMES if getattr(cfg, name).enabled]
 
 
-def runnable_models(cfg: ModelsConfig, n_users: int, n_items: int) -> list[str]:
+def runnable_models(cfg: ModelsConfig, n_users: int, n_items: int, warn: bool = True) -> list[str]:
     """``enabled_models`` less those that cannot run on an (n_users x n_items) train matrix: EASE above its
-    item or memory budget is skipped with a warning naming the numbers and the fix, and the run goes on."""
+    item or memory budget is skipped with a warning (``warn``) naming the numbers and the fix, and the run goes on."""
     from recsys_embed.ease import fits
 
     names = enabled_models(cfg)
     if "ease" in names:
         reason = fits(n_users, n_items, cfg.ease)
         if reason is not None:
-            log.warning("%s; skipping it, the other models run", reason)
+            if warn:
+                log.warning("%s; skipping it, the other models run", reason)
             names.remove("ease")
     return names
 

@@ -455,7 +455,8 @@ def run_tune(
     from recsys_embed.models import runnable_models
     from recsys_embed.tuning import TuneData, tune_models, tuned_models
 
-    names = tuned_models(models_cfg, cfg, runnable_models(models_cfg, split["n_users"], split["n_items"]))
+    runnable = runnable_models(models_cfg, split["n_users"], split["n_items"], warn=False)  # the flow warns
+    names = tuned_models(models_cfg, cfg, runnable)
     skipped: dict[str, str] = {}
     if not split.get("val_targets"):
         skipped = dict.fromkeys(names, "no validation window (split.val_quantile is null)")
