@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tuning and tuning.get("models"):
         from recsys_embed.tuning import format_table
 
-        how = "reused from the cache" if tuning.get("cached") else f"search took {tuning['seconds']:.0f} s"
+        how = f"search took {tuning['seconds']:.0f} s" + (", reused from the cache" if tuning.get("cached") else "")
         print(f"\nTuning on the validation window ({how}): {manifest['primary_metric']}, defaults vs tuned")
         print(format_table(tuning, manifest["primary_metric"]))
     print(f"\nBest model by {manifest['primary_metric']}: {manifest['best_model']}")

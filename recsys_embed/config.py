@@ -612,6 +612,15 @@ class TuningConfig(_Strict):
     two_tower: TwoTowerTuning = Field(default_factory=TwoTowerTuning)
     ease: EASETuning = Field(default_factory=EASETuning)
 
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None and not re.fullmatch(r"(recall|precision|ndcg|map|mrr|hit_rate|coverage)_at_\d+", v):
+            raise ValueError(f"metric {v!r} must be a validation metric such as ndcg_at_20 or recall_at_20")
+        return v
+
 
 class PipelineConfig(_Strict):
     """The whole run. Each stage receives only its own slice."""

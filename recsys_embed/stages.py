@@ -450,16 +450,22 @@ def run_tune(
 
     Returns:
         ``tuning.tune_models``'s record (``models``: best params, values, counts, trials table and plots per
-        model; ``seconds``) plus ``key``, ``folder``, ``cached`` and ``skipped`` (model -> why it was not searched).
+        model) with ``seconds`` (the whole stage, data loading included), ``key``, ``folder``, ``cached`` and
+        ``skipped`` (model -> why it was not searched).
     """
     from recsys_embed.models import runnable_models
     from recsys_embed.tuning import TuneData, tune_models, tuned_models
 
+    t0 = time.perf_counter()
     runnable = runnable_models(models_cfg, split["n_users"], split["n_items"], warn=False)  # the flow warns
     names = tuned_models(models_cfg, cfg, runnable)
     skipped: dict[str, str] = {}
+    if models_cfg.ease.enabled and "ease" not in runnable:
+        from recsys_embed.ease import fits
+
+        skipped["ease"] = fits(split["n_users"], split["n_items"], models_cfg.ease) or "not runnable"
     if not split.get("val_targets"):
-        skipped = dict.fromkeys(names, "no validation window (split.val_quantile is null)")
+        skipped.update(dict.fromkeys(names, "no validation window (split.val_quantile is null)"))
         log.warning("tuning: the split has no validation window; no model is searched (set split.val_quantile)")
         names = []
     key = _hash({"v": CACHE_VERSION, "stage": "tune", "split": split.get("key"), "models": names,
@@ -480,7 +486,7 @@ def run_tune(
         else:
             record = {"metric": cfg.metric or eval_cfg.primary_metric, "storage": None, "seconds": 0.0, "models": {}}
         record = _relocate(record, [(str(stage), str(folder))])
-        record.update(key=key, folder=str(folder), skipped=skipped)
+        record.update(key=key, folder=str(folder), skipped=skipped, seconds=round(time.perf_counter() - t0, 3))
         write_json_atomic(record, stage / "record.json")
     record["cached"] = False
     return record
