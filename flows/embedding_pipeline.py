@@ -34,6 +34,7 @@ from recsys_embed.config import (
     ModelsConfig,
     PipelineConfig,
     SplitConfig,
+    TuningConfig,
     load_config,
     load_mlflow_settings,
     registered_name,
@@ -41,8 +42,9 @@ from recsys_embed.config import (
 from recsys_embed.incremental import commit_state, nothing_new, run_incremental_ingest
 from recsys_embed.io import write_json_atomic
 from recsys_embed.lock import run_lock
-from recsys_embed.models import enabled_models
+from recsys_embed.models import runnable_models
 from recsys_embed.tracking import Tracker, git_commit, lightning_logger, redact_uri, ui_run_url
+from recsys_embed.tuning import apply_tuning, log_tuning, score_defaults
 from recsys_embed.types import Candidate, RowReport
 
 
@@ -98,6 +100,26 @@ def train_task(
         warm_start_from=warm_start_from,
         cache_root=Path(cache_root) if cache_root else None,
     )
+
+
+@task(name="tune", cache_policy=NONE)
+def tune_task(
+    split: dict[str, Any], models_cfg: ModelsConfig, eval_cfg: EvalConfig, cfg: TuningConfig, cache_root: str,
+    storage_file: str,
+) -> dict[str, Any]:  # fmt: skip
+    return stages.run_tune(split, models_cfg, eval_cfg, cfg, Path(cache_root), Path(storage_file))
+
+
+@task(name="tuning-report", cache_policy=NONE, task_run_name="tuning-report-{name}")
+def tuning_report_task(
+    settings: MlflowSettings, run_id: str, name: str, split: dict[str, Any], defaults_cfg: ModelsConfig,
+    final_cfg: ModelsConfig, eval_cfg: EvalConfig, tuned: dict[str, Any], metrics: dict[str, float], out_dir: str,
+    cache_root: str, tuning_metric: str,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    test = score_defaults(name, split, defaults_cfg, final_cfg, eval_cfg, metrics, Path(out_dir), Path(cache_root))
+    final = getattr(final_cfg, name).model_dump(mode="json")
+    log_tuning(Tracker(settings), run_id, name, tuned, final, test, tuning_metric)
+    return test
 
 
 @task(name="evaluate", cache_policy=NONE, task_run_name="evaluate-{model[model]}")
@@ -165,11 +187,12 @@ def register_task(
     cfg: PipelineConfig,
     split: dict[str, Any],
     validations: dict[str, dict[str, Any]],
+    models_cfg: ModelsConfig,
     work_dir: str,
     cache_root: str,
 ) -> dict[str, Any]:
     return stages.run_register(settings, candidate, cfg.export, cfg.registry, cfg.eval,
-                               registered_name(cfg, settings), split, validations, cfg.models, Path(work_dir),
+                               registered_name(cfg, settings), split, validations, models_cfg, Path(work_dir),
                                Path(cache_root))  # fmt: skip
 
 
@@ -251,6 +274,13 @@ def _run_pipeline(
         report = RowReport.from_dict(split["report"])
         logger.info("row accounting for %s:\n%s", cfg.ingest.source.path, report.format())
         reporting.log_run_inputs(tracker, parent, cfg, ingest, split, git_commit())
+        # hyperparameter search on the validation window; the best parameters replace the configured ones
+        tuning = None
+        if cfg.tuning.enabled:
+            tuning = tune_task(split, cfg.models, cfg.eval, cfg.tuning, str(root / "cache"),
+                               str(root / cfg.tuning.storage_file))  # fmt: skip
+            tracker.log_metrics(parent, {"tuning_seconds": tuning["seconds"]})
+        models_cfg = apply_tuning(cfg.models, tuning)
 
         metrics: dict[str, dict[str, float]] = {}  # test window: reported once per model, never read to choose
         validations: dict[str, dict[str, Any]] = {}  # validation window: what selection reads
@@ -260,15 +290,19 @@ def _run_pipeline(
         t0 = time.perf_counter()
         reused: dict[str, bool] = {}  # model -> trained by an earlier (possibly killed) run, read back here
         try:
-            for name in enabled_models(cfg.models):
+            for name in runnable_models(models_cfg, split["n_users"], split["n_items"]):
                 child = tracker.start_run(name, parent_run_id=parent, tags={**scope, "model": name})
                 model_runs[name] = child
-                model = train_task(name, split, cfg.models, cfg.eval, str(run_dir / "models"), settings, child,
+                model = train_task(name, split, models_cfg, cfg.eval, str(run_dir / "models"), settings, child,
                                    warm_from, str(root / "cache"))  # fmt: skip
                 models[name] = model
                 reused[name] = bool(model.get("cached"))
                 validations[name] = validate_task(model, split, cfg.eval, str(run_dir / "selection"))
                 metrics[name] = evaluate_task(model, split, cfg.eval)
+                if tuning and name in tuning["models"]:  # the defaults scored on test beside the tuned model
+                    tuning["models"][name]["test"] = tuning_report_task(
+                        settings, child, name, split, cfg.models, models_cfg, cfg.eval, tuning["models"][name],
+                        metrics[name], str(run_dir / "defaults"), str(root / "cache"), tuning["metric"])  # fmt: skip
             timing["evaluation_s"] = round(time.perf_counter() - t0, 1)  # fit-window training, validation, test
             t0 = time.perf_counter()
             selection = stages.select_best(validations, cfg.eval)
@@ -281,7 +315,7 @@ def _run_pipeline(
             if cfg.export.refit and shipped:
                 full = full_task(ingest, ingest_cfg, split, str(root / "cache"), str(run_dir / "full"))
                 refits = {
-                    m: refit_task(m, models[m], full, cfg.models, cfg.eval, str(run_dir / "refit"), str(root / "cache"))
+                    m: refit_task(m, models[m], full, models_cfg, cfg.eval, str(run_dir / "refit"), str(root / "cache"))
                     for m in ["popularity", *shipped]
                     if m in models
                 }
@@ -328,7 +362,7 @@ def _run_pipeline(
             tracker.set_tags(parent, {"best_model": best})
             if cfg.registry.enabled:
                 key = stages.run_key(str(ingest.get("fingerprint") or ingest["key"]), cfg.model_dump(mode="json"))
-                recipe_hash, recipe_config = stages.recipe(best, cfg.models)
+                recipe_hash, recipe_config = stages.recipe(best, models_cfg)  # the tuned recipe
                 window = exports[best]["trained_on"].get("window") or {}
                 candidate = Candidate(
                     best, model_runs[best], parent, exports[best]["embeddings"], exports[best]["history"],
@@ -339,7 +373,7 @@ def _run_pipeline(
                      "training_window_first": str(window.get("first")), "training_window_last": str(window.get("last")),
                      "training_rows": str(exports[best]["trained_on"].get("rows"))},
                 )  # fmt: skip
-                decision = register_task(settings, candidate, cfg, split, validations, str(run_dir),
+                decision = register_task(settings, candidate, cfg, split, validations, models_cfg, str(run_dir),
                                          str(root / "cache"))  # fmt: skip
                 tracker.set_tags(parent, {"champion_decision": f"v{decision['version']} {decision['alias']}: "
                                                                f"{decision['reason']}"})  # fmt: skip
@@ -387,6 +421,7 @@ def _run_pipeline(
             "current": current,
             "timing": timing,
             "database": database,
+            "tuning": tuning,
         }
         reporting.write_manifest(run_dir / "summary.json", manifest)
         tracker.log_artifact(parent, run_dir / "summary.json")

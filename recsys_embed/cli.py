@@ -111,6 +111,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nTest metrics (reported once, never used to choose; {manifest['test_cold_users'] or 0:,} cold test "
           "users reported apart):")  # fmt: skip
     print(format_metrics(metrics_table(manifest["metrics"]), ks))
+    tuning = manifest.get("tuning")
+    if tuning and tuning.get("models"):
+        from recsys_embed.tuning import format_table
+
+        how = f"search took {tuning['seconds']:.0f} s" + (", reused from the cache" if tuning.get("cached") else "")
+        print(f"\nTuning on the validation window ({how}): {manifest['primary_metric']}, defaults vs tuned")
+        print(format_table(tuning, manifest["primary_metric"]))
     print(f"\nBest model: {manifest['best_model']} ({(manifest.get('selection') or {}).get('reason')})")
     print("\nShipped tables (refit on every kept event):" if any(
         (e.get("trained_on") or {}).get("fit") == "all kept events" for e in manifest["exports"].values()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -217,6 +217,32 @@ class PopularityConfig(_Strict):
     enabled: bool = True
 
 
+class EASEConfig(_Strict):
+    """EASE (Steck 2019): the closed-form item-item linear model (``recsys_embed.ease``), a strong baseline."""
+
+    # Off in code: it needs items^2 memory (and, for the shared Embeddings contract, a dense users x items copy
+    # of the train matrix); configs whose catalog fits the budget below switch it on.
+    enabled: bool = False
+    # lambda, the L2 penalty on the item-item weights. 200: Steck reports 200-1000 on ML-20M, Netflix and MSD;
+    # on the retail validation window 200 measured best of 1...3000 (val NDCG@20 0.103; 50: 0.096; 1000: 0.099).
+    regularization: float = Field(default=200.0, gt=0.0)
+    # Fit on 0/1 (the pair occurred) instead of confidence: the paper's formulation, which its lambda range
+    # assumes; confidence lets heavy buyers dominate the Gram matrix. Measured on retail at each one's best
+    # lambda: binary val NDCG@20 0.103, confidence 0.086.
+    binary: bool = True
+    # Refused above this many items (the model is skipped with a warning, the run goes on): the inverse costs
+    # items^3 flops, ~2.7e13 at 30k, tens of minutes on a few cores.
+    max_items: int = Field(default=30_000, ge=1)
+    # Refused when the estimated peak memory (``ease.memory_bytes``: 20 B x items^2 for the Gram matrix, its
+    # inverse and B, plus 8 B x users x items for the dense user rows and their copy on save) exceeds this.
+    # 8 GiB: a quarter of a common 32 GiB worker, leaving room for the other models of the run.
+    max_memory_gb: float = Field(default=8.0, gt=0.0)
+    # BLAS threads for the inverse, a single LAPACK call that only BLAS threads parallelise. 0: BLAS's default
+    # (every core), right for a machine of its own; set 1 where other jobs share the cores (measured on a busy
+    # 2-core box at 3.5k items: 1 thread 9-10 s, 2 threads 16-19 s). Catalogs under 1,024 items always use 1.
+    blas_threads: int = Field(default=0, ge=0)
+
+
 class TwoTowerConfig(_Strict):
     """Two-tower retrieval model trained with Lightning (see ``recsys_embed.two_tower``)."""
 
@@ -330,6 +356,7 @@ class ModelsConfig(_Strict):
     bpr: BPRConfig = Field(default_factory=BPRConfig)
     popularity: PopularityConfig = Field(default_factory=PopularityConfig)
     two_tower: TwoTowerConfig = Field(default_factory=TwoTowerConfig)
+    ease: EASEConfig = Field(default_factory=EASEConfig)
     # Incremental runs: ALS, BPR and the two-tower model start from the previous successful run's model (IDs it
     # knew keep their vectors, new IDs start random). On by default: a day of new log barely moves the optimum,
     # so a warm fit gets there in fewer iterations (measured: ALS warm 2 iterations NDCG@20 0.251 against cold 15
@@ -494,6 +521,153 @@ class DistributedConfig(_Strict):
     shards: int = Field(default=0, ge=0)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Hyperparameter search (``recsys_embed.tuning``)
+
+Range = tuple[float, float]
+
+
+class SearchSpace(_Strict):
+    """Search ranges ``[low, high]`` of one model; ``null`` leaves that parameter at its configured value.
+
+    Parameters named in ``_log`` are sampled on a log scale (low must be > 0), the others uniformly; those in
+    ``_int`` are integers.
+    """
+
+    _log: ClassVar[frozenset[str]] = frozenset()
+    _int: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchSpace:
+        for name, r in self:
+            if r is None:
+                continue
+            low, high = r
+            if not low < high or (name in self._log and low <= 0) or low < 0:
+                scale = "log scale: 0 < low < high" if name in self._log else "0 <= low < high"
+                raise ValueError(f"{name}: range [{low}, {high}] is invalid ({scale})")
+        return self
+
+
+class ALSSpace(SearchSpace):
+    _log = frozenset({"factors", "regularization", "alpha"})
+    _int = frozenset({"factors"})
+    # 32-512: fewer underfits catalogs of thousands of items; more costs ~(f/64)^2 the 64-factor fit and
+    # needs matching regularization to pay (Rendle et al. 2021 tune iALS up to 1024+ on ML-20M).
+    factors: Range | None = (32, 512)
+    # 1e-3-10: implicit's default is 0.01; Rendle et al. 2021 show well-tuned iALS needs far stronger
+    # regularization at high widths, so the range spans four decades around it.
+    regularization: Range | None = (1e-3, 10.0)
+    # 0.1-100: confidence C = 1 + alpha r; Hu et al. 2008 found ~40 best, implicit's default is 1.0, and the
+    # best value depends on how heavy the event weights are (retail: 1 per line, synthetic: 1/3/5).
+    alpha: Range | None = (0.1, 100.0)
+
+
+class BPRSpace(SearchSpace):
+    _log = frozenset({"factors", "learning_rate", "regularization"})
+    _int = frozenset({"factors"})
+    # 32-256: BPR gains little from width beyond that on catalogs of thousands of items, and costs linearly.
+    factors: Range | None = (32, 256)
+    # 0.005-0.2: around implicit's 0.01 and our 0.05; above ~0.2 SGD diverges on small logs.
+    learning_rate: Range | None = (0.005, 0.2)
+    # 1e-4-0.1: around implicit's 0.01.
+    regularization: Range | None = (1e-4, 0.1)
+
+
+class TwoTowerSpace(SearchSpace):
+    _log = frozenset({"learning_rate", "temperature", "embedding_dim"})
+    _int = frozenset({"embedding_dim"})
+    # 3e-4-1e-2: Adam's usual window around our 3e-3.
+    learning_rate: Range | None = (3e-4, 1e-2)
+    # 0.03-0.3: around the measured 0.1 (0.05 / 0.1 / 0.2 gave val recall@20 0.107 / 0.117 / 0.116).
+    temperature: Range | None = (0.03, 0.3)
+    # 32-256: the output width; the same span as BPR's factors.
+    embedding_dim: Range | None = (32, 256)
+    # 0-0.5: validation scores warm users only, which pushes ID dropout down; above 0.5 new-user quality (the
+    # reason for dropout, see models.two_tower.user_id_dropout) fell in our measurements. Item ID dropout is not
+    # searched: it serves cold items, which the validation window cannot score.
+    user_id_dropout: Range | None = (0.0, 0.5)
+
+
+class EASESpace(SearchSpace):
+    _log = frozenset({"regularization"})
+    # 1-10,000: four decades around Steck's 200-1000; small logs want less, large ones more.
+    regularization: Range | None = (1.0, 10_000.0)
+
+
+class ModelTuning(_Strict):
+    # Search this model (false: it keeps its configured hyperparameters).
+    tune: bool = True
+    # Trials for this model; None: tuning.n_trials.
+    n_trials: int | None = Field(default=None, ge=1)
+    # Wall-clock cap for this model's search in minutes (checked before each trial); None: only the run's budget.
+    minutes: float | None = Field(default=None, gt=0.0)
+
+
+class ALSTuning(ModelTuning):
+    space: ALSSpace = Field(default_factory=ALSSpace)
+
+
+class BPRTuning(ModelTuning):
+    space: BPRSpace = Field(default_factory=BPRSpace)
+
+
+class TwoTowerTuning(ModelTuning):
+    # Off: one trial is a whole two-tower fit (about a minute on 2 CPU cores at retail size), too dear for the
+    # main job's budget; switch it on with a budget in minutes on a GPU or a longer run.
+    tune: bool = False
+    space: TwoTowerSpace = Field(default_factory=TwoTowerSpace)
+
+
+class EASETuning(ModelTuning):
+    space: EASESpace = Field(default_factory=EASESpace)
+
+
+class TuningConfig(_Strict):
+    """An Optuna study per model on the validation window only; the best trial's parameters replace the
+    model's configured ones before the normal training stage (``recsys_embed.tuning``)."""
+
+    # Off in code: a search multiplies training time; configs/retail.yaml turns it on with a small budget.
+    enabled: bool = False
+    # Seeds the TPE sampler (each trial's draw is seeded by this and the trial's position), so the same seed
+    # and trial budget give the same trials and best parameters on CPU, also across a kill and resume.
+    seed: int = 42
+    # Trials per model (the model's own n_trials wins). 20: TPE needs ~10 random startup trials' worth of
+    # history before it models the space well; 20 gives it as many guided ones for 3 parameters.
+    n_trials: int = Field(default=20, ge=1)
+    # Wall-clock budget of the whole search in minutes, shared out evenly over the models still to search
+    # (each also capped by its own minutes); checked before each trial, so a started trial runs to its end.
+    # None: trials alone decide.
+    budget_minutes: float | None = Field(default=None, gt=0.0)
+    # The validation metric to maximise; None: eval.primary_metric.
+    metric: str | None = None
+    # Validation users scored per trial (a seeded sample; 0 = all), as models.als.val_max_users.
+    val_max_users: int = Field(default=10_000, ge=0)
+    # Random trials before TPE models the space. 5 (Optuna's default is 10): budgets here are 8-20 trials, and
+    # the first trial is always the configured defaults.
+    sampler_startup_trials: int = Field(default=5, ge=0)
+    # Stop a trial whose intermediate validation value (ALS/BPR every eval_every iterations, two-tower every
+    # epoch) is below the median of earlier trials at the same step (Optuna's MedianPruner).
+    pruning: bool = True
+    # Trials that always run to the end before pruning starts: the median of fewer is noise.
+    pruner_startup_trials: int = Field(default=3, ge=0)
+    # The Optuna study storage (SQLite), relative to <output_root>/<name>/: a killed search resumes from it.
+    storage_file: RelativeFile = "tuning/optuna.db"
+    als: ALSTuning = Field(default_factory=ALSTuning)
+    bpr: BPRTuning = Field(default_factory=BPRTuning)
+    two_tower: TwoTowerTuning = Field(default_factory=TwoTowerTuning)
+    ease: EASETuning = Field(default_factory=EASETuning)
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None and not re.fullmatch(r"(recall|precision|ndcg|map|mrr|hit_rate|coverage)_at_\d+", v):
+            raise ValueError(f"metric {v!r} must be a validation metric such as ndcg_at_20 or recall_at_20")
+        return v
+
+
 class PipelineConfig(_Strict):
     """The whole run. Each stage receives only its own slice."""
 
@@ -511,6 +685,7 @@ class PipelineConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
 
     @model_validator(mode="after")
     def _time_needed(self) -> PipelineConfig:

@@ -10,7 +10,9 @@ Production code calls ``checkpoint("<point>")`` at the boundaries the fault suit
 - ``log:<model>``: the model's MLflow run half logged (``reporting.log_model_run``);
 - ``register``: a registry version created, the run not finished (``stages.run_register``);
 - ``db-export``: the top-k database table swapped in, the similar-items one not (``stages.run_db_export``);
-- ``export-shard:<i>``: one Dask shard of the top-k table written (``shards``).
+- ``export-shard:<i>``: one Dask shard of the top-k table written (``shards``);
+- ``tune-trial:<model>:<n>``: trial number n of a search fitted and scored, not stored as finished (``tuning``);
+- ``tune:<model>:<n>``: the n-th trial of a model's search stored, the next not started (``tuning``).
 
 ``tests/test_faults.py`` kills the flow at each one and checks the re-run. ``checkpoint`` does nothing unless
 ``$RECSYS_EMBED_KILL_AT`` names the point (shell-style patterns allowed, e.g. ``train:*``; several separated by

@@ -19,13 +19,29 @@ log = logging.getLogger(__name__)
 
 OnMetrics = Callable[[dict[str, float], int], None]
 
-# Order matters only for display: the baseline first, so every table starts with the bar to beat.
-MODEL_NAMES = ("popularity", "als", "bpr", "two_tower")
+# Order matters only for display: the baselines first (popularity, then EASE, the strong linear one), so every
+# table starts with the bars to beat.
+MODEL_NAMES = ("popularity", "ease", "als", "bpr", "two_tower")
 
 
 def enabled_models(cfg: ModelsConfig) -> list[str]:
     """Names of the models switched on in config, in display order."""
     return [name for name in MODEL_NAMES if getattr(cfg, name).enabled]
+
+
+def runnable_models(cfg: ModelsConfig, n_users: int, n_items: int, warn: bool = True) -> list[str]:
+    """``enabled_models`` less those that cannot run on an (n_users x n_items) train matrix: EASE above its
+    item or memory budget is skipped with a warning (``warn``) naming the numbers and the fix, and the run goes on."""
+    from recsys_embed.ease import fits
+
+    names = enabled_models(cfg)
+    if "ease" in names:
+        reason = fits(n_users, n_items, cfg.ease)
+        if reason is not None:
+            if warn:
+                log.warning("%s; skipping it, the other models run", reason)
+            names.remove("ease")
+    return names
 
 
 def train_model(
@@ -52,6 +68,10 @@ def train_model(
         from recsys_embed.popularity import train_popularity
 
         return train_popularity(train)  # counts: nothing to warm-start
+    if name == "ease":
+        from recsys_embed.ease import train_ease
+
+        return train_ease(train, cfg.ease)  # closed form: nothing to warm-start; lambda is tuned by the search
     source = warm_start_source(name, warm_start_from) if cfg.warm_start else None
     if name in ("als", "bpr"):
         from recsys_embed.mf import train_als, train_bpr
@@ -89,7 +109,7 @@ def warm_start_source(name: str, models_dir: str | Path | None) -> Path | None:
             the embeddings' ``info.artifact_dir``).
         models_dir: the earlier run's models folder (``stages.run_train``'s ``out_dir``).
     """
-    if models_dir is None or name == "popularity":
+    if models_dir is None or name in ("popularity", "ease"):
         return None
     folder = Path(models_dir) / name
     meta_file = folder / "embeddings.json"

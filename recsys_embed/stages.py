@@ -55,6 +55,7 @@ from recsys_embed.config import (
     ModelsConfig,
     RegistryConfig,
     SplitConfig,
+    TuningConfig,
 )
 from recsys_embed.faults import checkpoint
 from recsys_embed.io import (
@@ -470,6 +471,65 @@ def _train_into(
             "history": emb.info.get("history", []),
         }
         write_json_atomic(record, stage / "record.json")
+    return record
+
+
+def run_tune(
+    split: Record,
+    models_cfg: ModelsConfig,
+    eval_cfg: EvalConfig,
+    cfg: TuningConfig,
+    cache_root: Path,
+    storage_file: Path,
+) -> Record:
+    """Search the hyperparameters of every model ``tuning`` covers, on the split's validation window only.
+
+    Reads the train matrix (once, shared by every trial) and the validation targets; never the test targets.
+    The studies live in the Optuna SQLite storage ``storage_file`` (a killed search resumes there). The result is
+    committed as ``<cache_root>/tune-<key>/`` (record, each model's ``trials.csv`` and plots), the key hashing the
+    split's key, the models' and eval config and the tuning config, so an unchanged log and config reuse it.
+
+    Returns:
+        ``tuning.tune_models``'s record (``models``: best params, values, counts, trials table and plots per
+        model) with ``seconds`` (the whole stage, data loading included), ``key``, ``folder``, ``cached`` and
+        ``skipped`` (model -> why it was not searched).
+    """
+    from recsys_embed.models import runnable_models
+    from recsys_embed.tuning import TuneData, tune_models, tuned_models
+
+    t0 = time.perf_counter()
+    runnable = runnable_models(models_cfg, split["n_users"], split["n_items"], warn=False)  # the flow warns
+    names = tuned_models(models_cfg, cfg, runnable)
+    skipped: dict[str, str] = {}
+    if models_cfg.ease.enabled and "ease" not in runnable:
+        from recsys_embed.ease import fits
+
+        skipped["ease"] = fits(split["n_users"], split["n_items"], models_cfg.ease) or "not runnable"
+    if not split.get("val_targets"):
+        skipped.update(dict.fromkeys(names, "no validation window (split.val_quantile is null)"))
+        log.warning("tuning: the split has no validation window; no model is searched (set split.val_quantile)")
+        names = []
+    key = _hash({"v": CACHE_VERSION, "stage": "tune", "split": split.get("key"), "models": names,
+                 "models_cfg": models_cfg.model_dump(mode="json"), "tuning": cfg.model_dump(mode="json"),
+                 "eval": {"ks": eval_cfg.ks, "primary_metric": eval_cfg.primary_metric}})  # fmt: skip
+    folder = Path(cache_root) / f"tune-{key}"
+    if is_complete_table(folder):
+        log.info("tuning: split and config unchanged, reusing %s", folder)
+        record = _load_record(folder)
+        record["cached"] = True
+        return record
+    with staged_table(folder) as stage:
+        if names:
+            train = load_train(split, with_events="two_tower" in names)
+            item_text = pl.read_parquet(split["item_text"]) if "two_tower" in names and split.get("item_text") else None
+            data = TuneData(train, load_csr(split["val_targets"]), item_text)
+            record = tune_models(data, names, models_cfg, eval_cfg, cfg, Path(storage_file), stage, split.get("key"))
+        else:
+            record = {"metric": cfg.metric or eval_cfg.primary_metric, "storage": None, "seconds": 0.0, "models": {}}
+        record = _relocate(record, [(str(stage), str(folder))])
+        record.update(key=key, folder=str(folder), skipped=skipped, seconds=round(time.perf_counter() - t0, 3))
+        write_json_atomic(record, stage / "record.json")
+    record["cached"] = False
     return record
 
 

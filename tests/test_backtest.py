@@ -238,7 +238,8 @@ def test_backtest_flow_end_to_end(prefect_harness: None, tiny_log: Path, tmp_pat
 
     out = tmp_path / "out"
     overrides = [f"ingest.source.path={tiny_log}", f"output_root={out}", "models.als.iterations=4",
-                 "models.als.eval_every=2", "models.bpr.enabled=false"]  # fmt: skip
+                 "models.als.eval_every=2", "models.bpr.enabled=false", "models.ease.enabled=false",
+                 "tuning.enabled=false"]  # fmt: skip
     result = backtest_flow(str(REPO / "configs/synthetic.yaml"), overrides, str(mlflow_yml), holdout_days=7)
 
     name = "synthetic-1m-backtest-7d"

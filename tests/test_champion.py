@@ -35,6 +35,7 @@ def _overrides(src: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"ingest.source.path={src}", f"output_root={out}", "models.popularity.enabled=false",
         "models.bpr.enabled=false", "models.two_tower.enabled=false", "models.als.iterations=4",
+        "models.ease.enabled=false", "tuning.enabled=false",
         "models.als.eval_every=2", "split.method=temporal", "split.min_eval_users=1", "export.models=[best]", *extra,
     ]  # fmt: skip
 

@@ -31,8 +31,8 @@ from tests.prefect_server import PrefectServer, background, prefect_env, prefect
 
 T = TypeVar("T")
 SYNTHETIC = REPO / "configs" / "synthetic.yaml"
-CHEAP = ["models.bpr.enabled=false", "models.two_tower.enabled=false", "models.als.iterations=3",
-         "models.als.eval_every=0"]  # fmt: skip
+CHEAP = ["models.bpr.enabled=false", "models.two_tower.enabled=false", "models.ease.enabled=false",
+         "tuning.enabled=false", "models.als.iterations=3", "models.als.eval_every=0"]  # fmt: skip
 
 
 def _wait(what: str, probe: Callable[[], T | None], timeout_s: float, proc: subprocess.Popen[bytes] | None = None,

@@ -168,6 +168,8 @@ def _overrides(src: Path, out: Path) -> list[str]:
         "models.als.eval_every=0",
         "registry.enabled=false",
         "export.chunk_users=256",
+        "models.ease.enabled=false",
+        "tuning.enabled=false",
     ]
 
 

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from recsys_embed.config import (
     ALSConfig,
     BPRConfig,
+    EASEConfig,
     EvalConfig,
     ExportConfig,
     ModelsConfig,
@@ -39,6 +40,7 @@ MODELS = ModelsConfig(
     popularity=PopularityConfig(),
     als=ALSConfig(factors=8, iterations=4, eval_every=2, use_gpu=False),
     bpr=BPRConfig(factors=8, iterations=20, eval_every=10, use_gpu=False),
+    ease=EASEConfig(enabled=True, regularization=10.0),
     two_tower=TwoTowerConfig(
         enabled=True,
         embedding_dim=8,
@@ -111,7 +113,7 @@ def trained(request: pytest.FixtureRequest, data: tuple[Interactions, sp.csr_mat
 
 
 def test_every_model_family_is_covered() -> None:
-    assert set(MODEL_NAMES) == {"popularity", "als", "bpr", "two_tower"}
+    assert set(MODEL_NAMES) == {"popularity", "ease", "als", "bpr", "two_tower"}
 
 
 def test_shapes_and_maps(trained: Embeddings, data: tuple[Interactions, sp.csr_matrix, pl.DataFrame]) -> None:
@@ -163,6 +165,6 @@ def test_deterministic_under_a_seed_on_cpu(name: str, data: tuple[Interactions, 
     a, b = _train(name, data), _train(name, data)
     np.testing.assert_array_equal(a.user_vectors, b.user_vectors)
     np.testing.assert_array_equal(a.item_vectors, b.item_vectors)
-    if name != "popularity":  # popularity has no randomness to seed
+    if name not in ("popularity", "ease"):  # counts and a closed form: no randomness to seed
         c = _train(name, data, seed=7)
         assert not np.array_equal(a.item_vectors, c.item_vectors)

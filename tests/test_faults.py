@@ -70,6 +70,8 @@ def _overrides(src: Path, out: Path) -> list[str]:
         "models.als.use_gpu=false",
         "export.database.enabled=true",  # SQLite under the output folder: the db-export point
         "export.models=[best, als, popularity]",  # ALS ships whichever model selection picks: the export:als point
+        "models.ease.enabled=false",
+        "tuning.enabled=false",  # killed and resumed searches: tests/test_tuning.py
     ]
 
 

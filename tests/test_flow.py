@@ -36,6 +36,7 @@ def _overrides(src: Path, out: Path) -> list[str]:
         "models.bpr.eval_every=10",
         "models.two_tower.max_epochs=2",
         "export.models=[best, als, popularity]",
+        "tuning.enabled=false",  # the search end to end: tests/test_tuning.py
     ]
 
 
@@ -55,7 +56,7 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     assert acc["balanced"] is True
     assert acc["rows_read"] == acc["kept"] + acc["duplicates"] + acc["quarantined_total"] + acc["filtered_total"]
     assert acc["quarantined"]["null_user"] > 0  # the retail log has null customers
-    assert set(manifest["metrics"]) == {"popularity", "als", "bpr", "two_tower"}
+    assert set(manifest["metrics"]) == {"popularity", "ease", "als", "bpr", "two_tower"}
     for m in manifest["metrics"].values():
         assert 0.0 <= m["recall_at_20"] <= 1.0 and m["n_users_evaluated"] > 0
     best = manifest["best_model"]
@@ -98,7 +99,7 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert sorted(r.info.run_name for r in children) == ["als", "bpr", "popularity", "two_tower"]
+    assert sorted(r.info.run_name for r in children) == ["als", "bpr", "ease", "popularity", "two_tower"]
     als_run = next(r for r in children if r.info.run_name == "als")
     assert "ndcg_at_20" in als_run.data.metrics
     assert len(client.get_metric_history(als_run.info.run_id, "train_loss")) == 6  # one point per iteration

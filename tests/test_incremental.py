@@ -38,6 +38,8 @@ def test_second_run_ingests_only_the_new_day(prefect_harness: None, tmp_path: Pa
         "models.als.eval_every=0",
         "models.two_tower.max_epochs=2",
         "registry.margin=0.001",
+        "models.ease.enabled=false",
+        "tuning.enabled=false",
     ]
     cfg = str(REPO / "configs/retail.yaml")
     first = embedding_pipeline(cfg, overrides, str(mlflow_yml))

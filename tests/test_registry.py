@@ -52,6 +52,8 @@ def test_champion_pyfunc_and_database(prefect_harness: None, tmp_path: Path, mlf
         "models.als.eval_every=0",
         "export.database.enabled=true",
         f"export.database.uri=sqlite:///{db}",
+        "models.ease.enabled=false",
+        "tuning.enabled=false",
     ]
     cfg = str(REPO / "configs/retail.yaml")
     first = embedding_pipeline(cfg, overrides, str(mlflow_yml))

@@ -156,6 +156,7 @@ def test_flow_leaks_no_secret_anywhere(
         f"ingest.source.path={src}", f"output_root={tmp_path / 'out'}", "models.bpr.enabled=false",
         "models.two_tower.enabled=false", "models.als.iterations=2", "models.als.eval_every=1",
         "export.write_csv=true", "export.database.enabled=true", "export.database.uri_env=RECSYS_TEST_DB_URI",
+        "models.ease.enabled=false", "tuning.enabled=false",
     ]  # fmt: skip
     monkeypatch.setenv("RECSYS_TEST_DB_URI", db_uri)
     accepted, rejected = proxy.accepted, proxy.rejected  # the proxy is shared by this module's tests

@@ -79,7 +79,8 @@ def test_champion_loads_and_answers_in_a_fresh_venv(prefect_harness: None, tmp_p
     src = tmp_path / "events.parquet"
     pl.read_parquet(RETAIL, n_rows=N_ROWS).write_parquet(src)
     overrides = [f"ingest.source.path={src}", f"output_root={tmp_path / 'out'}", "models.bpr.enabled=false",
-                 "models.two_tower.enabled=false", "models.als.iterations=4", "models.als.eval_every=0"]  # fmt: skip
+                 "models.two_tower.enabled=false", "models.als.iterations=4", "models.als.eval_every=0",
+                 "models.ease.enabled=false", "tuning.enabled=false"]  # fmt: skip
     manifest = embedding_pipeline(str(REPO / "configs/retail.yaml"), overrides, str(mlflow_yml))
     settings = resolve_settings(load_mlflow_settings(mlflow_yml))
     name = settings.registered_model_name
