@@ -401,7 +401,9 @@ def register_best(
         promote, reason = True, "no champion yet"
     elif candidate.recipe and champ.tags.get("recipe") == candidate.recipe:
         promote = True
-        reason = f"same recipe as champion v{champ.version} ({champ.tags.get('model')}), refit on newer data"
+        newer = candidate.tags.get("data_fingerprint") != champ.tags.get("data_fingerprint")
+        reason = (f"same recipe as champion v{champ.version} ({champ.tags.get('model')}), "
+                  + ("refit on newer data" if newer else "same data; the run's config changed elsewhere"))  # fmt: skip
         basis = "same recipe"
     else:
         score = judge(dict(champ.tags)) if judge is not None else None
