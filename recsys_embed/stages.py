@@ -277,11 +277,16 @@ def run_split(
         record = _load_record(folder)
     else:
         record = _split_into(folder, key, ingest, ingest_cfg, cfg)
+    return _run_copy(folder, out_dir, record, cached)
+
+
+def _run_copy(folder: Path, out_dir: Path, record: Record, cached: bool) -> Record:
+    """Commit the run's hard-linked copy ``out_dir`` of the cache folder ``folder``; ``record`` moved to it."""
     moves = [(str(folder), str(out_dir))]
     _link_copy(folder, out_dir, moves)
-    record = _relocate(record, moves)
-    record["cached"] = cached
-    return record
+    moved: Record = _relocate(record, moves)
+    moved["cached"] = cached
+    return moved
 
 
 def _split_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig) -> Record:
@@ -619,11 +624,7 @@ def run_full(ingest: Record, ingest_cfg: IngestConfig, split: Record, cache_root
     record = _load_record(folder) if cached else _full_into(folder, key, ingest, ingest_cfg, split)
     if cached:
         log.info("refit data: log and maps unchanged, reusing %s", folder)
-    moves = [(str(folder), str(out_dir))]
-    _link_copy(folder, out_dir, moves)
-    record = _relocate(record, moves)
-    record["cached"] = cached
-    return record
+    return _run_copy(folder, out_dir, record, cached)
 
 
 def _full_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: IngestConfig, split: Record) -> Record:
