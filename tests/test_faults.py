@@ -64,6 +64,7 @@ def _overrides(src: Path, out: Path) -> list[str]:
         "models.bpr.enabled=false",
         "models.als.iterations=4",
         "models.als.eval_every=2",
+        "models.two_tower.enabled=true",  # off in configs/retail.yaml; its train point is in the chain
         "models.two_tower.max_epochs=1",
         # CPU even where CUDA exists: GPU kernels (and bf16) are not bit-reproducible, so "identical" needs CPU
         "models.two_tower.accelerator=cpu",

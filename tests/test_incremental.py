@@ -36,6 +36,7 @@ def test_second_run_ingests_only_the_new_day(prefect_harness: None, tmp_path: Pa
         "models.bpr.enabled=false",
         "models.als.iterations=3",
         "models.als.eval_every=0",
+        "models.two_tower.enabled=true",  # off in configs/retail.yaml (CPU time); these tests cover it
         "models.two_tower.max_epochs=2",
         "registry.margin=0.001",
         "models.ease.enabled=false",

@@ -83,7 +83,7 @@ def test_champion_loads_and_answers_in_a_fresh_venv(prefect_harness: None, tmp_p
                  "models.ease.enabled=false", "tuning.enabled=false"]  # fmt: skip
     manifest = embedding_pipeline(str(REPO / "configs/retail.yaml"), overrides, str(mlflow_yml))
     settings = resolve_settings(load_mlflow_settings(mlflow_yml))
-    name = settings.registered_model_name
+    name = manifest["registry"]["name"]  # the pipeline's own registered model
     assert manifest["registry"]["alias"] == "champion"
 
     _check_mlflow_records(manifest, settings.tracking_uri, name)
