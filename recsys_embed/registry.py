@@ -391,7 +391,8 @@ def register_best(
         return {"name": name, "version": str(same.version), "alias": alias, "promoted": False, "registered": False,
                 "reason": reason, "metric": metric, "value": value, "margin": cfg.margin,
                 "previous_champion": str(champ.version) if champ is not None else None, "champion_value": None,
-                "champion_basis": None, "uri": f"models:/{name}/{same.version}"}  # fmt: skip
+                "champion_basis": None, "uri": f"models:/{name}/{same.version}",
+                "model_uri": same.source}  # fmt: skip
 
     mv = _log_version(settings, name, candidate, export_cfg, cfg, metric, value)
     champ_value: float | None = None
@@ -435,6 +436,7 @@ def register_best(
         "champion_basis": basis,
         "paired": stats or None,
         "uri": f"models:/{name}/{mv.version}",
+        "model_uri": mv.source,  # the LoggedModel behind the version (models:/<model_id>)
     }
     log.info("registry: %s v%s is %s (%s)", name, mv.version, alias, reason)
     return decision

@@ -114,9 +114,9 @@ def test_champion_loads_and_answers_in_a_fresh_venv(prefect_harness: None, tmp_p
     for kind in ("int", "str"):
         got = out[kind]
         assert got["user_id"] == [str(u) for u in users]
-        assert set(got["source"]) == {"model"}
         for row, u in enumerate(users):
             rows = want.filter(pl.col("user_id") == u)
+            assert got["source"][row] == rows["source"][0], (kind, u)  # model, or the refit's popularity fallback
             assert got["item_ids"][row] == rows["item_id"].to_list(), (kind, u)
             assert got["scores"][row] == pytest.approx(rows["score"].to_list(), rel=1e-6, abs=1e-7), (kind, u)
     assert out["cold"] == {"n": 20, "source": "fallback"}  # an unknown user gets the popularity top-k
