@@ -6,7 +6,9 @@ Orchestration only (the numbers come from ``recsys_embed.backtest``):
 2. run the main flow (``embedding_pipeline``, a subflow) with ``name=<name>-backtest-<tag>``,
    ``ingest.until=<cutoff>`` and no registry, database or incremental state, so the real pipeline's outputs,
    champion and state are never touched;
-3. score its shipped top-k tables and two baselines on the events after the cutoff; write ``backtest.json`` and
+3. with ``per_model``, run it once more with the search off (``<name>-backtest-<tag>-defaults``), both runs
+   shipping every model, so each model is scored refitted with its configured and with its tuned parameters;
+4. score the shipped top-k tables and two baselines on the events after the cutoff; write ``backtest.json`` and
    ``backtest.md`` under ``<output_root>/<name>-backtest-<tag>/`` and log one MLflow run with the table.
 """
 
@@ -43,9 +45,10 @@ def cutoff_task(events: str, holdout_days: int | None, cutoff: datetime | None) 
 @task(name="backtest-score", cache_policy=NONE)
 def score_task(
     events: str, cutoff: datetime, manifest: dict[str, Any], name: str, k: int, ks: list[int], seed: int,
-    holdout_days: int | None,
+    holdout_days: int | None, defaults: dict[str, Any] | None = None,
 ) -> backtest.BacktestResult:  # fmt: skip
-    return backtest.run_scoring(events, cutoff, manifest, name=name, k=k, ks=ks, seed=seed, holdout_days=holdout_days)
+    return backtest.run_scoring(events, cutoff, manifest, name=name, k=k, ks=ks, seed=seed, holdout_days=holdout_days,
+                                defaults=defaults)  # fmt: skip
 
 
 @task(name="backtest-write", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
@@ -66,14 +69,21 @@ def backtest_flow(
     mlflow_config: str = "mlflow.yml",
     holdout_days: int | None = None,
     cutoff: datetime | None = None,
+    per_model: bool = False,
 ) -> dict[str, Any]:
     """Backtest the pipeline at ``cutoff`` or ``holdout_days`` before the log's last kept event (exactly one).
+
+    ``per_model``: score every model, refitted with its configured (defaults) and its tuned parameters
+    (needs ``tuning.enabled``; a second pipeline run without the search).
 
     Returns ``backtest.json``'s content plus ``paths`` (json, markdown) and ``mlflow_run_id``.
     """
     logger = get_run_logger()
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
+    if per_model and not cfg.tuning.enabled:
+        raise backtest.BacktestError("--per-model compares each model's configured and tuned parameters, but "
+                                     "tuning.enabled is false; set it true (or drop --per-model)")  # fmt: skip
     tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
     if cutoff is not None:
         cutoff = backtest.as_utc(cutoff, cfg.ingest.assume_timezone)
@@ -86,9 +96,15 @@ def backtest_flow(
     logger.info("backtest %s: cutoff %s (kept events %s .. %s)", name, cut.isoformat(), span["first"].isoformat(),
                 span["last"].isoformat())  # fmt: skip
 
-    manifest = embedding_pipeline(config_path, overrides + backtest.pipeline_overrides(name, cut), mlflow_config)
+    ship = backtest.PER_MODEL_OVERRIDES if per_model else []
+    manifest = embedding_pipeline(config_path, overrides + backtest.pipeline_overrides(name, cut) + ship, mlflow_config)
+    defaults = None
+    if per_model:
+        plain = backtest.pipeline_overrides(backtest.defaults_name(name), cut) + ship + backtest.DEFAULTS_OVERRIDES
+        defaults = embedding_pipeline(config_path, overrides + plain, mlflow_config)
 
-    result = score_task(ingest["events"], cut, manifest, name, cfg.export.k, cfg.eval.ks, cfg.seed, holdout_days)
+    result = score_task(ingest["events"], cut, manifest, name, cfg.export.k, cfg.eval.ks, cfg.seed, holdout_days,
+                        defaults)  # fmt: skip
     paths = write_task(result, str(root))
     text = backtest.markdown(result)
     scope = {"pipeline": name, "output_root": str(root.resolve())}

@@ -106,6 +106,17 @@ def backtest_name(name: str, tag: str) -> str:
     return f"{name}-backtest-{tag}"
 
 
+PER_MODEL_OVERRIDES = ["export.models=[all]"]
+"""``--per-model``: both pipeline runs ship every model they trained (not only the best and popularity)."""
+DEFAULTS_OVERRIDES = ["tuning.enabled=false"]
+"""``--per-model``: the second pipeline run keeps every model's configured hyperparameters."""
+
+
+def defaults_name(name: str) -> str:
+    """The output folder of ``--per-model``'s run with the search off: ``<name>-backtest-<tag>-defaults``."""
+    return f"{name}-defaults"
+
+
 def pipeline_overrides(name: str, cutoff: datetime) -> list[str]:
     """``--set`` overrides that turn the main job into its backtest: its own output folder, the log cut at the
     cutoff, and nothing shared touched (no registry, no database, no incremental state)."""
@@ -386,12 +397,14 @@ class Contender:
     """One row of the comparison: a shipped table or a baseline, its metrics and ratios to ``BASELINE``."""
 
     name: str
-    kind: str  # "shipped" | "baseline"
+    kind: str  # "shipped" | "tuned" | "defaults" (``--per-model``: every model, each way) | "baseline"
     metrics: dict[str, float]
     ratios: dict[str, float] = field(default_factory=dict)
     table: str | None = None  # the table's path (shipped) or None (baselines are built in memory)
     best: bool = False
     seconds: float | None = None
+    model: str | None = None  # the model family behind a pipeline table (None for baselines)
+    params: dict[str, Any] = field(default_factory=dict)  # its hyperparameters as refitted (searched ones)
 
 
 @dataclass
@@ -408,6 +421,7 @@ class BacktestResult:
     truth: dict[str, int]
     contenders: list[Contender]
     pipeline: dict[str, Any]
+    pipelines: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> run facts (``--per-model``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -455,11 +469,68 @@ def markdown(result: BacktestResult) -> str:
         cells += [_fmt(c.ratios[f"{m}_at_{k}_ratio"], 2) + "x" for m in HEADLINE]
         cells += [f"{int(c.metrics['users_without_rows']):,}", f"{int(c.metrics['seen_rows']):,}"]
         lines.append("| " + " | ".join(cells) + " |")
+    per_model = defaults_vs_tuned(result)
+    if per_model:
+        lines += ["", f"Per model, refitted on every pre-cutoff event: configured defaults against the validation "
+                  f"search's parameters (NDCG@{k}; ratios to {BASELINE}).", "",
+                  f"| model | defaults NDCG@{k} | tuned NDCG@{k} | tuned / defaults | defaults ratio | tuned ratio "
+                  "| tuned parameters |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in per_model:
+            lines.append(
+                f"| {row['model']} | {_fmt(row['defaults'])} | {_fmt(row['tuned'])} | {_fmt(row['gain'], 3)}x "
+                f"| {_fmt(row['defaults_ratio'], 2)}x | {_fmt(row['tuned_ratio'], 2)}x | {row['params']} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return text or "(not searched)"
+
+
+def defaults_vs_tuned(result: BacktestResult) -> list[dict[str, Any]]:
+    """One row per model scored both ways (``--per-model``): NDCG@k of its defaults and tuned tables, their
+    ratio, each one's ratio to ``BASELINE``, and the tuned parameters. Empty for a plain backtest."""
+    k = result.k
+    metric = f"ndcg_at_{k}"
+    tuned = {c.model: c for c in result.contenders if c.kind == "tuned"}
+    rows = []
+    for c in result.contenders:
+        if c.kind != "defaults" or c.model not in tuned:
+            continue
+        t = tuned[c.model]
+        d_val, t_val = c.metrics[metric], t.metrics[metric]
+        rows.append({
+            "model": c.model,
+            "defaults": d_val,
+            "tuned": t_val,
+            "gain": t_val / d_val if d_val else math.nan,
+            "defaults_ratio": c.ratios[f"{metric}_ratio"],
+            "tuned_ratio": t.ratios[f"{metric}_ratio"],
+            "params": _params_text(t.params),
+        })  # fmt: skip
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Edges: read, score, write, log
+
+
+def _pipeline_facts(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "run_dir": manifest.get("run_dir"),
+        "mlflow_run_id": (manifest.get("mlflow") or {}).get("run_id"),
+        "best_model": manifest.get("best_model"),
+        "tables_from": "shipped" if manifest.get("shipped") else "exports",
+        "split": manifest.get("split"),
+    }
+
+
+def searched_params(manifest: dict[str, Any], model: str) -> dict[str, Any]:
+    """The hyperparameters of ``model`` that a run's search covered, as the run refitted them: the tuned values
+    when it searched, else the configured ones of the same names (read from the run's ``tuning`` record)."""
+    rec = ((manifest.get("tuning") or {}).get("models") or {}).get(model) or {}
+    return dict(rec.get("params") or {})
 
 
 def run_scoring(
@@ -472,6 +543,7 @@ def run_scoring(
     ks: Sequence[int],
     seed: int,
     holdout_days: int | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> BacktestResult:
     """Score a backtest pipeline run's shipped tables and both baselines against the events after ``cutoff``.
 
@@ -484,6 +556,9 @@ def run_scoring(
         k: the headline cut-off (the export's k); ``ks`` the cut-offs computed (those above k are dropped).
         seed: ``random_state`` of the hand-glued ALS.
         holdout_days: recorded when the cutoff came from ``--holdout-days``.
+        defaults: ``--per-model``: the manifest of the same pipeline run with its search off (every model at
+            its configured hyperparameters); ``manifest`` is then the tuned run, and every table of both is
+            scored (contender kinds "tuned" and "defaults", the latter named ``<model> (defaults)``).
     """
     if k < 1:
         raise ConfigError(f"export.k must be >= 1 for a backtest, got {k}")
@@ -499,9 +574,13 @@ def run_scoring(
         )
     contenders: list[Contender] = []
     best = manifest.get("best_model")
-    for model, path in shipped_tables(manifest).items():
-        metrics = score_table(read_table(path), truth, ks)
-        contenders.append(Contender(model, "shipped", metrics, table=path, best=model == best))
+    runs = {"shipped": manifest} if defaults is None else {"tuned": manifest, "defaults": defaults}
+    for kind, run in runs.items():
+        for model, path in shipped_tables(run).items():
+            metrics = score_table(read_table(path), truth, ks)
+            label = f"{model} (defaults)" if kind == "defaults" else model
+            contenders.append(Contender(label, kind, metrics, table=path, best=kind != "defaults" and model == best,
+                                        model=model, params=searched_params(run, model)))  # fmt: skip
     for cname, build in (
         (POPULARITY, lambda: popularity_table(before, truth.users, k)),
         (BASELINE, lambda: hand_glued_als_table(before, truth.users, k, seed)),
@@ -523,13 +602,8 @@ def run_scoring(
         ks=ks,
         truth=truth.info,
         contenders=contenders,
-        pipeline={
-            "run_dir": manifest.get("run_dir"),
-            "mlflow_run_id": (manifest.get("mlflow") or {}).get("run_id"),
-            "best_model": best,
-            "tables_from": "shipped" if manifest.get("shipped") else "exports",
-            "split": manifest.get("split"),
-        },
+        pipeline=_pipeline_facts(manifest),
+        pipelines={kind: _pipeline_facts(run) for kind, run in runs.items()},
     )
 
 

@@ -167,6 +167,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         mlflow_config=args.mlflow_config,
         holdout_days=args.holdout_days,
         cutoff=args.cutoff,
+        per_model=args.per_model,
     )
     print()
     print(out["markdown"])
@@ -346,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     when = bt.add_mutually_exclusive_group(required=True)
     when.add_argument("--holdout-days", type=int, metavar="N", help="cutoff = the last kept event - N days")
     when.add_argument("--cutoff", type=_date, metavar="DATE", help="cutoff date or time (ISO, e.g. 2011-10-01)")
+    bt.add_argument("--per-model", action="store_true", help="score every model refitted with its configured and "
+                    "with its tuned parameters (a second pipeline run, with the search off)")  # fmt: skip
     bt.set_defaults(fn=cmd_backtest)
 
     i = sub.add_parser("ingest", help="ingest the log only and print the row accounting")

@@ -230,6 +230,10 @@ class EASEConfig(_Strict):
     # assumes; confidence lets heavy buyers dominate the Gram matrix. Measured on retail at each one's best
     # lambda: binary val NDCG@20 0.103, confidence 0.086.
     binary: bool = True
+    # Weigh each (user, item) pair by how recently the user last bought it: 0.5 ** (age in days / half life),
+    # age to the end of the fit window (``ease.recency_matrix``); replaces ``binary``'s 1s. None: no decay (the
+    # paper). Needs event timestamps.
+    half_life_days: float | None = Field(default=None, gt=0.0)
     # Refused above this many items (the model is skipped with a warning, the run goes on): the inverse costs
     # items^3 flops, ~2.7e13 at 30k, tens of minutes on a few cores.
     max_items: int = Field(default=30_000, ge=1)
@@ -590,9 +594,12 @@ class TwoTowerSpace(SearchSpace):
 
 
 class EASESpace(SearchSpace):
-    _log = frozenset({"regularization"})
+    _log = frozenset({"regularization", "half_life_days"})
     # 1-10,000: four decades around Steck's 200-1000; small logs want less, large ones more.
     regularization: Range | None = (1.0, 10_000.0)
+    # 7-730 days: from a week (fast-moving catalogs) to two years (no decay within most logs). Searched only
+    # when models.ease.half_life_days is set (trial 0 evaluates the configured value); None leaves it.
+    half_life_days: Range | None = (7.0, 730.0)
 
 
 class ModelTuning(_Strict):

@@ -354,6 +354,11 @@ def _split_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: Inges
     return record
 
 
+def uses_events(name: str, models_cfg: ModelsConfig) -> bool:
+    """Whether model ``name`` reads the train event table (the two-tower's history, EASE's recency weights)."""
+    return name == "two_tower" or (name == "ease" and models_cfg.ease.half_life_days is not None)
+
+
 def load_train(split: Record, with_events: bool = False) -> Interactions:
     """The train ``Interactions`` of a split record; the event table (user_idx, item_idx, ts, weight) is
     read only when asked for (models that weigh history by recency need it)."""
@@ -450,7 +455,7 @@ def _train_into(
     """Train and commit the embeddings as the table folder ``folder``; the two-tower encoder goes to
     ``encoder_dir`` (None: ``folder/artifacts``, committed with it). Returns the record (paths under ``folder``)."""
     needs_history = name == "two_tower"
-    train = load_train(split, with_events=needs_history)
+    train = load_train(split, with_events=uses_events(name, models_cfg))
     val = load_csr(split["val_targets"]) if split.get("val_targets") else None
     item_text = pl.read_parquet(split["item_text"]) if needs_history and split.get("item_text") else None
     with staged_table(folder) as stage:
@@ -525,7 +530,7 @@ def run_tune(
         return record
     with staged_table(folder) as stage:
         if names:
-            train = load_train(split, with_events="two_tower" in names)
+            train = load_train(split, with_events=any(uses_events(n, models_cfg) for n in names))
             item_text = pl.read_parquet(split["item_text"]) if "two_tower" in names and split.get("item_text") else None
             data = TuneData(train, load_csr(split["val_targets"]), item_text)
             record = tune_models(data, names, models_cfg, eval_cfg, cfg, Path(storage_file), stage, split.get("key"))

@@ -42,7 +42,7 @@ import polars as pl
 import scipy.sparse as sp
 from optuna.trial import FrozenTrial, TrialState
 
-from recsys_embed.config import EvalConfig, ModelsConfig, ModelTuning, SearchSpace, TuningConfig
+from recsys_embed.config import EASEConfig, EvalConfig, ModelsConfig, ModelTuning, SearchSpace, TuningConfig
 from recsys_embed.evaluate import evaluate, selection_metrics
 from recsys_embed.faults import checkpoint
 from recsys_embed.mf import sample_val_targets
@@ -78,16 +78,19 @@ class TuneData:
     train: Interactions
     val: sp.csr_matrix
     item_text: pl.DataFrame | None = None
-    _ease: dict[bool, tuple[sp.csr_matrix, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    _ease: dict[tuple[bool, float | None], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
-    def ease_inputs(self, binary: bool) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-        """(X, dense float32 X, Gram matrix) for EASE, computed once per study and shared by its trials."""
-        if binary not in self._ease:
+    def ease_inputs(self, cfg: EASEConfig) -> tuple[np.ndarray, np.ndarray]:
+        """(dense float32 X, Gram matrix) for EASE, computed once per input setting (binary, half-life) and
+        shared by the study's trials."""
+        key = (cfg.binary, cfg.half_life_days)
+        if key not in self._ease:
             from recsys_embed import ease
 
-            x = ease.fit_matrix(self.train.matrix, binary)
-            self._ease[binary] = (x, x.astype(np.float32).toarray(), ease.gram(x))
-        return self._ease[binary]
+            self._ease.clear()  # one setting held at a time: each is a dense users x items and items^2 pair
+            x = ease.inputs(self.train, cfg)
+            self._ease[key] = (x.astype(np.float32).toarray(), ease.gram(x))
+        return self._ease[key]
 
 
 def model_tuning(cfg: TuningConfig, name: str) -> ModelTuning:
@@ -101,15 +104,19 @@ def space_of(cfg: TuningConfig, name: str) -> SearchSpace:
     return cast(SearchSpace, model_tuning(cfg, name).space)  # type: ignore[attr-defined]
 
 
-def searched(space: SearchSpace) -> dict[str, tuple[float, float]]:
-    """The parameters a space searches (non-null ranges), by name."""
-    return {name: r for name, r in space if r is not None}
+def searched(space: SearchSpace, model_cfg: Any = None) -> dict[str, tuple[float, float]]:
+    """The parameters a space searches (non-null ranges), by name; with ``model_cfg``, not those the model has
+    switched off (configured null, e.g. EASE's ``half_life_days``)."""
+    return {
+        name: r for name, r in space
+        if r is not None and (model_cfg is None or getattr(model_cfg, name, None) is not None)
+    }  # fmt: skip
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, space: SearchSpace, model_cfg: Any = None) -> dict[str, Any]:
     """Draw one value per searched parameter (log scale and integers as the space declares)."""
     params: dict[str, Any] = {}
-    for name, (low, high) in searched(space).items():
+    for name, (low, high) in searched(space, model_cfg).items():
         log_scale = name in space._log
         if name in space._int:
             params[name] = trial.suggest_int(name, round(low), round(high), log=log_scale)
@@ -121,9 +128,9 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
 def defaults_in_space(model_cfg: Any, space: SearchSpace) -> dict[str, Any]:
     """The configured values of the searched parameters that lie inside their ranges (trial 0 evaluates them)."""
     out: dict[str, Any] = {}
-    for name, (low, high) in searched(space).items():
+    for name, (low, high) in searched(space, model_cfg).items():
         value = getattr(model_cfg, name)
-        if low <= value <= high:
+        if value is not None and low <= value <= high:
             out[name] = int(value) if name in space._int else float(value)
     return out
 
@@ -135,7 +142,8 @@ def with_params(model_cfg: Any, params: dict[str, Any]) -> Any:
 
 def tuned_models(models_cfg: ModelsConfig, cfg: TuningConfig, runnable: list[str]) -> list[str]:
     """The models to search: runnable (enabled and fitting), ``tune: true``, with at least one searched range."""
-    return [n for n in TUNABLE if n in runnable and model_tuning(cfg, n).tune and searched(space_of(cfg, n))]
+    return [n for n in TUNABLE if n in runnable and model_tuning(cfg, n).tune
+            and searched(space_of(cfg, n), getattr(models_cfg, n))]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,7 +172,7 @@ def make_objective(
     base = getattr(models_cfg, name)
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest(trial, space)
+        params = suggest(trial, space, base)
         sub = with_params(base, params)
         t0 = time.perf_counter()
         emb = _fit(name, trial, sub, data, models_cfg, eval_cfg, metric, cfg.pruning, workdir)
@@ -194,9 +202,10 @@ def _fit(
     if name == "ease":
         from recsys_embed import ease
 
-        _, dense, g = data.ease_inputs(sub.binary)
+        dense, g = data.ease_inputs(sub)
         b = ease.weights(g, sub.regularization, threads=sub.blas_threads)
-        return ease.embeddings(data.train, b, dense, {"regularization": sub.regularization})
+        info = {"regularization": sub.regularization, "half_life_days": sub.half_life_days}
+        return ease.embeddings(data.train, b, dense, info)
 
     from recsys_embed.models import train_model
 

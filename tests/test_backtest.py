@@ -7,6 +7,7 @@ import json
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -285,3 +286,53 @@ def test_backtest_flow_end_to_end(prefect_harness: None, tiny_log: Path, tmp_pat
     assert run.data.metrics[f"{backtest.BASELINE}.recall_at_20_ratio"] == pytest.approx(1.0)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"backtest.md", "backtest.json"} <= artifacts
+
+
+def test_per_model_backtest_scores_every_model_with_defaults_and_tuned(
+    prefect_harness: None, tiny_log: Path, tmp_path: Path, mlflow_yml: Path
+) -> None:
+    from flows.backtest import backtest_flow
+    from recsys_embed.store import load_embeddings
+
+    out = tmp_path / "out"
+    overrides = [f"ingest.source.path={tiny_log}", f"output_root={out}", "models.als.iterations=4",
+                 "models.als.eval_every=2", "models.bpr.enabled=false", "models.ease.enabled=false",
+                 "tuning.enabled=true", "tuning.n_trials=3", "tuning.budget_minutes=null"]  # fmt: skip
+    with pytest.raises(backtest.BacktestError, match=r"tuning\.enabled is false"):
+        backtest_flow(str(REPO / "configs/synthetic.yaml"), [*overrides, "tuning.enabled=false"], str(mlflow_yml),
+                      holdout_days=7, per_model=True)  # fmt: skip
+    assert not out.exists()  # refused before any pipeline ran
+
+    result = backtest_flow(str(REPO / "configs/synthetic.yaml"), overrides, str(mlflow_yml), holdout_days=7,
+                           per_model=True)  # fmt: skip
+    name = "synthetic-1m-backtest-7d"
+    tuned_run = json.loads((Path(result["pipelines"]["tuned"]["run_dir"]) / "summary.json").read_text())
+    plain_run = json.loads((Path(result["pipelines"]["defaults"]["run_dir"]) / "summary.json").read_text())
+    assert Path(tuned_run["run_dir"]).parent.parent == (out / name).resolve()
+    assert Path(plain_run["run_dir"]).parent.parent == (out / f"{name}-defaults").resolve()
+    assert plain_run["tuning"] is None or not plain_run["tuning"].get("models")  # the second run searched nothing
+    searched = tuned_run["tuning"]["models"]["als"]["params"]
+    width = {run["run_dir"]: load_embeddings(run["exports"]["als"]["model_embeddings"]).item_vectors.shape[1]
+             for run in (tuned_run, plain_run)}  # fmt: skip
+    assert width[plain_run["run_dir"]] == load_config(REPO / "configs/synthetic.yaml").models.als.factors
+    assert width[tuned_run["run_dir"]] == searched["factors"]  # the refit used the search's parameters
+
+    kinds = {(c["model"], c["kind"]) for c in result["contenders"] if c["model"]}
+    assert kinds == {(m, k) for m in ("popularity", "als") for k in ("tuned", "defaults")}
+    als = next(c for c in result["contenders"] if c["name"] == "als")
+    assert als["params"] == searched and als["best"] == (tuned_run["best_model"] == "als")
+    als_defaults = next(c for c in result["contenders"] if c["name"] == "als (defaults)")
+    assert als_defaults["params"] == {} and als_defaults["best"] is False
+    assert als["table"] != als_defaults["table"]
+
+    md = result["markdown"]
+    assert "| als |" in md and "tuned / defaults" in md
+    row = next(r for r in backtest.defaults_vs_tuned(_result(result)) if r["model"] == "als")
+    assert row["gain"] == pytest.approx(als["metrics"]["ndcg_at_20"] / als_defaults["metrics"]["ndcg_at_20"])
+    assert f"{row['gain']:.3f}x" in md
+
+
+def _result(d: dict[str, Any]) -> backtest.BacktestResult:
+    fields = {k: d[k] for k in backtest.BacktestResult.__dataclass_fields__}
+    fields["contenders"] = [backtest.Contender(**c) for c in d["contenders"]]
+    return backtest.BacktestResult(**fields)

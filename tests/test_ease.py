@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from recsys_embed import ease
 from recsys_embed.config import EASEConfig, EvalConfig, ModelsConfig
+from recsys_embed.errors import ConfigError
 from recsys_embed.evaluate import evaluate
 from recsys_embed.models import runnable_models, train_model
 from recsys_embed.types import IdMap, Interactions, RowReport
@@ -123,3 +124,47 @@ def test_the_run_skips_ease_above_the_budget_and_keeps_the_rest(caplog: pytest.L
         names = runnable_models(cfg, 500, 5_000)
     assert names == ["popularity", "als", "bpr"]  # ease skipped, the others (two-tower is off by default) run
     assert "5,000 items is over models.ease.max_items = 1,000" in caplog.text and "skipping it" in caplog.text
+
+
+def _with_events(dense: list[list[float]], rows: list[tuple[int, int, str, float]]) -> Interactions:
+    from datetime import datetime
+
+    train = _interactions(dense)
+    events = pl.DataFrame(
+        {
+            "user_idx": [r[0] for r in rows],
+            "item_idx": [r[1] for r in rows],
+            "ts": [datetime.fromisoformat(r[2] + "T00:00:00+00:00") for r in rows],
+            "weight": [r[3] for r in rows],
+        },
+        schema={"user_idx": pl.Int64, "item_idx": pl.Int64, "ts": pl.Datetime("us", "UTC"), "weight": pl.Float64},
+    )
+    return Interactions(train.matrix, train.users, train.items, train.report, events)
+
+
+def test_recency_weights_each_pair_by_its_last_purchase() -> None:
+    # The window ends 2011-03-02 (the last event). Half-life 30 days:
+    # (0,0) last bought 2011-03-02 -> 1; (0,1) bought 2011-01-01 and again 2011-01-31 -> 30 days -> 0.5;
+    # (1,1) bought 2010-12-31 -> 61 days -> 0.5 ** (61/30); (1,2) bought then fully cancelled -> net 0, left out,
+    # and the cancellation (the later, negative event) does not count as a purchase.
+    rows = [(0, 0, "2011-03-02", 1.0), (0, 1, "2011-01-01", 1.0), (0, 1, "2011-01-31", 1.0),
+            (1, 1, "2010-12-31", 1.0), (1, 2, "2011-02-01", 1.0), (1, 2, "2011-02-20", -1.0)]  # fmt: skip
+    train = _with_events([[1, 2, 0], [0, 1, 0]], rows)
+    x = ease.recency_matrix(train, 30.0).toarray()
+    np.testing.assert_allclose(x, [[1.0, 0.5, 0.0], [0.0, 0.5 ** (61 / 30), 0.0]], rtol=1e-12)
+
+    cfg = EASEConfig(enabled=True, regularization=1.0, half_life_days=30.0)
+    emb = ease.train_ease(train, cfg)
+    np.testing.assert_allclose(emb.user_vectors, x.astype(np.float32))  # the query rows are the decayed rows
+    assert emb.info["half_life_days"] == 30.0
+    plain = ease.inputs(train, cfg.model_copy(update={"half_life_days": None})).toarray()
+    np.testing.assert_array_equal(plain, [[1, 1, 0], [0, 1, 0]])  # null: the paper's binary matrix
+
+
+def test_recency_needs_timestamps_and_says_how_to_switch_it_off() -> None:
+    train = _with_events([[1.0]], [(0, 0, "2011-01-01", 1.0)])
+    no_time = Interactions(train.matrix, train.users, train.items, train.report,
+                           train.events.with_columns(pl.lit(None, pl.Datetime("us", "UTC")).alias("ts")))  # fmt: skip
+    for bad in (no_time, _interactions([[1.0]])):
+        with pytest.raises(ConfigError, match=r"models\.ease\.half_life_days"):
+            ease.recency_matrix(bad, 30.0)

@@ -284,3 +284,21 @@ def test_flow_tunes_reports_defaults_vs_tuned_and_skips_ease_above_budget(
 
     again = embedding_pipeline(str(REPO / "configs/retail.yaml"), overrides, str(mlflow_yml))
     assert again["tuning"]["cached"] is True and again["tuning"]["models"]["als"]["params"] == als["params"]
+
+
+def test_ease_half_life_is_searched_only_where_the_model_uses_it() -> None:
+    from recsys_embed.config import EASEConfig
+    from recsys_embed.tuning import defaults_in_space, searched, space_of
+
+    space = space_of(TuningConfig(), "ease")
+    plain = EASEConfig(enabled=True, regularization=200.0)  # the paper's binary matrix: no half-life to tune
+    decayed = plain.model_copy(update={"half_life_days": 60.0})
+    assert set(searched(space, plain)) == {"regularization"}
+    assert set(searched(space, decayed)) == {"regularization", "half_life_days"}
+    assert defaults_in_space(plain, space) == {"regularization": 200.0}  # trial 0: exactly the configured model
+    assert defaults_in_space(decayed, space) == {"regularization": 200.0, "half_life_days": 60.0}
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    from recsys_embed.tuning import suggest
+
+    drawn = [suggest(study.ask(), space, plain) for _ in range(5)]
+    assert all(set(d) == {"regularization"} for d in drawn)
