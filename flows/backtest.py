@@ -1,6 +1,6 @@
 """The backtest flow: cut the log, run the whole production pipeline before the cutoff, score what it ships.
 
-Orchestration only (the numbers come from ``recsys_embed.backtest``):
+Orchestration only (the numbers come from ``recsys_embed.evaluation.backtest``):
 
 1. ingest the whole log as configured (cached under the backtest's own ``cache/``) and resolve the cutoff;
 2. run the main flow (``embedding_pipeline``, a subflow) with ``name=<name>-backtest-<tag>``,
@@ -23,10 +23,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from flows.embedding_pipeline import embedding_pipeline
-from recsys_embed import backtest, stages
 from recsys_embed.config import IngestConfig, MlflowSettings, load_config, load_mlflow_settings
-from recsys_embed.lock import run_lock
-from recsys_embed.tracking import Tracker
+from recsys_embed.evaluation import backtest
+from recsys_embed.pipeline import stages
+from recsys_embed.pipeline.lock import run_lock
+from recsys_embed.tracking.tracker import Tracker
 
 
 @task(name="backtest-ingest", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)

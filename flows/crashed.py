@@ -32,7 +32,7 @@ def mark_dead_runs_crashed(root: Path) -> list[str]:
     """Tag the current flow run with ``root_tag(root)`` and mark CRASHED every other RUNNING flow run with that
     tag or of the current run's deployment that started before it; returns their names.
 
-    Call only while holding ``root``'s run lock (``recsys_embed.lock.run_lock``). Best effort: a Prefect API
+    Call only while holding ``root``'s run lock (``recsys_embed.pipeline.lock.run_lock``). Best effort: a Prefect API
     error is logged and the run goes on.
     """
     from prefect.client.orchestration import get_client

@@ -5,7 +5,7 @@ from the config's ``schedule`` section; the deployment is named ``<name>-nightly
 ``schedule.deployment_name``), so each pipeline has its own and ``prefect.yaml`` declares the same names. Paths
 are made absolute so a run started by the runner finds them whatever its working directory. Two overlapping
 runs are prevented twice: by the deployment's concurrency limit (Prefect queues the second), and by the output
-folder's lock (``recsys_embed.lock``) for any run. ``serve`` needs a Prefect server (``flows.api``).
+folder's lock (``recsys_embed.pipeline.lock``) for any run. ``serve`` needs a Prefect server (``flows.api``).
 """
 
 from __future__ import annotations

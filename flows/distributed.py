@@ -1,6 +1,6 @@
 """Distributed runs: the top-k export as one Prefect task per user shard on Dask (prefect-dask).
 
-Orchestration only; the work is ``recsys_embed.stages.run_export_plan / _shard / _commit / _similar``.
+Orchestration only; the work is ``recsys_embed.pipeline.stages.run_export_plan / _shard / _commit / _similar``.
 
 - ``dask_cluster(cfg.distributed)``: the run's Dask cluster. ``distributed.address`` connects to an existing
   scheduler (checked up front, so a wrong address fails at once and names the key); otherwise a
@@ -30,9 +30,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from recsys_embed import stages
 from recsys_embed.config import DistributedConfig, ExportConfig
 from recsys_embed.errors import ConfigError
+from recsys_embed.pipeline import stages
 
 # Loggers of the scheduler/nanny/worker machinery that report the expected broken connections while a
 # process-based LocalCluster shuts down ("Failed to communicate with scheduler during heartbeat", ...).

@@ -2,7 +2,7 @@
 
 Orchestration only. Each task is a thin call into ``recsys_embed``; tasks hand each other paths and
 small records. I/O tasks retry. Resume: ingest, split and each model's training are content-addressed
-folders under ``<root>/cache/`` that ``recsys_embed.stages`` reuses when their inputs and config are unchanged
+folders under ``<root>/cache/`` that ``recsys_embed.pipeline.stages`` reuses when their inputs and config are unchanged
 (the library's check is the source of truth; Prefect's cache only short-cuts ingest), so re-running a killed
 run recomputes only what it had not committed. The run first marks its killed predecessors' MLflow runs KILLED
 and removes their uncommitted leftovers (it holds the output folder's lock, so nothing else writes there).
@@ -23,7 +23,6 @@ from prefect.cache_policies import NONE
 
 from flows.crashed import mark_dead_runs_crashed
 from flows.distributed import DaskCluster, dask_cluster, run_sharded_export
-from recsys_embed import reporting, stages
 from recsys_embed.config import (
     DatabaseExportConfig,
     EvalConfig,
@@ -39,12 +38,14 @@ from recsys_embed.config import (
     load_mlflow_settings,
     registered_name,
 )
-from recsys_embed.incremental import commit_state, nothing_new, run_incremental_ingest
+from recsys_embed.data.incremental import commit_state, nothing_new, run_incremental_ingest
 from recsys_embed.io import write_json_atomic
-from recsys_embed.lock import run_lock
-from recsys_embed.models import runnable_models
-from recsys_embed.tracking import Tracker, git_commit, lightning_logger, redact_uri, ui_run_url
-from recsys_embed.tuning import apply_tuning, log_tuning, score_defaults
+from recsys_embed.models.factory import runnable_models
+from recsys_embed.models.tuning import apply_tuning, log_tuning
+from recsys_embed.pipeline import stages
+from recsys_embed.pipeline.lock import run_lock
+from recsys_embed.tracking import reporting
+from recsys_embed.tracking.tracker import Tracker, git_commit, lightning_logger, redact_uri, ui_run_url
 from recsys_embed.types import Candidate, RowReport
 
 
@@ -116,7 +117,9 @@ def tuning_report_task(
     final_cfg: ModelsConfig, eval_cfg: EvalConfig, tuned: dict[str, Any], metrics: dict[str, float], out_dir: str,
     cache_root: str, tuning_metric: str,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    test = score_defaults(name, split, defaults_cfg, final_cfg, eval_cfg, metrics, Path(out_dir), Path(cache_root))
+    test = stages.score_defaults(
+        name, split, defaults_cfg, final_cfg, eval_cfg, metrics, Path(out_dir), Path(cache_root)
+    )
     final = getattr(final_cfg, name).model_dump(mode="json")
     log_tuning(Tracker(settings), run_id, name, tuned, final, test, tuning_metric)
     return test

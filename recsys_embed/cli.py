@@ -86,9 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     check_server()  # a configured Prefect server that does not answer: say so now, not after a long timeout
     from flows.embedding_pipeline import embedding_pipeline
-    from recsys_embed.evaluate import metrics_table
-    from recsys_embed.reporting import format_metrics
-    from recsys_embed.tracking import redact_uri
+    from recsys_embed.evaluation.metrics import metrics_table
+    from recsys_embed.tracking.reporting import format_metrics
+    from recsys_embed.tracking.tracker import redact_uri
     from recsys_embed.types import RowReport
 
     manifest: dict[str, Any] = embedding_pipeline(
@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(format_metrics(metrics_table(manifest["metrics"]), ks))
     tuning = manifest.get("tuning")
     if tuning and tuning.get("models"):
-        from recsys_embed.tuning import format_table
+        from recsys_embed.models.tuning import format_table
 
         how = f"search took {tuning['seconds']:.0f} s" + (", reused from the cache" if tuning.get("cached") else "")
         print(f"\nTuning on the validation window ({how}): {manifest['primary_metric']}, defaults vs tuned")
@@ -179,8 +179,8 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from recsys_embed.config import load_config
-    from recsys_embed.ingest import load_events
-    from recsys_embed.interactions import build_interactions
+    from recsys_embed.data.ingest import load_events
+    from recsys_embed.data.interactions import build_interactions
 
     cfg = load_config(args.config, args.overrides)
     ev = load_events(cfg.ingest)
@@ -197,7 +197,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     import shlex
 
-    from recsys_embed.sniff import (
+    from recsys_embed.data.sniff import (
         check_name,
         default_name,
         describe,
@@ -225,7 +225,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from recsys_embed.generate import PRESETS, generate
+    from recsys_embed.data.generate import PRESETS, generate
 
     spec = PRESETS[args.preset]
     changes = {
@@ -264,11 +264,11 @@ def _latest(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from recsys_embed.answer import recommend_for_user
+    from recsys_embed.serving.answer import recommend_for_user
 
     if args.from_registry:
         from recsys_embed.config import load_config, load_mlflow_settings, registered_name
-        from recsys_embed.registry import recommend
+        from recsys_embed.serving.registry import recommend
 
         settings = load_mlflow_settings(args.mlflow_config)
         name = registered_name(load_config(args.config, args.overrides), settings)  # this pipeline's model
@@ -287,7 +287,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from recsys_embed.answer import similar_to_item
+    from recsys_embed.serving.answer import similar_to_item
 
     manifest = _latest(args)
     print(similar_to_item(manifest, args.item, args.k, args.model))
@@ -309,7 +309,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     from recsys_embed.config import load_mlflow_settings
-    from recsys_embed.tracking import redact_uri, resolve_settings
+    from recsys_embed.tracking.tracker import redact_uri, resolve_settings
 
     settings = resolve_settings(load_mlflow_settings(args.mlflow_config))
     print(f"MLflow UI for {redact_uri(settings.tracking_uri)} at http://{args.host}:{args.port}")

@@ -218,7 +218,7 @@ class PopularityConfig(_Strict):
 
 
 class EASEConfig(_Strict):
-    """EASE (Steck 2019): the closed-form item-item linear model (``recsys_embed.ease``), a strong baseline."""
+    """EASE (Steck 2019): the closed-form item-item linear model (``recsys_embed.models.ease``), a strong baseline."""
 
     # Off in code: it needs items^2 memory (and, for the shared Embeddings contract, a dense users x items copy
     # of the train matrix); configs whose catalog fits the budget below switch it on.
@@ -248,7 +248,7 @@ class EASEConfig(_Strict):
 
 
 class TwoTowerConfig(_Strict):
-    """Two-tower retrieval model trained with Lightning (see ``recsys_embed.two_tower``)."""
+    """Two-tower retrieval model trained with Lightning (see ``recsys_embed.models.two_tower``)."""
 
     enabled: bool = False
     # 64: the same width as ALS/BPR, so the comparison is about the model, not its capacity.
@@ -332,7 +332,7 @@ class TwoTowerConfig(_Strict):
     # re-launching the calling script.
     strategy: str = "auto"
     # Machines in a multi-node DDP run (strategy "ddp", started by torchrun/srun through
-    # ``python -m recsys_embed.two_tower.launch``; see README). 1: everything on this machine.
+    # ``python -m recsys_embed.pipeline.two_tower_launch``; see README). 1: everything on this machine.
     num_nodes: int = Field(default=1, ge=1)
     # "auto": bf16-mixed on CUDA with bf16 support, fp32 ("32-true") on CPU.
     precision: str = "auto"
@@ -413,7 +413,7 @@ class DatabaseExportConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    """How export finds each user's top-k: exact (tiled GEMM) or a faiss index (``recsys_embed.ann``)."""
+    """How export finds each user's top-k: exact (tiled GEMM) or a faiss index (``recsys_embed.serving.ann``)."""
 
     # exact: every score computed, the right choice up to ~10^5-10^6 items; hnsw / ivf: approximate, for
     # larger catalogs, with the recall loss against exact measured on a user sample and reported.
@@ -526,7 +526,7 @@ class DistributedConfig(_Strict):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Hyperparameter search (``recsys_embed.tuning``)
+# Hyperparameter search (``recsys_embed.models.tuning``)
 
 Range = tuple[float, float]
 
@@ -632,7 +632,7 @@ class EASETuning(ModelTuning):
 
 class TuningConfig(_Strict):
     """An Optuna study per model on the validation window only; the best trial's parameters replace the
-    model's configured ones before the normal training stage (``recsys_embed.tuning``)."""
+    model's configured ones before the normal training stage (``recsys_embed.models.tuning``)."""
 
     # Off in code: a search multiplies training time; configs/retail.yaml turns it on with a small budget.
     enabled: bool = False

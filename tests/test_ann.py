@@ -8,12 +8,12 @@ import pytest
 import scipy.sparse as sp
 
 from recsys_embed.config import SearchConfig
-from recsys_embed.topk import topk
+from recsys_embed.evaluation.topk import topk
 from recsys_embed.types import Embeddings, IdMap
 
 faiss = pytest.importorskip("faiss", reason="faiss is the optional [faiss] extra")
 
-from recsys_embed.ann import iter_topk_ann, recall_against_exact, searcher  # noqa: E402
+from recsys_embed.serving.ann import iter_topk_ann, recall_against_exact, searcher  # noqa: E402
 
 
 def _clustered(n_users: int, n_items: int, d: int = 16, seed: int = 0) -> Embeddings:
@@ -100,9 +100,9 @@ def test_exact_kind_is_the_exact_scorer_and_allow_deny_are_respected() -> None:
 
 def test_export_with_an_index_writes_the_table_and_reports_its_recall(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from recsys_embed.config import ExportConfig
-    from recsys_embed.export import export_topk
     from recsys_embed.io import read_table
-    from recsys_embed.stages import search_quality
+    from recsys_embed.pipeline.stages import search_quality
+    from recsys_embed.serving.export import export_topk
 
     emb = _clustered(200, 2000)
     seen = _seen(200, 2000, 10)

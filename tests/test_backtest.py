@@ -12,10 +12,11 @@ from typing import Any
 import polars as pl
 import pytest
 
-from recsys_embed import backtest, stages
 from recsys_embed.config import IngestConfig, SourceConfig, load_config
-from recsys_embed.generate import generate, preset
-from recsys_embed.ingest import UNTIL_RULE, load_events
+from recsys_embed.data.generate import generate, preset
+from recsys_embed.data.ingest import UNTIL_RULE, load_events
+from recsys_embed.evaluation import backtest
+from recsys_embed.pipeline import stages
 from tests.conftest import REPO
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -235,7 +236,7 @@ def test_backtest_flow_end_to_end(prefect_harness: None, tiny_log: Path, tmp_pat
 
     from flows.backtest import backtest_flow
     from recsys_embed.config import load_mlflow_settings
-    from recsys_embed.tracking import resolve_settings
+    from recsys_embed.tracking.tracker import resolve_settings
 
     out = tmp_path / "out"
     overrides = [f"ingest.source.path={tiny_log}", f"output_root={out}", "models.als.iterations=4",

@@ -48,7 +48,7 @@ def test_pipelines_are_isolated_and_recipes_are_compared(
     from flows.embedding_pipeline import embedding_pipeline
     from recsys_embed.config import load_mlflow_settings
     from recsys_embed.io import read_table
-    from recsys_embed.tracking import resolve_settings
+    from recsys_embed.tracking.tracker import resolve_settings
 
     retail, other = _slice(tmp_path, "retail", 0, 30_000), _slice(tmp_path, "other", 30_000, 60_000)
     out = tmp_path / "out"
@@ -90,7 +90,7 @@ def test_a_later_champion_is_not_rescored_on_its_own_training_data(
     import scipy.sparse as sp
 
     from flows.embedding_pipeline import embedding_pipeline
-    from recsys_embed.compare import rescore
+    from recsys_embed.evaluation.compare import rescore
     from recsys_embed.store import load_csr, load_embeddings
     from recsys_embed.types import IdMap
 

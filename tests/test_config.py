@@ -83,7 +83,7 @@ def test_flatten_uses_dots() -> None:
 
 
 def test_redact_uri_hides_secrets_and_keeps_paths() -> None:
-    from recsys_embed.tracking import redact_uri
+    from recsys_embed.tracking.tracker import redact_uri
 
     assert redact_uri("sqlite:////abs/path/mlflow.db") == "sqlite:////abs/path/mlflow.db"
     assert redact_uri("http://alice:s3cret@host:5000/") == "http://alice:***@host:5000/"

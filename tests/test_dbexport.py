@@ -11,8 +11,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys_embed.dbexport import DatabaseExportError, dialect_for, export_table, read_db_table, write_frames
 from recsys_embed.io import staged_table
+from recsys_embed.serving.dbexport import DatabaseExportError, dialect_for, export_table, read_db_table, write_frames
 from tests.pg_server import postgres_server
 
 HOSTILE = ["o'brien", "a;b", "x -- y", "Robert'); DROP TABLE recsys_topk;--", "café ☕ 東京", '"quoted"', "\\back"]
@@ -53,7 +53,7 @@ def _topk_table(folder: Path, n_users: int, k: int, run_id: str, ids: list[str] 
 def test_hostile_ids_round_trip_exactly(uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     table = "recsys_topk"
     src = _topk_table(tmp_path / "topk", 0, 3, "run'1;--", ids=HOSTILE)
-    with caplog.at_level(logging.INFO, logger="recsys_embed.dbexport"):
+    with caplog.at_level(logging.INFO, logger="recsys_embed.serving.dbexport"):
         res = export_table(src, uri, table, model_version="7", batch_rows=4)
     assert res.rows == len(HOSTILE) * 3
     back = read_db_table(uri, table).sort("user_id", "rank")

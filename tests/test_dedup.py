@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys_embed.dedup import first_occurrence_mask, overlap_groups
+from recsys_embed.data.dedup import first_occurrence_mask, overlap_groups
 
 
 def _log(seed: int, n_files: int = 5, rows: int = 400) -> pl.DataFrame:

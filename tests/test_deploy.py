@@ -25,7 +25,7 @@ import polars as pl
 import pytest
 import yaml
 
-from recsys_embed.lock import RunLockedError, run_lock
+from recsys_embed.pipeline.lock import RunLockedError, run_lock
 from tests.conftest import REPO, RETAIL
 from tests.prefect_server import PrefectServer, background, prefect_env, prefect_server
 
@@ -90,7 +90,7 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """``prefect server start`` plus ``recsys-embed serve`` of the synthetic pipeline (a tiny generated log, cheap
     models, no registry) on a cron that fires every minute; both stopped at the end of the module."""
-    from recsys_embed.generate import generate, preset
+    from recsys_embed.data.generate import generate, preset
 
     folder = tmp_path_factory.mktemp("served")
     generate(preset("tiny", n_events=20_000, n_users=500, n_items=300), folder / "log")

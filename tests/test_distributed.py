@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from recsys_embed import faults
 from recsys_embed.config import ExportConfig
-from recsys_embed.export import export_topk, read_export
+from recsys_embed.serving.export import export_topk, read_export
 from recsys_embed.store import save_csr, save_embeddings
 from recsys_embed.types import Embeddings, IdMap
 from tests.conftest import REPO, RETAIL
@@ -95,7 +95,7 @@ def test_sharded_export_on_dask_equals_single_process(
     """The library alone on Dask (no Prefect): plan here, shards on the workers, commit here."""
     from distributed import Client
 
-    from recsys_embed.shards import commit_topk_shards, export_topk_shard, plan_topk_shards
+    from recsys_embed.serving.shards import commit_topk_shards, export_topk_shard, plan_topk_shards
 
     plan = plan_topk_shards(N_USERS, CFG.chunk_users, 5, tmp_path / "topk")
     assert [(s.start, s.stop) for s in plan.shards] == [(0, 384), (384, 768), (768, 1024), (1024, 1280),

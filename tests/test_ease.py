@@ -10,11 +10,11 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from recsys_embed import ease
 from recsys_embed.config import EASEConfig, EvalConfig, ModelsConfig
 from recsys_embed.errors import ConfigError
-from recsys_embed.evaluate import evaluate
-from recsys_embed.models import runnable_models, train_model
+from recsys_embed.evaluation.metrics import evaluate
+from recsys_embed.models import ease
+from recsys_embed.models.factory import runnable_models, train_model
 from recsys_embed.types import IdMap, Interactions, RowReport
 
 
@@ -120,7 +120,7 @@ def test_refuses_above_the_memory_budget() -> None:
 def test_the_run_skips_ease_above_the_budget_and_keeps_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     cfg = ModelsConfig(ease=EASEConfig(enabled=True, max_items=1_000))
     assert "ease" in runnable_models(cfg, 500, 800)
-    with caplog.at_level(logging.WARNING, logger="recsys_embed.models"):
+    with caplog.at_level(logging.WARNING, logger="recsys_embed.models.factory"):
         names = runnable_models(cfg, 500, 5_000)
     assert names == ["popularity", "als", "bpr"]  # ease skipped, the others (two-tower is off by default) run
     assert "5,000 items is over models.ease.max_items = 1,000" in caplog.text and "skipping it" in caplog.text

@@ -27,8 +27,8 @@ from recsys_embed.config import (
     PopularityConfig,
     TwoTowerConfig,
 )
-from recsys_embed.export import export_topk, read_export
-from recsys_embed.models import MODEL_NAMES, train_model
+from recsys_embed.models.factory import MODEL_NAMES, train_model
+from recsys_embed.serving.export import export_topk, read_export
 from recsys_embed.store import load_embeddings, save_embeddings
 from recsys_embed.types import Embeddings, IdMap, Interactions, RowReport
 

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from recsys_embed.evaluate import evaluate, metrics_table, popularity_percentile, selection_metrics
+from recsys_embed.evaluation.metrics import evaluate, metrics_table, popularity_percentile, selection_metrics
 from recsys_embed.types import Embeddings, IdMap
 
 
@@ -215,8 +215,8 @@ def test_selection_metrics_are_returned_by_evaluate(
 @pytest.mark.parametrize("seed", [0, 1])
 def test_evaluate_ranked_equals_evaluate_on_the_same_lists(seed: int) -> None:
     """A table read back (evaluate_ranked) scores exactly as the harness that ranked it (evaluate)."""
-    from recsys_embed.evaluate import evaluate_ranked
-    from recsys_embed.topk import topk
+    from recsys_embed.evaluation.metrics import evaluate_ranked
+    from recsys_embed.evaluation.topk import topk
 
     rng = np.random.default_rng(seed)
     n_users, n_items, d = 90, 30, 4

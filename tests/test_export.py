@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-import recsys_embed.export as export_mod
+import recsys_embed.serving.export as export_mod
 from recsys_embed.config import ExportConfig
 from recsys_embed.errors import DataWarning
-from recsys_embed.export import export_similar_items, export_topk, read_export
 from recsys_embed.io import SUCCESS_MARKER
+from recsys_embed.serving.export import export_similar_items, export_topk, read_export
 from recsys_embed.types import Embeddings, IdMap
 
 N_USERS, N_ITEMS, DIM = 120, 90, 6

@@ -24,8 +24,8 @@ import pytest
 
 from recsys_embed.config import ExportConfig
 from recsys_embed.errors import OutputError
-from recsys_embed.export import export_topk
 from recsys_embed.io import is_complete_table, read_table, write_json_atomic
+from recsys_embed.serving.export import export_topk
 from recsys_embed.types import Embeddings, IdMap
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ import json, os, resource, signal, sys
 import numpy as np, polars as pl
 from recsys_embed.config import ExportConfig
 from recsys_embed.errors import OutputError
-from recsys_embed.export import export_topk
+from recsys_embed.serving.export import export_topk
 from recsys_embed.io import write_json_atomic
 from recsys_embed.types import Embeddings, IdMap
 

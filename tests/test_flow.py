@@ -47,7 +47,7 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     from flows.embedding_pipeline import embedding_pipeline
     from recsys_embed.config import load_mlflow_settings
     from recsys_embed.io import is_complete_table, read_table
-    from recsys_embed.tracking import resolve_settings
+    from recsys_embed.tracking.tracker import resolve_settings
 
     out = tmp_path / "out"
     manifest = embedding_pipeline(str(REPO / "configs/retail.yaml"), _overrides(retail_slice, out), str(mlflow_yml))
@@ -114,7 +114,7 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
 
     # a separate Python process loads embeddings and the top-k table given only the run id
     code = (
-        "import sys; from recsys_embed.tracking import load_run_embeddings, load_run_topk\n"
+        "import sys; from recsys_embed.tracking.tracker import load_run_embeddings, load_run_topk\n"
         "e = load_run_embeddings(sys.argv[1], 'als', sys.argv[2]); t = load_run_topk(sys.argv[1], 'als', sys.argv[2])\n"
         "print(e.user_vectors.shape[0], e.item_vectors.shape[1], t.height)"
     )
@@ -128,8 +128,8 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     assert rows == manifest["exports"]["als"]["topk_rows"]
 
     # recommend / similar answer from the run's outputs, with the log's descriptions and --explain reasons
-    from recsys_embed.answer import recommend_for_user, similar_to_item
     from recsys_embed.errors import RecsysEmbedError
+    from recsys_embed.serving.answer import recommend_for_user, similar_to_item
 
     als_table = read_table(manifest["exports"]["als"]["topk"]).filter(pl.col("source") == "model")
     als_table = als_table.sort("user_id", "rank")
@@ -155,7 +155,7 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
 
 def test_unreachable_tracking_server_fails_fast(prefect_harness: None, tmp_path: Path, retail_slice: Path) -> None:
     from flows.embedding_pipeline import embedding_pipeline
-    from recsys_embed.tracking import TrackingError
+    from recsys_embed.tracking.tracker import TrackingError
 
     yml = tmp_path / "mlflow.yml"
     yml.write_text("tracking_uri: http://user:s3cret@127.0.0.1:9/\nexperiment_name: x\n", encoding="utf-8")

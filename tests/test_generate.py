@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from recsys_embed.bench.memory import peak_memory
-from recsys_embed.generate import (
+from recsys_embed.data.generate import (
     PRESETS,
     GenerateSpec,
     generate,
@@ -224,10 +224,11 @@ def test_peak_memory_does_not_bill_the_parents_memory_to_the_child() -> None:
 
 
 def _ingest_ready() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("recsys_embed.ingest", "recsys_embed.interactions"))
+    modules = ("recsys_embed.data.ingest", "recsys_embed.data.interactions")
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-@pytest.mark.skipif(not _ingest_ready(), reason="recsys_embed.ingest / recsys_embed.interactions not written yet")
+@pytest.mark.skipif(not _ingest_ready(), reason="data.ingest / data.interactions not written yet")
 def test_ingest_suite_runs_at_tiny_size(tmp_path: Path) -> None:
     from recsys_embed.bench import ingest_suite
 

@@ -107,7 +107,7 @@ def test_nothing_new_means_nothing_done(prefect_harness: None, tmp_path: Path, m
     from flows.deploy import deployment_parameters
     from flows.embedding_pipeline import embedding_pipeline
     from recsys_embed.config import load_config
-    from recsys_embed.generate import generate, preset
+    from recsys_embed.data.generate import generate, preset
 
     generate(preset("tiny", n_events=20_000, n_users=500, n_items=300), tmp_path / "log")
     config = str(REPO / "configs/synthetic.yaml")
@@ -152,7 +152,7 @@ def test_nothing_new_means_nothing_done(prefect_harness: None, tmp_path: Path, m
 
 def test_nothing_new_names_the_last_finished_run(tmp_path: Path) -> None:
     from recsys_embed.config import load_config
-    from recsys_embed.incremental import commit_state, nothing_new, run_incremental_ingest
+    from recsys_embed.data.incremental import commit_state, nothing_new, run_incremental_ingest
 
     logs, root = tmp_path / "logs", tmp_path / "out"
     logs.mkdir()

@@ -11,10 +11,10 @@ from typing import Any
 import polars as pl
 import pytest
 
-from recsys_embed import ingest as ingest_module
 from recsys_embed.config import IngestConfig
+from recsys_embed.data import ingest as ingest_module
+from recsys_embed.data.ingest import EVENT_COLUMNS, REASONS, TS_DTYPE, EventLog, load_events, write_quarantine
 from recsys_embed.errors import DataWarning, IngestError
-from recsys_embed.ingest import EVENT_COLUMNS, REASONS, TS_DTYPE, EventLog, load_events, write_quarantine
 
 REPO = Path(__file__).resolve().parents[1]
 RETAIL = REPO / "data" / "online-retail" / "events.parquet"
@@ -375,7 +375,7 @@ def test_missing_optional_column_says_set_it_to_null(tmp_path: Path, role: str, 
 def test_timestamp_log_line_says_what_was_parsed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Regression (issue 14): an ISO-8601 text column was logged as "read as epoch s".
     iso = _csv(tmp_path, "u1,i1,2023-11-14T22:13:20,view\nu2,i2,2023-11-14T22:13:21Z,view\n", name="iso.csv")
-    with caplog.at_level(logging.INFO, logger="recsys_embed.ingest"):
+    with caplog.at_level(logging.INFO, logger="recsys_embed.data.ingest"):
         load_events(_cfg(iso))
     lines = [r.getMessage() for r in caplog.records if "timestamp column" in r.getMessage()]
     assert lines == [
@@ -384,7 +384,7 @@ def test_timestamp_log_line_says_what_was_parsed(tmp_path: Path, caplog: pytest.
     ]
     caplog.clear()
     ms = _csv(tmp_path, f"u1,i1,{T0 * 1000},view\n", name="ms.csv")
-    with caplog.at_level(logging.INFO, logger="recsys_embed.ingest"):
+    with caplog.at_level(logging.INFO, logger="recsys_embed.data.ingest"):
         load_events(_cfg(ms))
     lines = [r.getMessage() for r in caplog.records if "timestamp column" in r.getMessage()]
     assert lines == [f"'{ms}': timestamp column 'timestamp' read as epoch ms (auto: median magnitude 1.7e+12)"]

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recsys_embed.config import IngestConfig
+from recsys_embed.data.ingest import REASONS, load_events
 from recsys_embed.errors import DataWarning, IngestError
-from recsys_embed.ingest import REASONS, load_events
 
 T0 = 1_700_000_000
 HEADER = b"user_id,item_id,timestamp,event_type\n"

@@ -1,5 +1,5 @@
 """``recsys-embed init``: a newcomer's own log -> a commented config that loads, ingests and runs
-(``recsys_embed.sniff`` and the CLI subcommand)."""
+(``recsys_embed.data.sniff`` and the CLI subcommand)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import yaml
 
 from recsys_embed.cli import main
 from recsys_embed.config import load_config
+from recsys_embed.data.ingest import load_events
+from recsys_embed.data.sniff import default_name, propose, read_sample, render_yaml
 from recsys_embed.errors import IngestError
-from recsys_embed.ingest import load_events
-from recsys_embed.sniff import default_name, propose, read_sample, render_yaml
 from tests.conftest import REPO, RETAIL
 
 OTTO = REPO / "data" / "otto-sample" / "events.parquet"

@@ -14,10 +14,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys_embed import dbexport, stages
 from recsys_embed.config import PipelineConfig, load_config
 from recsys_embed.errors import ConfigError, OutputError
 from recsys_embed.io import inside, read_table
+from recsys_embed.pipeline import stages
+from recsys_embed.serving import dbexport
 
 USERS = [
     "'; DROP TABLE recsys_topk; --",
@@ -213,7 +214,7 @@ def test_inside_guards_library_path_joins(tmp_path: Path) -> None:
 
 def test_export_refuses_a_table_name_that_leaves_its_folder(tmp_path: Path) -> None:
     from recsys_embed.config import ExportConfig
-    from recsys_embed.export import export_topk
+    from recsys_embed.serving.export import export_topk
     from recsys_embed.types import Embeddings, IdMap
 
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Tests for recsys_embed.interactions: aggregation, time decay, k-core, ID maps, CSR, accounting."""
+"""Tests for recsys_embed.data.interactions: aggregation, time decay, k-core, ID maps, CSR, accounting."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys_embed.config import IngestConfig
-from recsys_embed.errors import ConfigError, IngestError
-from recsys_embed.interactions import (
+from recsys_embed.data.interactions import (
     _factorize_exact,
     aggregate_pairs,
     build_interactions,
@@ -23,6 +22,7 @@ from recsys_embed.interactions import (
     radix_order,
     save_id_maps,
 )
+from recsys_embed.errors import ConfigError, IngestError
 from recsys_embed.types import IdMap, RowReport
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -412,7 +412,7 @@ def test_summed_csr_matches_scipy_coo_to_csr() -> None:
     import numpy as np
     import scipy.sparse as sp
 
-    from recsys_embed.interactions import summed_csr
+    from recsys_embed.data.interactions import summed_csr
 
     rng = np.random.default_rng(3)
     rows, cols = rng.integers(0, 50, 5000), rng.integers(0, 40, 5000)

@@ -14,9 +14,9 @@ from threadpoolctl import threadpool_limits
 
 from recsys_embed.config import ALSConfig, BPRConfig
 from recsys_embed.errors import ConfigError
-from recsys_embed.evaluate import evaluate
-from recsys_embed.mf import WarmStartError, sample_val_targets, train_als, train_bpr, warm_start_factors
-from recsys_embed.popularity import train_popularity
+from recsys_embed.evaluation.metrics import evaluate
+from recsys_embed.models.mf import WarmStartError, sample_val_targets, train_als, train_bpr, warm_start_factors
+from recsys_embed.models.popularity import train_popularity
 from recsys_embed.types import Embeddings, IdMap, Interactions, RowReport
 
 N_USERS, N_CLUSTERS, PER_CLUSTER = 300, 5, 40
@@ -270,10 +270,10 @@ def grown_log(tmp_path_factory: pytest.TempPathFactory) -> tuple[Interactions, I
     ingest: the previous run trained on the first 60% of the time span, this run on the first 85% (ID maps extended
     as the pipeline does), and the last 15% is the test period."""
     from recsys_embed.bench.ingest_suite import ingest_config
-    from recsys_embed.generate import generate, preset
-    from recsys_embed.ingest import load_events
-    from recsys_embed.interactions import build_interactions
-    from recsys_embed.split import build_targets
+    from recsys_embed.data.generate import generate, preset
+    from recsys_embed.data.ingest import load_events
+    from recsys_embed.data.interactions import build_interactions
+    from recsys_embed.data.split import build_targets
 
     folder = tmp_path_factory.mktemp("log")
     generate(preset("tiny", n_events=200_000), folder)

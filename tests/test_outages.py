@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 
 from recsys_embed.config import MlflowSettings, PipelineConfig
-from recsys_embed.tracking import Tracker, TrackingError, check_reachable
+from recsys_embed.tracking.tracker import Tracker, TrackingError, check_reachable
 from tests.conftest import REPO
 from tests.mlflow_server import free_port, mlflow_server
 
@@ -87,8 +87,9 @@ def _tiny_log(path: Path) -> Path:
 def test_server_killed_mid_run_keeps_local_outputs_and_says_how_to_recover(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from recsys_embed import reporting, stages
     from recsys_embed.io import is_complete_table, read_table
+    from recsys_embed.pipeline import stages
+    from recsys_embed.tracking import reporting
 
     cfg = PipelineConfig.model_validate(
         {
@@ -115,7 +116,10 @@ def test_server_killed_mid_run_keeps_local_outputs_and_says_how_to_recover(
         # which made this failure take ~14 s in all); Tracker's own 4 tries with backoff still run
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         t0 = time.perf_counter()
-        with caplog.at_level(logging.WARNING, logger="recsys_embed.tracking"), pytest.raises(TrackingError) as e:
+        with (
+            caplog.at_level(logging.WARNING, logger="recsys_embed.tracking.tracker"),
+            pytest.raises(TrackingError) as e,
+        ):
             reporting.log_model_run(tracker, child, model, metrics, export, split)
         failed_after = time.perf_counter() - t0
         t1 = time.perf_counter()

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from recsys_embed import plots
+from recsys_embed.tracking import plots
 
 
 def _als_history() -> list[dict[str, Any]]:

@@ -7,9 +7,9 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from recsys_embed.evaluate import evaluate
-from recsys_embed.popularity import item_popularity, train_popularity
-from recsys_embed.topk import topk
+from recsys_embed.evaluation.metrics import evaluate
+from recsys_embed.evaluation.topk import topk
+from recsys_embed.models.popularity import item_popularity, train_popularity
 from recsys_embed.types import IdMap, Interactions, RowReport
 
 

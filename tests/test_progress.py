@@ -14,7 +14,7 @@ import pytest
 
 from recsys_embed import progress
 from recsys_embed.config import ExportConfig
-from recsys_embed.export import export_similar_items, export_topk, read_export
+from recsys_embed.serving.export import export_similar_items, export_topk, read_export
 from recsys_embed.types import Embeddings, IdMap
 
 

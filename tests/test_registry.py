@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys_embed.registry import decide
+from recsys_embed.serving.registry import decide
 from tests.conftest import REPO, RETAIL
 
 pytestmark = pytest.mark.slow
@@ -37,9 +37,9 @@ def test_champion_pyfunc_and_database(prefect_harness: None, tmp_path: Path, mlf
 
     from flows.embedding_pipeline import embedding_pipeline
     from recsys_embed.config import load_mlflow_settings
-    from recsys_embed.dbexport import read_db_table
     from recsys_embed.io import read_table
-    from recsys_embed.tracking import resolve_settings
+    from recsys_embed.serving.dbexport import read_db_table
+    from recsys_embed.tracking.tracker import resolve_settings
 
     src = tmp_path / "events.parquet"
     pl.read_parquet(RETAIL, n_rows=N_ROWS).write_parquet(src)

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from recsys_embed.config import MlflowSettings
-from recsys_embed.reporting import absolute_paths, model_description, summary_markdown, write_manifest
-from recsys_embed.tracking import ui_run_url
+from recsys_embed.tracking.reporting import absolute_paths, model_description, summary_markdown, write_manifest
+from recsys_embed.tracking.tracker import ui_run_url
 
 
 def _manifest(alias: str, ui_url: str | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from recsys_embed.config import MlflowSettings
-from recsys_embed.tracking import TrackingError, check_reachable, redact_text, redact_uri, split_credentials
+from recsys_embed.tracking.tracker import TrackingError, check_reachable, redact_text, redact_uri, split_credentials
 from tests.conftest import REPO, RETAIL
 from tests.mlflow_server import AuthProxy, MlflowServer, free_port, mlflow_server
 from tests.pg_server import _bin, postgres_server
@@ -88,7 +88,7 @@ def test_redaction_helpers() -> None:
 
 
 def test_credentials_leave_the_uri_but_reach_the_server(proxy: AuthProxy, clean_auth_env: None) -> None:
-    from recsys_embed.tracking import Tracker
+    from recsys_embed.tracking.tracker import Tracker
 
     uri = f"http://{USER}:{SECRET}@127.0.0.1:{proxy.port}"
     before = proxy.accepted
@@ -111,8 +111,8 @@ def test_credentials_leave_the_uri_but_reach_the_server(proxy: AuthProxy, clean_
 
 
 def test_error_messages_name_the_store_not_the_secret(tmp_path: Path, clean_auth_env: None) -> None:
-    from recsys_embed.dbexport import DatabaseExportError, write_frames
-    from recsys_embed.tracking import Tracker
+    from recsys_embed.serving.dbexport import DatabaseExportError, write_frames
+    from recsys_embed.tracking.tracker import Tracker
 
     dead = free_port()
     with pytest.raises(TrackingError) as e:

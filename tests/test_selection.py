@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsys_embed import stages
 from recsys_embed.config import load_config
-from recsys_embed.generate import generate, preset
-from recsys_embed.selection import paired_se, select
-from recsys_embed.split import evidence
+from recsys_embed.data.generate import generate, preset
+from recsys_embed.data.split import evidence
+from recsys_embed.evaluation.selection import paired_se, select
+from recsys_embed.pipeline import stages
 from recsys_embed.store import load_csr, save_csr
 from tests.conftest import REPO
 

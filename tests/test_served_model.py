@@ -13,9 +13,9 @@ import pytest
 import scipy.sparse as sp
 
 from recsys_embed.config import ExportConfig
-from recsys_embed.registry import ServedInputs, served_embeddings, write_served_bundle
-from recsys_embed.served_model import ServedRecommender, fold_in
-from recsys_embed.topk import topk
+from recsys_embed.evaluation.topk import topk
+from recsys_embed.serving.registry import ServedInputs, served_embeddings, write_served_bundle
+from recsys_embed.serving.served_model import ServedRecommender, fold_in
 from recsys_embed.types import Embeddings, IdMap
 
 N_USERS, N_ITEMS, D = 60, 40, 4
@@ -177,7 +177,7 @@ def test_served_embeddings_round_trip(tmp_path: Path) -> None:
 
 def test_served_model_imports_no_project_code() -> None:
     """The model file must load where recsys-embed is not installed: it imports only these."""
-    import recsys_embed.served_model as sm
+    import recsys_embed.serving.served_model as sm
 
     tree = ast.parse(Path(sm.__file__).read_text(encoding="utf-8"))
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

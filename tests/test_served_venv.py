@@ -74,7 +74,7 @@ def test_champion_loads_and_answers_in_a_fresh_venv(prefect_harness: None, tmp_p
     from flows.embedding_pipeline import embedding_pipeline
     from recsys_embed.config import load_mlflow_settings
     from recsys_embed.io import read_table
-    from recsys_embed.tracking import resolve_settings
+    from recsys_embed.tracking.tracker import resolve_settings
 
     src = tmp_path / "events.parquet"
     pl.read_parquet(RETAIL, n_rows=N_ROWS).write_parquet(src)

@@ -12,8 +12,8 @@ import pytest
 
 from recsys_embed.config import ExportConfig, load_config
 from recsys_embed.errors import ConfigError
-from recsys_embed.export import export_topk, read_export
-from recsys_embed.shards import ShardError, ShardPlan, commit_topk_shards, export_topk_shard, plan_topk_shards
+from recsys_embed.serving.export import export_topk, read_export
+from recsys_embed.serving.shards import ShardError, ShardPlan, commit_topk_shards, export_topk_shard, plan_topk_shards
 from recsys_embed.types import Embeddings, IdMap
 
 N_USERS, N_ITEMS = 50, 30

@@ -11,8 +11,7 @@ import pyarrow as pa
 import pytest
 
 from recsys_embed.config import SourceConfig
-from recsys_embed.errors import IngestError
-from recsys_embed.sources import (
+from recsys_embed.data.sources import (
     PRE_REASON_COL,
     RAW_LINE_COL,
     ROW_COL,
@@ -23,6 +22,7 @@ from recsys_embed.sources import (
     resolve_files,
     split_extension,
 )
+from recsys_embed.errors import IngestError
 
 CSV = b"user_id,item_id,timestamp\nu1,007,1700000000\nu2,i2,1700000100\n"
 

@@ -1,4 +1,4 @@
-"""Tests for recsys_embed.split: partitions, leakage guarantees, evaluation targets and row accounting."""
+"""Tests for recsys_embed.data.split: partitions, leakage guarantees, evaluation targets and row accounting."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys_embed.config import IngestConfig, SplitConfig
+from recsys_embed.data.interactions import build_interactions
+from recsys_embed.data.split import TARGET_BUCKETS, build_targets, split_events
 from recsys_embed.errors import ConfigError, IngestError
-from recsys_embed.interactions import build_interactions
-from recsys_embed.split import TARGET_BUCKETS, build_targets, split_events
 from recsys_embed.types import RowReport
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from recsys_embed import stages
 from recsys_embed.config import load_config
-from recsys_embed.generate import generate, preset
+from recsys_embed.data.generate import generate, preset
+from recsys_embed.pipeline import stages
 from recsys_embed.types import IdMap
 from tests.conftest import REPO
 

@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-import recsys_embed.topk as topk_module
-from recsys_embed.topk import TopK, iter_topk, topk
+import recsys_embed.evaluation.topk as topk_module
+from recsys_embed.evaluation.topk import TopK, iter_topk, topk
 from recsys_embed.types import Embeddings, IdMap
 
 

@@ -19,11 +19,11 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from recsys_embed import stages
 from recsys_embed.config import PipelineConfig, TuningConfig, load_config
-from recsys_embed.generate import generate, preset
+from recsys_embed.data.generate import generate, preset
+from recsys_embed.models.tuning import apply_tuning, format_table, run_study
+from recsys_embed.pipeline import stages
 from recsys_embed.store import save_csr
-from recsys_embed.tuning import apply_tuning, format_table, run_study
 from tests.conftest import REPO, RETAIL
 
 N_TRIALS = 6
@@ -247,7 +247,7 @@ def test_flow_tunes_reports_defaults_vs_tuned_and_skips_ease_above_budget(
 
     from flows.embedding_pipeline import embedding_pipeline
     from recsys_embed.config import load_mlflow_settings
-    from recsys_embed.tracking import resolve_settings
+    from recsys_embed.tracking.tracker import resolve_settings
 
     src = tmp_path / "events.parquet"
     pl.read_parquet(RETAIL, n_rows=30_000).write_parquet(src)
@@ -288,7 +288,7 @@ def test_flow_tunes_reports_defaults_vs_tuned_and_skips_ease_above_budget(
 
 def test_ease_half_life_is_searched_only_where_the_model_uses_it() -> None:
     from recsys_embed.config import EASEConfig
-    from recsys_embed.tuning import defaults_in_space, searched, space_of
+    from recsys_embed.models.tuning import defaults_in_space, searched, space_of
 
     space = space_of(TuningConfig(), "ease")
     plain = EASEConfig(enabled=True, regularization=200.0)  # the paper's binary matrix: no half-life to tune
@@ -298,7 +298,7 @@ def test_ease_half_life_is_searched_only_where_the_model_uses_it() -> None:
     assert defaults_in_space(plain, space) == {"regularization": 200.0}  # trial 0: exactly the configured model
     assert defaults_in_space(decayed, space) == {"regularization": 200.0, "half_life_days": 60.0}
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    from recsys_embed.tuning import suggest
+    from recsys_embed.models.tuning import suggest
 
     drawn = [suggest(study.ask(), space, plain) for _ in range(5)]
     assert all(set(d) == {"regularization"} for d in drawn)

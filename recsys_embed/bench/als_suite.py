@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from recsys_embed.bench.harness import BenchResult, Measurement, alternate, time_call
 from recsys_embed.bench.matrices import power_law_matrix
 from recsys_embed.config import ALSConfig
-from recsys_embed.mf import als_model, train_als, use_gpu_backend
+from recsys_embed.models.mf import als_model, train_als, use_gpu_backend
 from recsys_embed.types import IdMap, Interactions, RowReport
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Large-catalog top-k: faiss HNSW and IVF (``recsys_embed.ann``) against the exact scorer, with recall measured.
+"""Large-catalog top-k: faiss HNSW and IVF (``serving.ann``) against the exact scorer, with recall measured.
 
 - Candidates ("hnsw", "ivf"): ``iter_topk_ann`` over a sample of users, index built once outside the timing
   (its build time is reported beside it), default ``SearchConfig`` parameters.
@@ -67,8 +67,8 @@ def _recall(exact: np.ndarray, approx: np.ndarray) -> float:
 
 def run(size: str = "20m", repeats: int = 3) -> list[BenchResult]:
     """Time HNSW and IVF against exact top-k on a clustered catalog of preset ``size``."""
-    from recsys_embed.ann import build_index, iter_topk_ann
-    from recsys_embed.topk import iter_topk
+    from recsys_embed.evaluation.topk import iter_topk
+    from recsys_embed.serving.ann import build_index, iter_topk_ann
 
     if size not in SHAPES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SHAPES)}")

@@ -35,8 +35,8 @@ from recsys_embed.bench.harness import BenchResult, Measurement, alternate
 from recsys_embed.bench.ingest_suite import COLUMNS, EVENT_WEIGHTS, ensure_data, ingest_config
 from recsys_embed.bench.topk_suite import _cpu_timed
 from recsys_embed.config import ALSConfig, EvalConfig, ExportConfig, IngestConfig, ModelsConfig, SplitConfig
-from recsys_embed.generate import PRESETS
-from recsys_embed.mf import use_gpu_backend
+from recsys_embed.data.generate import PRESETS
+from recsys_embed.models.mf import use_gpu_backend
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class Setup:
 
 def candidate(s: Setup, work: Path) -> dict[str, Any]:
     """The pipeline's stages into ``work``; returns the top-k table's path and rows and each stage's seconds."""
-    from recsys_embed import stages
-    from recsys_embed.export import export_topk
+    from recsys_embed.pipeline import stages
+    from recsys_embed.serving.export import export_topk
     from recsys_embed.store import load_csr, load_embeddings
 
     seconds: dict[str, float] = {}

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from recsys_embed.bench.harness import BenchResult, Measurement, alternate
 from recsys_embed.bench.memory import peak_memory
 from recsys_embed.config import ColumnMap, IngestConfig, SourceConfig
-from recsys_embed.generate import PRESETS, generate, read_spec
+from recsys_embed.data.generate import PRESETS, generate, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def ingest_config(folder: Path) -> IngestConfig:
 
 def candidate(cfg: IngestConfig) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """The pipeline's ingest: (CSR users x items float32, user IDs, item IDs) with row ``u`` = ``user_ids[u]``."""
-    from recsys_embed.ingest import load_events
-    from recsys_embed.interactions import build_interactions
+    from recsys_embed.data.ingest import load_events
+    from recsys_embed.data.interactions import build_interactions
 
     ev = load_events(cfg)
     inter = build_interactions(ev.events, cfg, ev.report)

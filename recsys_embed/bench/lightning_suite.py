@@ -37,9 +37,9 @@ import torch
 from recsys_embed.bench.harness import BenchResult, Measurement
 from recsys_embed.bench.matrices import SHAPES, power_law_matrix
 from recsys_embed.config import TwoTowerConfig
-from recsys_embed.two_tower.data import HistoryConfig, Sequences, TwoTowerDataModule, build_sequences
-from recsys_embed.two_tower.module import TwoTowerModule, make_optimizer
-from recsys_embed.two_tower.train import item_tables, resolve_hardware, user_tables
+from recsys_embed.models.two_tower.data import HistoryConfig, Sequences, TwoTowerDataModule, build_sequences
+from recsys_embed.models.two_tower.module import TwoTowerModule, make_optimizer
+from recsys_embed.models.two_tower.train import item_tables, resolve_hardware, user_tables
 from recsys_embed.types import IdMap, Interactions, RowReport
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import psutil
 
 from recsys_embed.bench.e2e_suite import Setup
 from recsys_embed.bench.memory import PeakMemory, peak_memory
-from recsys_embed.generate import PRESETS
+from recsys_embed.data.generate import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,19 @@ AVAILABLE_SHARE = 0.8  # ... in this share of the memory available when the size
 
 
 def _ingest(s: Setup, work: Path) -> dict[str, Any]:
-    from recsys_embed import stages
+    from recsys_embed.pipeline import stages
 
     return stages.run_ingest(s.ingest, work / "cache")
 
 
 def _split(s: Setup, ingest: dict[str, Any], work: Path) -> dict[str, Any]:
-    from recsys_embed import stages
+    from recsys_embed.pipeline import stages
 
     return stages.run_split(ingest, s.ingest, s.split, work / "split")
 
 
 def _fit(s: Setup, split: dict[str, Any], work: Path) -> dict[str, Any]:
-    from recsys_embed import stages
+    from recsys_embed.pipeline import stages
 
     record = stages.run_train("als", split, s.models, s.eval, work / "models")
     record.pop("history", None)
@@ -63,7 +63,7 @@ def _fit(s: Setup, split: dict[str, Any], work: Path) -> dict[str, Any]:
 
 
 def _export(s: Setup, model: dict[str, Any], split: dict[str, Any], work: Path) -> dict[str, Any]:
-    from recsys_embed.export import export_topk
+    from recsys_embed.serving.export import export_topk
     from recsys_embed.store import load_csr, load_embeddings
 
     res = export_topk(load_embeddings(model["embeddings"]), load_csr(split["train"]), s.export, work / "exports", "b")

@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 from recsys_embed.bench.harness import BenchResult, Measurement, alternate
 from recsys_embed.bench.matrices import power_law_matrix
 from recsys_embed.config import ExportConfig
-from recsys_embed.topk import default_threads, iter_topk, topk
+from recsys_embed.evaluation.topk import default_threads, iter_topk, topk
 from recsys_embed.types import Embeddings, IdMap
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,984 @@
+"""The pipeline's stages as file-in/file-out functions that return small JSON-able records.
+
+Each stage reads its inputs from paths, writes its outputs atomically, and returns a record of paths
+and small numbers. ``flows/`` wraps each one in a Prefect task; the CLI and tests can call them
+directly. Heavy data never travels between stages in memory (a known Prefect memory trap).
+
+Layout under ``<output_root>/<name>/``::
+
+    cache/ingest-<key>/         events, quarantine, item texts, record.json
+    cache/split-<key>/          train matrix, ID maps, validation/test targets, record.json
+    cache/train-<m>-<key>/      one model's embeddings (Parquet) + meta + record.json (+ artifacts/: encoder)
+    cache/full-<key>/           every kept event for the production refit: matrix, extended maps, history filter
+    cache/refit-<m>-<key>/      one shipped model refit on every kept event (same layout as train-)
+    runs/<run>/split/           the run's split: hard links to cache/split-<key>/ (record.json: its own paths)
+    runs/<run>/models/<m>/      the run's model: hard links to cache/train-<m>-<key>/ (the two-tower encoder
+                                goes to runs/<run>/models/two_tower_encoder/)
+    runs/<run>/selection/       per-user validation metric of each model (selection, champion comparison)
+    runs/<run>/full/, refit/<m>/  hard links to cache/full-<key>/ and cache/refit-<m>-<key>/
+    runs/<run>/served/<m>/      the shipped model's served vectors (refit model + popularity fallback)
+    runs/<run>/exports/<m>/     topk/ and similar_items/ tables of the shipped models (recomputed by every run)
+    runs/<run>/summary.json     the run manifest, written last: a run folder without it did not finish
+    latest.json                 the last successful run (for ``recommend`` / ``similar``)
+
+Resume: every folder above is committed with ``io.staged_table`` (a hidden staging folder renamed into place
+with ``_SUCCESS``), so a killed run leaves only hidden leftovers (``sweep_leftovers`` removes them) and
+complete folders. The ``cache/`` folders are content-addressed: their key hashes everything that shapes
+their content (``ingest_cache_key``, ``split_cache_key``, ``train_cache_key``; the config slices carry the
+seeds), and a stage whose committed cache folder exists is read back instead of recomputed. So re-running a
+killed (or finished) run with the same log and config recomputes only what had not been committed. This
+check lives here, not in Prefect, so it holds for any caller. Cached files are shared by hard links:
+treat everything under ``cache/`` and ``runs/`` as read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys_embed.config import (
+    DatabaseExportConfig,
+    EvalConfig,
+    ExportConfig,
+    IngestConfig,
+    MlflowSettings,
+    ModelsConfig,
+    RegistryConfig,
+    SplitConfig,
+    TuningConfig,
+)
+from recsys_embed.faults import checkpoint
+from recsys_embed.io import (
+    SUCCESS_MARKER,
+    atomic_path,
+    is_complete_table,
+    staged_table,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from recsys_embed.models.factory import OnMetrics, train_model, warm_start_source
+from recsys_embed.store import load_csr, load_embeddings, save_csr, save_embeddings
+from recsys_embed.types import Candidate, Embeddings, IdMap, Interactions, RowReport
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+
+# Part of every split/train cache key: bump it when what a cached folder holds changes shape.
+CACHE_VERSION = 2
+ARTIFACTS = "artifacts"  # a cached model's extra files (the two-tower encoder), beside its embeddings
+
+
+def _hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _files_digest(paths: list[Path]) -> str:
+    """Content hash of files (folders: every file below them, by relative path) for cache keys."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            h.update(str(f.relative_to(root) if root.is_dir() else f.name).encode())
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _relocate(obj: Any, moves: list[tuple[str, str]]) -> Any:
+    """``obj`` (a JSON-able record) with every path under a ``moves`` source rewritten to its destination."""
+    if isinstance(obj, str):
+        for src, dst in moves:
+            if obj == src or obj.startswith(src + os.sep):
+                return dst + obj[len(src) :]
+        return obj
+    if isinstance(obj, dict):
+        return {k: _relocate(v, moves) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relocate(v, moves) for v in obj]
+    return obj
+
+
+def _load_record(folder: Path) -> Record:
+    """A committed cache folder's ``record.json``, its paths moved to where the folder is now."""
+    record: Record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+    return dict(_relocate(record, [(record["folder"], str(folder))]))
+
+
+def _link_copy(src: Path, dst: Path, moves: list[tuple[str, str]], skip: str | None = None) -> None:
+    """Commit ``dst`` as a copy of the committed folder ``src`` (without its subfolder ``skip``).
+
+    Files are hard links (no extra disk; fall back to a copy across file systems); a JSON file that holds a
+    path under a ``moves`` source is rewritten (a new file, so the cached one is untouched) to point at the copy.
+    """
+    with staged_table(dst) as stage:
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            rel = f.relative_to(src)
+            if rel == Path(SUCCESS_MARKER) or (skip is not None and rel.parts[0] == skip):
+                continue
+            out = stage / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if f.suffix == ".json":
+                obj = json.loads(f.read_text(encoding="utf-8"))
+                moved = _relocate(obj, moves)
+                if moved != obj:
+                    write_json_atomic(moved, out)
+                    continue
+            try:
+                os.link(f, out)
+            except OSError:
+                shutil.copy2(f, out)
+
+
+# Hidden names ``io`` gives what it has not committed yet: ``.<name>.staging-<8 hex>`` (a table being
+# written), ``.<name>.old-<8 hex>`` (the table it replaces), ``.<name>.tmp-<8 hex>`` (a file being written).
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>staging|old|tmp)-[0-9a-f]{8}$")
+
+
+def sweep_leftovers(root: Path) -> list[str]:
+    """Remove what killed writers left below ``root``: staging folders, temporary files, replaced tables.
+
+    Only call it while holding the output folder's run lock (``lock.run_lock``): then nothing is being written
+    there. A replaced table whose successor never landed (killed between ``staged_table``'s two renames) is
+    put back instead of removed. Returns the paths removed or restored; readers never saw any of them as a
+    committed table (hidden names, no ``_SUCCESS``).
+    """
+    root = Path(root)
+    done: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            m = _LEFTOVER.match(name)
+            if not m:
+                continue
+            path = Path(dirpath) / name
+            target = path.with_name(m["target"])
+            if m["kind"] == "old" and not target.exists():
+                os.replace(path, target)
+                done.append(f"{path} -> {target} (restored)")
+            elif path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(str(path))
+            else:
+                path.unlink(missing_ok=True)
+                done.append(str(path))
+            if name in dirnames:
+                dirnames.remove(name)  # gone or restored: do not walk into it
+    if done:
+        log.warning("removed %d leftover(s) of a killed run below %s: %s", len(done), root, "; ".join(done))
+    return done
+
+
+def ingest_cache_key(fingerprint: str, cfg: IngestConfig) -> str:
+    """Cache key of an ingest: the data fingerprint plus the ingest config (anything else changes nothing)."""
+    blob = json.dumps({"data": fingerprint, "ingest": cfg.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def input_fingerprint(cfg: IngestConfig) -> str:
+    from recsys_embed.data.sources import fingerprint, resolve_files
+
+    return fingerprint(resolve_files(cfg.source))
+
+
+def run_ingest(cfg: IngestConfig, cache_root: Path) -> Record:
+    """Read, validate, dedup and rule-filter the log; persist clean events + quarantine under the cache.
+
+    An unchanged log with an unchanged ingest config is read back from the cache instead of re-ingested.
+    """
+    from recsys_embed.data.ingest import load_events, write_quarantine
+
+    key = ingest_cache_key(input_fingerprint(cfg), cfg)
+    folder = Path(cache_root) / f"ingest-{key}"
+    if is_complete_table(folder):
+        record: Record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+        record["cached"] = True
+        log.info("ingest: log and config unchanged, reusing %s", folder)
+        return record
+    t0 = time.perf_counter()
+    ev = load_events(cfg)
+    with staged_table(folder) as stage:
+        write_parquet_atomic(ev.events, stage / "events.parquet")
+        write_quarantine(ev.quarantine, stage / "quarantine.parquet")
+        if ev.item_text is not None:
+            write_parquet_atomic(ev.item_text, stage / "item_text.parquet")
+        record = {
+            "key": key,
+            "folder": str(folder),
+            "events": str(folder / "events.parquet"),
+            "quarantine": str(folder / "quarantine.parquet"),
+            "item_text": str(folder / "item_text.parquet") if ev.item_text is not None else None,
+            "files": ev.files,
+            "fingerprint": ev.fingerprint,
+            "report": ev.report.to_dict(),
+            "quarantine_summary": _quarantine_summary(ev.quarantine),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_json_atomic(record, stage / "record.json")
+        checkpoint("ingest")  # everything written, nothing committed yet
+    record["cached"] = False
+    return record
+
+
+def _quarantine_summary(q: pl.DataFrame) -> list[dict[str, Any]]:
+    if q.height == 0 or "reason" not in q.columns:
+        return []
+    counts = q.group_by("reason").len().sort("len", descending=True)
+    return [{"reason": r, "rows": int(n)} for r, n in counts.iter_rows()]
+
+
+def split_cache_key(ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig) -> str:
+    """Cache key of a split: the ingest's key (log fingerprint + ingest config), the ingest config it is built
+    with (k-core, confidence, ID-map settings), the split config (``cfg.seed`` included), and the content of
+    ``ingest_cfg.id_maps_from`` when set. An incremental ingest's key names its run, so its split is never reused.
+    """
+    maps = None
+    if ingest_cfg.id_maps_from:
+        from recsys_embed.data.interactions import ITEM_MAP_FILE, USER_MAP_FILE
+
+        folder = Path(ingest_cfg.id_maps_from)
+        maps = _files_digest([folder / USER_MAP_FILE, folder / ITEM_MAP_FILE])
+    return _hash({"v": CACHE_VERSION, "stage": "split", "ingest": ingest["key"],
+                  "ingest_cfg": ingest_cfg.model_dump(mode="json"), "split": cfg.model_dump(mode="json"),
+                  "id_maps": maps})  # fmt: skip
+
+
+def run_split(
+    ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig, out_dir: Path, cache_root: Path | None = None
+) -> Record:
+    """Split clean events, build the train ``Interactions`` from the fit part only, and the targets.
+
+    Everything fitted (ID maps, k-core, confidence, time decay) sees only events before the cutoff. The split is
+    committed as the table folder ``out_dir``. With ``cache_root`` it is computed once into
+    ``<cache_root>/split-<split_cache_key>/`` and ``out_dir`` is a hard-linked copy; an unchanged ingest and split
+    config reuse the cached folder (``record["cached"]``).
+    """
+    out_dir = Path(out_dir)
+    if cache_root is None:
+        record = _split_into(out_dir, None, ingest, ingest_cfg, cfg)
+        record["cached"] = False
+        return record
+    key = split_cache_key(ingest, ingest_cfg, cfg)
+    folder = Path(cache_root) / f"split-{key}"
+    cached = is_complete_table(folder)
+    if cached:
+        log.info("split: events and split config unchanged, reusing %s", folder)
+        record = _load_record(folder)
+    else:
+        record = _split_into(folder, key, ingest, ingest_cfg, cfg)
+    return _run_copy(folder, out_dir, record, cached)
+
+
+def _run_copy(folder: Path, out_dir: Path, record: Record, cached: bool) -> Record:
+    """Commit the run's hard-linked copy ``out_dir`` of the cache folder ``folder``; ``record`` moved to it."""
+    moves = [(str(folder), str(out_dir))]
+    _link_copy(folder, out_dir, moves)
+    moved: Record = _relocate(record, moves)
+    moved["cached"] = cached
+    return moved
+
+
+def _split_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig) -> Record:
+    """Compute the split and commit it as the table folder ``folder``; its record (paths under ``folder``)."""
+    from recsys_embed.data.interactions import build_interactions, load_id_maps, save_id_maps
+    from recsys_embed.data.split import build_targets, evidence, split_events
+
+    events = pl.read_parquet(ingest["events"])
+    previous = load_id_maps(ingest_cfg.id_maps_from) if ingest_cfg.id_maps_from else None
+    rule: str = cfg.method
+    report = RowReport.from_dict(ingest["report"])
+    parts = split_events(events, cfg)
+    train = build_interactions(parts.fit, ingest_cfg, report, previous=previous)
+    targets = {label: build_targets(frame, train, report, label) if frame.height else None
+               for label, frame in (("val", parts.val), ("test", parts.test))}  # fmt: skip
+    short = [why for label, t in targets.items()
+             if (why := evidence(label, t.n_warm_users if t else 0, cfg.min_eval_users))]  # fmt: skip
+    if short and cfg.method == "auto":
+        log.warning("split: %s; auto falls back to a per-user split (last_n=%d)", "; ".join(short), cfg.last_n)
+        per_user = cfg.model_copy(update={"method": "last_n"})
+        report = RowReport.from_dict(ingest["report"])
+        parts = split_events(events, per_user)
+        train = build_interactions(parts.fit, ingest_cfg, report, previous=previous)
+        targets = {label: build_targets(frame, train, report, label) if frame.height else None
+                   for label, frame in (("val", parts.val), ("test", parts.test))}  # fmt: skip
+        rule = f"auto: last_n (temporal rejected: {'; '.join(short)})"
+        short = [why for label, t in targets.items()
+                 if (why := evidence(label, t.n_warm_users if t else 0, cfg.min_eval_users))]  # fmt: skip
+    elif cfg.method == "auto":
+        rule = f"auto: temporal (val and test windows each hold >= {cfg.min_eval_users:,} warm users)"
+    for why in short:
+        log.warning("split: %s; a choice made on it is noise: lower split.min_eval_users only knowingly, or use "
+                    "split.method=auto / last_n", why)  # fmt: skip
+    parts.info.update(rule=rule, evidence_warnings=short)
+    with staged_table(folder) as stage:
+        save_csr(train.matrix, stage / "train.npz")
+        checkpoint("split")  # mid-split: the train matrix is written, maps and targets are not
+        write_parquet_atomic(train.events, stage / "train_events.parquet")
+        save_id_maps(train.users, train.items, stage)
+        record: Record = {"split": parts.info, "n_users": train.shape[0], "n_items": train.shape[1]}
+        for label, tg in targets.items():
+            if tg is None:
+                record[f"{label}_targets"] = None
+                continue
+            save_csr(tg.matrix, stage / f"{label}_targets.npz")
+            write_parquet_atomic(tg.cold_users.to_frame("user_id"), stage / f"{label}_cold_users.parquet")
+            record[f"{label}_targets"] = str(folder / f"{label}_targets.npz")
+            record[f"{label}_counts"] = tg.counts
+            record[f"{label}_warm_users"] = tg.n_warm_users
+            record[f"{label}_cold_users"] = int(tg.cold_users.len())
+        report.details.update(users=train.shape[0], items=train.shape[1], nnz=int(train.matrix.nnz),
+                              density=train.density)  # fmt: skip
+        report.check()
+        record.update(
+            key=key,
+            folder=str(folder),
+            train=str(folder / "train.npz"),
+            train_events=str(folder / "train_events.parquet"),
+            item_text=ingest.get("item_text"),
+            user_map=str(folder / "user_map.parquet"),
+            item_map=str(folder / "item_map.parquet"),
+            report=report.to_dict(),
+        )
+        write_json_atomic(record, stage / "record.json")
+    return record
+
+
+def uses_events(name: str, models_cfg: ModelsConfig) -> bool:
+    """Whether model ``name`` reads the train event table (the two-tower's history, EASE's recency weights)."""
+    return name == "two_tower" or (name == "ease" and models_cfg.ease.half_life_days is not None)
+
+
+def load_train(split: Record, with_events: bool = False) -> Interactions:
+    """The train ``Interactions`` of a split record; the event table (user_idx, item_idx, ts, weight) is
+    read only when asked for (models that weigh history by recency need it)."""
+    matrix = load_csr(split["train"])
+    users = IdMap.load(split["user_map"])
+    items = IdMap.load(split["item_map"])
+    events = pl.read_parquet(split["train_events"]) if with_events else pl.DataFrame()
+    return Interactions(matrix, users, items, RowReport.from_dict(split["report"]), events)
+
+
+def train_cache_key(
+    name: str, split: Record, models_cfg: ModelsConfig, eval_cfg: EvalConfig, warm_start: Path | None = None
+) -> str:
+    """Cache key of one model's training: the split's key, the model's config slice (its ``seed`` included),
+    what the trainer reads of the eval config (``ks``, ``primary_metric``: best-iteration selection), and the
+    content of the warm-start source when there is one."""
+    return _hash({"v": CACHE_VERSION, "stage": "train", "model": name, "split": split["key"],
+                  "config": getattr(models_cfg, name).model_dump(mode="json"),
+                  "eval": {"ks": eval_cfg.ks, "primary_metric": eval_cfg.primary_metric},
+                  "warm_start": _files_digest([warm_start]) if warm_start is not None else None})  # fmt: skip
+
+
+def run_train(
+    name: str,
+    split: Record,
+    models_cfg: ModelsConfig,
+    eval_cfg: EvalConfig,
+    out_dir: Path,
+    on_metrics: OnMetrics | None = None,
+    lightning_logger: Any | None = None,
+    warm_start_from: str | None = None,
+    cache_root: Path | None = None,
+    cache_prefix: str = "train",
+) -> Record:
+    """Train one model on the split's train matrix; validation targets drive best-iteration selection.
+
+    The embeddings are committed as the table folder ``out_dir/<name>`` (the two-tower encoder as
+    ``out_dir/two_tower_encoder``). With ``cache_root`` (and a cached split, whose record has a ``key``) the model
+    is trained once into ``<cache_root>/train-<name>-<train_cache_key>/`` and ``out_dir/<name>`` is a hard-linked
+    copy; an unchanged split and config slice reuse it (``record["cached"]``), replaying the training history
+    into ``on_metrics``.
+
+    ``lightning_logger`` (e.g. ``tracking.lightning_logger``) is handed to Lightning-trained models only; pass a
+    zero-argument function to create it only when the model is actually trained.
+    ``warm_start_from``: an earlier run's models folder (its ``out_dir``) to warm-start from (``models.train_model``).
+    """
+    target = Path(out_dir) / name
+    encoder_dir = Path(out_dir) / f"{name}_encoder"
+    if cache_root is None or not split.get("key"):
+        record = _train_into(target, None, name, split, models_cfg, eval_cfg, on_metrics, lightning_logger,
+                             warm_start_from, encoder_dir)  # fmt: skip
+        record["cached"] = False
+        return record
+    source = warm_start_source(name, warm_start_from) if models_cfg.warm_start else None
+    key = train_cache_key(name, split, models_cfg, eval_cfg, source)
+    folder = Path(cache_root) / f"{cache_prefix}-{name}-{key}"  # "refit": the production refits
+    cached = is_complete_table(folder)
+    if cached:
+        log.info("train %s: split and config unchanged, reusing %s", name, folder)
+        record = _load_record(folder)
+        if on_metrics is not None:
+            _replay_history(record.get("history", []), on_metrics)
+    else:
+        record = _train_into(folder, key, name, split, models_cfg, eval_cfg, on_metrics, lightning_logger,
+                             warm_start_from, None)  # fmt: skip
+    moves = [(str(folder / ARTIFACTS), str(encoder_dir)), (str(folder), str(target))]
+    if (folder / ARTIFACTS).is_dir():
+        _link_copy(folder / ARTIFACTS, encoder_dir, moves)
+    _link_copy(folder, target, moves, skip=ARTIFACTS)
+    record = _relocate(record, moves)
+    record["cached"] = cached
+    if not cached and record["info"].get("stopped_by_clock"):
+        # a wall-clock cap shortened this fit: what it holds depends on machine load, not on the key's inputs,
+        # so it must not answer for them next time (the run keeps its own hard-linked copy)
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("train %s: max_minutes ended the fit after %s epochs; the model is used by this run but not "
+                    "cached (raise models.%s.max_minutes for a reproducible fit)", name,
+                    record["info"].get("epochs_run"), name)  # fmt: skip
+    return record
+
+
+def _train_into(
+    folder: Path,
+    key: str | None,
+    name: str,
+    split: Record,
+    models_cfg: ModelsConfig,
+    eval_cfg: EvalConfig,
+    on_metrics: OnMetrics | None,
+    lightning_logger: Any | None,
+    warm_start_from: str | None,
+    encoder_dir: Path | None,
+) -> Record:
+    """Train and commit the embeddings as the table folder ``folder``; the two-tower encoder goes to
+    ``encoder_dir`` (None: ``folder/artifacts``, committed with it). Returns the record (paths under ``folder``)."""
+    needs_history = name == "two_tower"
+    train = load_train(split, with_events=uses_events(name, models_cfg))
+    val = load_csr(split["val_targets"]) if split.get("val_targets") else None
+    item_text = pl.read_parquet(split["item_text"]) if needs_history and split.get("item_text") else None
+    with staged_table(folder) as stage:
+        if needs_history and models_cfg.two_tower.artifact_dir is None:
+            # keep the encoder (weights + feature tables) with the embeddings, not in a temp folder
+            artifacts = str(encoder_dir if encoder_dir is not None else stage / ARTIFACTS)
+            tt = models_cfg.two_tower.model_copy(update={"artifact_dir": artifacts})
+            models_cfg = models_cfg.model_copy(update={"two_tower": tt})
+        logger = lightning_logger() if needs_history and callable(lightning_logger) else lightning_logger
+        t0 = time.perf_counter()
+        emb = train_model(name, train, models_cfg, eval_cfg, val, on_metrics, item_text, logger, warm_start_from)
+        seconds = time.perf_counter() - t0
+        checkpoint(f"train:{name}")  # fitted, nothing saved yet
+        emb.info.update(_relocate(emb.info, [(str(stage), str(folder))]))  # files in the stage are read at folder
+        save_embeddings(emb, stage)
+        record: Record = {
+            "model": name,
+            "key": key,
+            "folder": str(folder),
+            "embeddings": str(folder),
+            "train_seconds": round(seconds, 3),
+            "info": {k: v for k, v in emb.info.items() if k != "history"},
+            "history": emb.info.get("history", []),
+        }
+        write_json_atomic(record, stage / "record.json")
+    return record
+
+
+def run_tune(
+    split: Record,
+    models_cfg: ModelsConfig,
+    eval_cfg: EvalConfig,
+    cfg: TuningConfig,
+    cache_root: Path,
+    storage_file: Path,
+) -> Record:
+    """Search the hyperparameters of every model ``tuning`` covers, on the split's validation window only.
+
+    Reads the train matrix (once, shared by every trial) and the validation targets; never the test targets.
+    The studies live in the Optuna SQLite storage ``storage_file`` (a killed search resumes there). The result is
+    committed as ``<cache_root>/tune-<key>/`` (record, each model's ``trials.csv`` and plots), the key hashing the
+    split's key, the models' and eval config and the tuning config, so an unchanged log and config reuse it.
+
+    Returns:
+        ``tuning.tune_models``'s record (``models``: best params, values, counts, trials table and plots per
+        model) with ``seconds`` (the whole stage, data loading included), ``key``, ``folder``, ``cached`` and
+        ``skipped`` (model -> why it was not searched).
+    """
+    from recsys_embed.models.factory import runnable_models
+    from recsys_embed.models.tuning import TuneData, tune_models, tuned_models
+
+    t0 = time.perf_counter()
+    runnable = runnable_models(models_cfg, split["n_users"], split["n_items"], warn=False)  # the flow warns
+    names = tuned_models(models_cfg, cfg, runnable)
+    skipped: dict[str, str] = {}
+    if models_cfg.ease.enabled and "ease" not in runnable:
+        from recsys_embed.models.ease import fits
+
+        skipped["ease"] = fits(split["n_users"], split["n_items"], models_cfg.ease) or "not runnable"
+    if not split.get("val_targets"):
+        skipped.update(dict.fromkeys(names, "no validation window (split.val_quantile is null)"))
+        log.warning("tuning: the split has no validation window; no model is searched (set split.val_quantile)")
+        names = []
+    key = _hash({"v": CACHE_VERSION, "stage": "tune", "split": split.get("key"), "models": names,
+                 "models_cfg": models_cfg.model_dump(mode="json"), "tuning": cfg.model_dump(mode="json"),
+                 "eval": {"ks": eval_cfg.ks, "primary_metric": eval_cfg.primary_metric}})  # fmt: skip
+    folder = Path(cache_root) / f"tune-{key}"
+    if is_complete_table(folder):
+        log.info("tuning: split and config unchanged, reusing %s", folder)
+        record = _load_record(folder)
+        record["cached"] = True
+        return record
+    with staged_table(folder) as stage:
+        if names:
+            train = load_train(split, with_events=any(uses_events(n, models_cfg) for n in names))
+            item_text = pl.read_parquet(split["item_text"]) if "two_tower" in names and split.get("item_text") else None
+            data = TuneData(train, load_csr(split["val_targets"]), item_text)
+            record = tune_models(data, names, models_cfg, eval_cfg, cfg, Path(storage_file), stage, split.get("key"))
+        else:
+            record = {"metric": cfg.metric or eval_cfg.primary_metric, "storage": None, "seconds": 0.0, "models": {}}
+        record = _relocate(record, [(str(stage), str(folder))])
+        record.update(key=key, folder=str(folder), skipped=skipped, seconds=round(time.perf_counter() - t0, 3))
+        write_json_atomic(record, stage / "record.json")
+    record["cached"] = False
+    return record
+
+
+def _replay_history(history: list[dict[str, Any]], on_metrics: OnMetrics) -> None:
+    """Send a reused model's training curves to ``on_metrics`` (one call per iteration/epoch)."""
+    for i, row in enumerate(history, 1):
+        step = int(row.get("iteration", row.get("epoch", i)))
+        metrics = {k: float(v) for k, v in row.items() if k not in ("iteration", "epoch", "seconds")
+                   and isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
+        if metrics:
+            on_metrics(metrics, step)
+
+
+def score_defaults(
+    name: str,
+    split: Record,
+    defaults_cfg: ModelsConfig,
+    final_cfg: ModelsConfig,
+    eval_cfg: EvalConfig,
+    tuned_metrics: dict[str, float],
+    out_dir: Path,
+    cache_root: Path | None,
+) -> dict[str, dict[str, float]]:
+    """Test metrics of model ``name`` with its configured (default) hyperparameters beside the tuned model's.
+
+    The defaults model is trained like any model (``run_train``, into ``out_dir/<name>``, cached by content
+    key, so a run without tuning and this one share it) and scored once on test. When the search kept the
+    defaults, the tuned model is that model and nothing is trained.
+
+    Returns:
+        ``{"defaults": test metrics, "tuned": tuned_metrics}``.
+    """
+    if getattr(defaults_cfg, name) == getattr(final_cfg, name):
+        return {"defaults": dict(tuned_metrics), "tuned": dict(tuned_metrics)}
+    model = run_train(name, split, defaults_cfg, eval_cfg, out_dir, cache_root=cache_root)
+    return {"defaults": run_evaluate(model, split, eval_cfg), "tuned": dict(tuned_metrics)}
+
+
+def run_evaluate(model: Record, split: Record, cfg: EvalConfig) -> dict[str, float]:
+    """Test metrics of one model (warm users; train-seen items excluded). Reported, never used to choose."""
+    from recsys_embed.evaluation.metrics import evaluate
+
+    emb = load_embeddings(model["embeddings"])
+    seen = load_csr(split["train"])
+    targets = load_csr(split["test_targets"])
+    popularity = np.asarray((seen > 0).sum(axis=0)).ravel()
+    metrics = evaluate(emb, seen, targets, cfg.ks, popularity, cfg.batch_users)
+    checkpoint(f"evaluate:{model['model']}")  # computed, not yet returned (nothing of it is persisted)
+    return metrics
+
+
+def run_validate(model: Record, split: Record, cfg: EvalConfig, out_dir: Path) -> Record:
+    """Validation metrics of one model (the evaluation fit on the validation window: what selection reads).
+
+    Returns ``{"model", "metrics", "per_user"}``: ``per_user`` is a ``.npy`` file under ``out_dir`` with the
+    primary metric of every validation user (ascending user index), for standard errors and paired comparisons;
+    None (and empty metrics) without a validation window.
+    """
+    from recsys_embed.evaluation.metrics import evaluate_users
+
+    name = model["model"]
+    if not split.get("val_targets"):
+        return {"model": name, "metrics": {}, "per_user": None}
+    emb = load_embeddings(model["embeddings"])
+    seen = load_csr(split["train"])
+    popularity = np.asarray((seen > 0).sum(axis=0)).ravel()
+    metrics, per_user = evaluate_users(emb, seen, load_csr(split["val_targets"]), cfg.ks, popularity,
+                                       cfg.batch_users, per_user=[cfg.primary_metric])  # fmt: skip
+    path = Path(out_dir) / f"{name}.val.{cfg.primary_metric}.npy"
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, per_user[cfg.primary_metric])
+    return {"model": name, "metrics": metrics, "per_user": str(path)}
+
+
+def select_best(validations: dict[str, Record], cfg: EvalConfig) -> Record:
+    """``selection.select`` over the ``run_validate`` records: the pick, on the validation window only."""
+    from recsys_embed.evaluation.selection import select
+
+    per_user = {m: np.load(v["per_user"]) for m, v in validations.items() if v.get("per_user")}
+    picked = select({m: v["metrics"] for m, v in validations.items()}, per_user, cfg.primary_metric, cfg.tie_se)
+    log.info("selection: %s", picked.reason)
+    return picked.to_dict()
+
+
+def full_cache_key(ingest: Record, ingest_cfg: IngestConfig, split: Record) -> str:
+    """Cache key of the all-events interactions: the ingest (log + ingest config), the config it is built with,
+    and the evaluation split's ID maps it extends."""
+    maps = _files_digest([Path(split["user_map"]), Path(split["item_map"])])
+    return _hash({"v": CACHE_VERSION, "stage": "full", "ingest": ingest["key"],
+                  "ingest_cfg": ingest_cfg.model_dump(mode="json"), "maps": maps})  # fmt: skip
+
+
+def run_full(ingest: Record, ingest_cfg: IngestConfig, split: Record, cache_root: Path | None, out_dir: Path) -> Record:
+    """The production refit's data: every kept event (fit + validation + test windows) as ``Interactions``.
+
+    The ID maps extend the evaluation split's (existing indices never move) and cover every user and item with a
+    positive pair; ``history.npz`` is the seen filter over every user with any kept event (cancellations
+    included) and ``served_user_map.parquet`` those users (``coverage``). The record has the same keys as a split
+    record (``train``, ``user_map``, ``item_map``, ``train_events``, ``item_text``, ``val_targets``=None), so
+    ``run_train`` fits on it unchanged, plus ``history``, ``served_user_map``, ``window`` (first and last event
+    time) and ``rows`` (kept events fitted on). Cached under ``<cache_root>/full-<key>/``; the run gets a
+    hard-linked copy at ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if cache_root is None:
+        record = _full_into(out_dir, None, ingest, ingest_cfg, split)
+        record["cached"] = False
+        return record
+    key = full_cache_key(ingest, ingest_cfg, split)
+    folder = Path(cache_root) / f"full-{key}"
+    cached = is_complete_table(folder)
+    record = _load_record(folder) if cached else _full_into(folder, key, ingest, ingest_cfg, split)
+    if cached:
+        log.info("refit data: log and maps unchanged, reusing %s", folder)
+    return _run_copy(folder, out_dir, record, cached)
+
+
+def _full_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: IngestConfig, split: Record) -> Record:
+    from recsys_embed.data.interactions import build_interactions, normalize_ts, save_id_maps
+    from recsys_embed.serving.coverage import history_matrix, served_users
+
+    events = pl.read_parquet(ingest["events"])
+    report = RowReport.from_dict(ingest["report"])
+    maps = (IdMap.load(split["user_map"]), IdMap.load(split["item_map"]))
+    full = build_interactions(events, ingest_cfg, report, previous=maps)
+    users = served_users(events, full.users)
+    history = history_matrix(events, users, full.items)
+    ts = normalize_ts(events["ts"]) if "ts" in events.columns else None
+    window = {"first": str(ts.min()), "last": str(ts.max())} if ts is not None and ts.null_count() < ts.len() else None
+    with staged_table(folder) as stage:
+        save_csr(full.matrix, stage / "train.npz")
+        checkpoint("full")  # mid-write: the refit matrix is written, the history and maps are not
+        save_csr(history, stage / "history.npz")
+        write_parquet_atomic(full.events, stage / "train_events.parquet")
+        save_id_maps(full.users, full.items, stage)
+        users.save(stage / "served_user_map.parquet")
+        record: Record = {
+            "key": key,
+            "folder": str(folder),
+            "train": str(folder / "train.npz"),
+            "history": str(folder / "history.npz"),
+            "train_events": str(folder / "train_events.parquet"),
+            "item_text": ingest.get("item_text"),
+            "user_map": str(folder / "user_map.parquet"),
+            "item_map": str(folder / "item_map.parquet"),
+            "served_user_map": str(folder / "served_user_map.parquet"),
+            "val_targets": None,
+            "test_targets": None,
+            "window": window,
+            "rows": events.height,
+            "n_users": full.shape[0],
+            "n_items": full.shape[1],
+            "n_served_users": len(users),
+            "report": report.to_dict(),
+        }
+        write_json_atomic(record, stage / "record.json")
+    log.info("refit data: %s kept events (%s .. %s), %s x %s, %s users with history",
+             f"{events.height:,}", window and window["first"], window and window["last"], f"{full.shape[0]:,}",
+             f"{full.shape[1]:,}", f"{len(users):,}")  # fmt: skip
+    return record
+
+
+def refit_models_config(name: str, models_cfg: ModelsConfig, info: dict[str, Any]) -> ModelsConfig:
+    """``models_cfg`` with model ``name``'s iteration or epoch count fixed to what selection chose on validation
+    (``info`` of its evaluation fit: ``returned_iteration`` for ALS/BPR, ``best_epoch`` for the two-tower).
+    Everything else (hyperparameters, seed) is the same recipe."""
+    if name in ("als", "bpr"):
+        n = info.get("returned_iteration") or getattr(models_cfg, name).iterations
+        slice_ = getattr(models_cfg, name).model_copy(update={"iterations": int(n)})
+    elif name == "two_tower":
+        n = info.get("best_epoch") or info.get("epochs_run") or models_cfg.two_tower.max_epochs
+        slice_ = models_cfg.two_tower.model_copy(update={"max_epochs": int(n)})
+    else:
+        return models_cfg
+    return models_cfg.model_copy(update={name: slice_, "warm_start": False})
+
+
+def run_serve(
+    name: str, refit: Record, popularity: Record, full: Record, out_dir: Path
+) -> Record:
+    """The shipped model's served embeddings (``coverage.served_embeddings``: the refit model for the users it
+    serves, the refit popularity ranking for every other user with history), committed at ``out_dir/<name>``.
+
+    Returns a model record for ``run_export`` (``embeddings``: the served vectors; ``similar_embeddings``: the
+    refit model's own item vectors, which similar items use) with ``fallback_users`` / ``model_users``.
+    """
+    from recsys_embed.models.popularity import item_popularity
+    from recsys_embed.serving.coverage import served_embeddings
+
+    model = load_embeddings(refit["embeddings"])
+    matrix = load_csr(full["train"])
+    pop = item_popularity(matrix).astype(np.float32)
+    if popularity.get("embeddings"):  # the refit popularity model's own counts (the same numbers, one source)
+        pop = load_embeddings(popularity["embeddings"]).item_vectors[:, 0]
+    users = IdMap.load(full["served_user_map"])
+    served = served_embeddings(model, pop, users, matrix)
+    target = Path(out_dir) / name
+    with staged_table(target) as stage:
+        save_embeddings(served, stage)
+    return {
+        "model": name,
+        "embeddings": str(target),
+        "similar_embeddings": refit["embeddings"],
+        "fallback_users": int(served.info["fallback_users"]),
+        "model_users": int(served.info["model_users"]),
+    }
+
+
+def run_export(model: Record, split: Record, cfg: ExportConfig, out_dir: Path, run_id: str) -> Record:
+    """Top-k for every user of the model's embeddings and similar items, as committed Parquet tables.
+
+    ``split["train"]`` is the seen filter (the production path passes ``{"train": full["history"]}``); a model
+    record's ``similar_embeddings`` (the refit model behind served vectors) feeds the similar items.
+    """
+    from recsys_embed.serving.export import export_topk
+
+    emb = load_embeddings(model["embeddings"])
+    seen = load_csr(split["train"])
+    folder = Path(out_dir) / model["model"]
+    topk = export_topk(emb, seen, cfg, folder, run_id)
+    record: Record = {"model": model["model"], "topk": topk.path, "topk_rows": topk.rows, "topk_users": topk.users}
+    record.update(search_quality(emb, seen, cfg))
+    checkpoint(f"export:{model['model']}")  # mid-export: top-k committed, similar items not written yet
+    record.update(run_export_similar(model, cfg, out_dir, run_id))
+    return record
+
+
+# The same export, sharded (``recsys_embed.serving.shards``): plan once, one call per shard (anywhere that sees these
+# paths), commit once, similar items beside them. Together they return what ``run_export`` returns.
+
+
+def run_export_plan(model: Record, cfg: ExportConfig, out_dir: Path, n_shards: int) -> Record:
+    """Plan the sharded top-k table ``out_dir/<model>/topk`` in at most ``n_shards`` shards; the plan record."""
+    from recsys_embed.serving.shards import plan_topk_shards
+
+    n_users = len(load_embeddings(model["embeddings"]).users)
+    return plan_topk_shards(n_users, cfg.chunk_users, n_shards, Path(out_dir) / model["model"] / "topk").to_dict()
+
+
+def run_export_shard(model: Record, split: Record, cfg: ExportConfig, plan: Record, index: int, run_id: str) -> Record:
+    """Write shard ``index`` of ``plan`` (``shards.export_topk_shard``); its result (rows, users, parts)."""
+    from dataclasses import asdict
+
+    from recsys_embed.serving.shards import ShardPlan, export_topk_shard
+
+    emb = load_embeddings(model["embeddings"])
+    seen = load_csr(split["train"])
+    return asdict(export_topk_shard(emb, seen, cfg, ShardPlan.from_dict(plan), index, run_id))
+
+
+def run_export_commit(model: Record, split: Record, cfg: ExportConfig, plan: Record) -> Record:
+    """Check every shard of ``plan`` and commit the top-k table; the ``topk`` part of ``run_export``'s record."""
+    from recsys_embed.serving.shards import ShardPlan, commit_topk_shards
+
+    res = commit_topk_shards(ShardPlan.from_dict(plan), cfg)
+    record: Record = {"model": model["model"], "topk": res.path, "topk_rows": res.rows, "topk_users": res.users,
+                      "topk_shards": len(plan["shards"])}  # fmt: skip
+    if cfg.search.kind != "exact":
+        record.update(search_quality(load_embeddings(model["embeddings"]), load_csr(split["train"]), cfg))
+    return record
+
+
+def search_quality(emb: Embeddings, seen: Any, cfg: ExportConfig) -> Record:
+    """For an approximate search (``export.search.kind`` hnsw / ivf): its recall@k against exact search on a
+    seeded user sample, as ``{"search": kind, "ann_recall_at_k": r}``; empty for exact search."""
+    if cfg.search.kind == "exact":
+        return {}
+    from recsys_embed.serving.ann import recall_against_exact
+
+    recall = recall_against_exact(emb, cfg.k, cfg.search, seen, cfg.search.recall_sample_users)
+    log.info("export: %s search recall@%d against exact = %.4f (%s)", cfg.search.kind, cfg.k, recall, emb.model)
+    return {"search": cfg.search.kind, "ann_recall_at_k": round(recall, 6)}
+
+
+def run_export_similar(model: Record, cfg: ExportConfig, out_dir: Path, run_id: str) -> Record:
+    """The similar-items table of ``run_export`` alone (empty record for popularity, which has none)."""
+    from recsys_embed.serving.export import export_similar_items
+
+    emb = load_embeddings(model.get("similar_embeddings") or model["embeddings"])
+    if emb.dim <= 1:  # popularity has no meaningful item-item similarity
+        return {}
+    sim = export_similar_items(emb, cfg, Path(out_dir) / model["model"], run_id)
+    return {"similar_items": sim.path, "similar_rows": sim.rows}
+
+
+def run_db_export(
+    export: Record, cfg: DatabaseExportConfig, root: Path, run_id: str, model_version: str | None
+) -> Record:
+    """Copy one model's committed top-k (and similar-items) tables into the configured database.
+
+    The URI comes from ``$<cfg.uri_env>``, else ``cfg.uri``, else SQLite ``<root>/recommendations.db``. The
+    returned record holds the URI redacted, never the secret.
+    """
+    from recsys_embed.errors import ConfigError
+    from recsys_embed.serving.dbexport import export_table, redact, resolve_uri
+
+    uri = cfg.uri
+    if cfg.uri_env:
+        uri = os.environ.get(cfg.uri_env) or None
+        if uri is None:
+            raise ConfigError(
+                f"export.database.uri_env names ${cfg.uri_env}, which is unset or empty; export it "
+                "(e.g. postgresql://user:password@host:5432/db) or set export.database.uri"
+            )
+    uri = resolve_uri(uri or f"sqlite:///{(Path(root) / 'recommendations.db').resolve().as_posix()}")
+    record: Record = {"uri": redact(uri), "model": export["model"], "model_version": model_version, "tables": {}}
+    res = export_table(export["topk"], uri, cfg.topk_table, model_version, cfg.batch_rows, ("user_id", "rank"))
+    record["tables"][cfg.topk_table] = res.rows
+    checkpoint("db-export")  # the top-k table is swapped in, the similar-items table not yet
+    if export.get("similar_items"):
+        res = export_table(export["similar_items"], uri, cfg.similar_table, model_version, cfg.batch_rows,
+                           ("item_id", "rank"))  # fmt: skip
+        record["tables"][cfg.similar_table] = res.rows
+    record["run_id"] = run_id
+    return record
+
+
+def recipe(name: str, models_cfg: ModelsConfig) -> tuple[str, str]:
+    """(hash, JSON) of model ``name``'s recipe: its family and config slice (hyperparameters, seed, budget)."""
+    config = json.dumps(getattr(models_cfg, name).model_dump(mode="json"), sort_keys=True)
+    return _hash({"model": name, "config": config}), config
+
+
+def run_key(fingerprint: str, config: dict[str, Any]) -> str:
+    """Hash of the data fingerprint and the whole config: an identical re-run has the same key."""
+    return _hash({"data": fingerprint, "config": config})
+
+
+def run_register(
+    settings: MlflowSettings,
+    candidate: Candidate,
+    export_cfg: ExportConfig,
+    cfg: RegistryConfig,
+    eval_cfg: EvalConfig,
+    name: str,
+    split: Record | None = None,
+    validations: dict[str, Record] | None = None,
+    models_cfg: ModelsConfig | None = None,
+    work_dir: Path | None = None,
+    cache_root: Path | None = None,
+) -> Record:
+    """Register the shipped best model under ``name`` (``registry.register_best``); the decision record.
+
+    The champion's recipe is judged on this run's validation window, fitted on this run's fit window: taken from
+    this run's own evaluation when one of its models has the same recipe (``validations``), otherwise re-fitted
+    from the champion version's ``recipe_config`` tag (cached like any training). The champion model itself is
+    never scored on this run's windows, which it may have been trained on.
+
+    Not cached: a re-run after a kill registers again unless its data and config are identical (no churn).
+    """
+    from recsys_embed.serving.registry import ChampionScore, register_best
+
+    def judge(tags: dict[str, str]) -> ChampionScore | None:
+        if split is None or models_cfg is None or not tags.get("recipe"):
+            return None
+        for m, v in (validations or {}).items():
+            if v.get("per_user") and recipe(m, models_cfg)[0] == tags["recipe"]:
+                return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(v["per_user"]),
+                                     f"its recipe is this run's {m}: fitted on this run's fit window, scored on its "
+                                     "validation window")  # fmt: skip
+        champ_model = tags.get("model", "")
+        try:
+            slice_cfg = type(getattr(models_cfg, champ_model)).model_validate_json(tags["recipe_config"])
+            champ_cfg = models_cfg.model_copy(update={champ_model: slice_cfg, "warm_start": False})
+            folder = Path(work_dir or ".") / "champion_recipe"
+            trained = run_train(champ_model, split, champ_cfg, eval_cfg, folder, cache_root=cache_root)
+            v = run_validate(trained, split, eval_cfg, folder)
+        except Exception as e:  # an unreproducible recipe must not block registering the new version
+            log.warning("registry: the champion's recipe (%s) could not be re-fitted on this run's fit window (%s); "
+                        "comparing stored validation metrics", champ_model, str(e).splitlines()[0])  # fmt: skip
+            return None
+        if not v.get("per_user"):
+            return None
+        return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(v["per_user"]),
+                             "its recipe re-fitted on this run's fit window, scored on its validation window")
+
+    decision = register_best(settings, candidate, export_cfg, cfg, eval_cfg.primary_metric, judge, name)
+    checkpoint("register")  # the version is registered, the run has not finished
+    return decision
+
+
+def shipped_models(wanted: list[str], best: str | None, trained: list[str]) -> list[str]:
+    """The models whose tables are shipped (``export.models``: "best", "all" or model names), in order, each once."""
+    out: list[str] = []
+    for w in wanted:
+        names = trained if w == "all" else [best] if w == "best" else [w]
+        for n in names:
+            if n is None:
+                log.warning("export.models names 'best', but nothing was selected (no validation window); "
+                            "enable split.val_quantile or name the model to ship")  # fmt: skip
+            elif n not in trained:
+                log.warning("export.models names %r, which this run did not train (enabled: %s); skipped", n, trained)
+            elif n not in out:
+                out.append(n)
+    return out
+
+
+CURRENT = "current"  # <root>/current -> runs/<run>/exports/<champion model>: the tables downstream readers load
+CHAMPION_FILE = "champion.json"
+
+
+def run_publish(root: Path, export: Record, decision: Record | None) -> Record:
+    """Point the pipeline's stable paths at the champion's tables; the record of what they point at.
+
+    ``<root>/champion.json`` names the champion's run, model, registered version and table paths, and the
+    symbolic link ``<root>/current`` points at its exports folder (``current/topk/``, ``current/similar_items/``);
+    both are replaced atomically. They move when this run's model is promoted, or on every run when the registry is
+    off (``decision`` None); a challenger leaves them on the champion. Returns ``{"moved", "export", "version",
+    "model", "run_dir", "champion_file", "current"}`` for the champion (``export``: its export record, which the
+    database export serves).
+    """
+    root = Path(root)
+    pointer = root / CHAMPION_FILE
+    link = root / CURRENT
+    moves = decision is None or bool(decision.get("promoted"))
+    if not moves and not pointer.exists():
+        moves = decision is not None and decision.get("alias") == "champion"  # unchanged champion, pointer lost
+    if moves:
+        record: Record = {
+            "model": export["model"],
+            "version": decision["version"] if decision else None,
+            "registered_model": decision["name"] if decision else None,
+            "run_dir": export.get("run_dir"),
+            "export": {k: export.get(k) for k in ("model", "topk", "topk_rows", "topk_users", "similar_items",
+                                                  "similar_rows", "fallback_users", "model_users")},
+            # absolute: downstream readers open them from anywhere
+            **{f"{t}_path": str(Path(export[t]).resolve()) for t in ("topk", "similar_items") if export.get(t)},
+            "trained_on": export.get("trained_on"),
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }  # fmt: skip
+        write_json_atomic(record, pointer)
+        target = Path(record["export"]["topk"]).parent
+        tmp = link.with_name(f".{CURRENT}.tmp-{os.urandom(4).hex()}")
+        os.symlink(os.path.relpath(target, root), tmp)
+        os.replace(tmp, link)
+        log.info("publish: %s -> %s (%s%s)", link, target, record["model"],
+                 f" v{record['version']}" if record["version"] else "")  # fmt: skip
+    else:
+        record = json.loads(pointer.read_text(encoding="utf-8"))
+        log.info("publish: the champion stays v%s (%s); %s still points at its tables", record.get("version"),
+                 record.get("model"), link)  # fmt: skip
+    return {**record, "moved": moves, "champion_file": str(pointer.resolve()), "current": str(link)}
