@@ -27,11 +27,12 @@ from recsys_embed.config import IngestConfig, MlflowSettings, load_config, load_
 from recsys_embed.evaluation import backtest
 from recsys_embed.pipeline import stages
 from recsys_embed.pipeline.lock import run_lock
+from recsys_embed.pipeline.records import IngestRecord
 from recsys_embed.tracking.tracker import Tracker
 
 
 @task(name="backtest-ingest", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
-def full_ingest_task(cfg: IngestConfig, cache_root: str) -> dict[str, Any]:
+def full_ingest_task(cfg: IngestConfig, cache_root: str) -> IngestRecord:
     return stages.run_ingest(cfg, Path(cache_root))
 
 

@@ -33,6 +33,14 @@ from prefect.cache_policies import NONE
 from recsys_embed.config import DistributedConfig, ExportConfig
 from recsys_embed.errors import ConfigError
 from recsys_embed.pipeline import stages
+from recsys_embed.pipeline.records import (
+    ExportRecord,
+    ModelRecord,
+    ShardPlanRecord,
+    ShardRecord,
+    SimilarRecord,
+    SplitRecord,
+)
 
 # Loggers of the scheduler/nanny/worker machinery that report the expected broken connections while a
 # process-based LocalCluster shuts down ("Failed to communicate with scheduler during heartbeat", ...).
@@ -133,7 +141,7 @@ def dask_cluster(cfg: DistributedConfig) -> Iterator[DaskCluster | None]:
 
 
 @task(name="export-plan", cache_policy=NONE, task_run_name="export-plan-{model[model]}")
-def export_plan_task(model: dict[str, Any], cfg: ExportConfig, out_dir: str, n_shards: int) -> dict[str, Any]:
+def export_plan_task(model: ModelRecord, cfg: ExportConfig, out_dir: str, n_shards: int) -> ShardPlanRecord:
     return stages.run_export_plan(model, cfg, Path(out_dir), n_shards)
 
 
@@ -145,34 +153,34 @@ def export_plan_task(model: dict[str, Any], cfg: ExportConfig, out_dir: str, n_s
     task_run_name="export-{model[model]}-shard-{index}",
 )
 def export_shard_task(
-    model: dict[str, Any], split: dict[str, Any], cfg: ExportConfig, plan: dict[str, Any], index: int, run_id: str
-) -> dict[str, Any]:
+    model: ModelRecord, split: SplitRecord, cfg: ExportConfig, plan: ShardPlanRecord, index: int, run_id: str
+) -> ShardRecord:
     return stages.run_export_shard(model, split, cfg, plan, index, run_id)
 
 
 @task(name="export-commit", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE,
       task_run_name="export-commit-{model[model]}")  # fmt: skip
 def export_commit_task(
-    model: dict[str, Any],
-    split: dict[str, Any],
+    model: ModelRecord,
+    split: SplitRecord,
     cfg: ExportConfig,
-    plan: dict[str, Any],
-    shards: list[dict[str, Any]],
-) -> dict[str, Any]:
+    plan: ShardPlanRecord,
+    shards: list[ShardRecord],
+) -> ExportRecord:
     del shards  # a dependency only: the commit reads each shard's receipt from disk and checks it
     return stages.run_export_commit(model, split, cfg, plan)
 
 
 @task(name="export-similar", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE,
       task_run_name="export-similar-{model[model]}")  # fmt: skip
-def export_similar_task(model: dict[str, Any], cfg: ExportConfig, out_dir: str, run_id: str) -> dict[str, Any]:
+def export_similar_task(model: ModelRecord, cfg: ExportConfig, out_dir: str, run_id: str) -> SimilarRecord:
     return stages.run_export_similar(model, cfg, Path(out_dir), run_id)
 
 
 @flow(name="sharded-export", flow_run_name="sharded-export-{model[model]}")
 def sharded_export(
-    model: dict[str, Any], split: dict[str, Any], cfg: ExportConfig, n_shards: int, out_dir: str, run_id: str
-) -> dict[str, Any]:
+    model: ModelRecord, split: SplitRecord, cfg: ExportConfig, n_shards: int, out_dir: str, run_id: str
+) -> ExportRecord:
     """One model's exports, with the top-k table in shards: the same record as ``stages.run_export`` plus
     ``topk_shards``. Run it with a ``DaskTaskRunner`` (``run_sharded_export``); under the default runner the
     shards run on threads of this process."""
@@ -185,14 +193,14 @@ def sharded_export(
 
 
 def run_sharded_export(
-    cluster: DaskCluster, model: dict[str, Any], split: dict[str, Any], cfg: ExportConfig, out_dir: str, run_id: str
-) -> dict[str, Any]:
+    cluster: DaskCluster, model: ModelRecord, split: SplitRecord, cfg: ExportConfig, out_dir: str, run_id: str
+) -> ExportRecord:
     """``sharded_export`` on ``cluster`` (prefect-dask's ``DaskTaskRunner`` connected to its scheduler)."""
     from prefect_dask import DaskTaskRunner
 
     runner: Any = DaskTaskRunner(address=cluster.address)  # Any: prefect-dask leaves TaskRunner's type parameter open
     with _workers_report_here():
-        result: dict[str, Any] = sharded_export.with_options(task_runner=runner)(
+        result: ExportRecord = sharded_export.with_options(task_runner=runner)(
             model, split, cfg, cluster.shards, out_dir, run_id
         )
     return result

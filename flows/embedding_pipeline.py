@@ -15,7 +15,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -44,6 +44,17 @@ from recsys_embed.models.factory import runnable_models
 from recsys_embed.models.tuning import apply_tuning, log_tuning
 from recsys_embed.pipeline import stages
 from recsys_embed.pipeline.lock import run_lock
+from recsys_embed.pipeline.records import (
+    DatabaseRecord,
+    ExportRecord,
+    IngestRecord,
+    ModelRecord,
+    PublishRecord,
+    RegistryDecision,
+    SplitRecord,
+    TuneRecord,
+    ValidationRecord,
+)
 from recsys_embed.tracking import reporting
 from recsys_embed.tracking.tracker import Tracker, git_commit, lightning_logger, redact_uri, ui_run_url
 from recsys_embed.types import Candidate, RowReport
@@ -60,26 +71,26 @@ def _ingest_cache_key(context: Any, params: dict[str, Any]) -> str | None:
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[1, 5], cache_key_fn=_ingest_cache_key, persist_result=True)
-def ingest_task(cfg: IngestConfig, cache_root: str) -> dict[str, Any]:
+def ingest_task(cfg: IngestConfig, cache_root: str) -> IngestRecord:
     return stages.run_ingest(cfg, Path(cache_root))
 
 
 @task(name="ingest-incremental", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
-def incremental_ingest_task(cfg: IngestConfig, root: str, inc: IncrementalConfig, run_name: str) -> dict[str, Any]:
-    return run_incremental_ingest(cfg, Path(root), inc, run_name)
+def incremental_ingest_task(cfg: IngestConfig, root: str, inc: IncrementalConfig, run_name: str) -> IngestRecord:
+    return cast(IngestRecord, run_incremental_ingest(cfg, Path(root), inc, run_name))
 
 
 @task(name="split", retries=1, retry_delay_seconds=2, cache_policy=NONE)
 def split_task(
-    ingest: dict[str, Any], ingest_cfg: IngestConfig, cfg: SplitConfig, out_dir: str, cache_root: str
-) -> dict[str, Any]:
+    ingest: IngestRecord, ingest_cfg: IngestConfig, cfg: SplitConfig, out_dir: str, cache_root: str
+) -> SplitRecord:
     return stages.run_split(ingest, ingest_cfg, cfg, Path(out_dir), Path(cache_root))
 
 
 @task(name="train", cache_policy=NONE, task_run_name="train-{name}")
 def train_task(
     name: str,
-    split: dict[str, Any],
+    split: SplitRecord,
     models_cfg: ModelsConfig,
     eval_cfg: EvalConfig,
     out_dir: str,
@@ -87,7 +98,7 @@ def train_task(
     run_id: str,
     warm_start_from: str | None = None,
     cache_root: str | None = None,
-) -> dict[str, Any]:
+) -> ModelRecord:
     tracker = Tracker(settings, local_outputs=Path(out_dir).parent)
     return stages.run_train(
         name,
@@ -105,15 +116,15 @@ def train_task(
 
 @task(name="tune", cache_policy=NONE)
 def tune_task(
-    split: dict[str, Any], models_cfg: ModelsConfig, eval_cfg: EvalConfig, cfg: TuningConfig, cache_root: str,
+    split: SplitRecord, models_cfg: ModelsConfig, eval_cfg: EvalConfig, cfg: TuningConfig, cache_root: str,
     storage_file: str,
-) -> dict[str, Any]:  # fmt: skip
+) -> TuneRecord:  # fmt: skip
     return stages.run_tune(split, models_cfg, eval_cfg, cfg, Path(cache_root), Path(storage_file))
 
 
 @task(name="tuning-report", cache_policy=NONE, task_run_name="tuning-report-{name}")
 def tuning_report_task(
-    settings: MlflowSettings, run_id: str, name: str, split: dict[str, Any], defaults_cfg: ModelsConfig,
+    settings: MlflowSettings, run_id: str, name: str, split: SplitRecord, defaults_cfg: ModelsConfig,
     final_cfg: ModelsConfig, eval_cfg: EvalConfig, tuned: dict[str, Any], metrics: dict[str, float], out_dir: str,
     cache_root: str, tuning_metric: str,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
@@ -126,32 +137,32 @@ def tuning_report_task(
 
 
 @task(name="evaluate", cache_policy=NONE, task_run_name="evaluate-{model[model]}")
-def evaluate_task(model: dict[str, Any], split: dict[str, Any], cfg: EvalConfig) -> dict[str, float]:
+def evaluate_task(model: ModelRecord, split: SplitRecord, cfg: EvalConfig) -> dict[str, float]:
     return stages.run_evaluate(model, split, cfg)
 
 
 @task(name="validate", cache_policy=NONE, task_run_name="validate-{model[model]}")
-def validate_task(model: dict[str, Any], split: dict[str, Any], cfg: EvalConfig, out_dir: str) -> dict[str, Any]:
+def validate_task(model: ModelRecord, split: SplitRecord, cfg: EvalConfig, out_dir: str) -> ValidationRecord:
     return stages.run_validate(model, split, cfg, Path(out_dir))
 
 
 @task(name="refit-data", retries=1, retry_delay_seconds=2, cache_policy=NONE)
 def full_task(
-    ingest: dict[str, Any], ingest_cfg: IngestConfig, split: dict[str, Any], cache_root: str, out_dir: str
-) -> dict[str, Any]:
+    ingest: IngestRecord, ingest_cfg: IngestConfig, split: SplitRecord, cache_root: str, out_dir: str
+) -> SplitRecord:
     return stages.run_full(ingest, ingest_cfg, split, Path(cache_root), Path(out_dir))
 
 
 @task(name="refit", cache_policy=NONE, task_run_name="refit-{name}")
 def refit_task(
     name: str,
-    model: dict[str, Any],
-    full: dict[str, Any],
+    model: ModelRecord,
+    full: SplitRecord,
     models_cfg: ModelsConfig,
     eval_cfg: EvalConfig,
     out_dir: str,
     cache_root: str,
-) -> dict[str, Any]:
+) -> ModelRecord:
     refit_cfg = stages.refit_models_config(name, models_cfg, model["info"])
     return stages.run_train(name, full, refit_cfg, eval_cfg, Path(out_dir), cache_root=Path(cache_root),
                             cache_prefix="refit")  # fmt: skip
@@ -159,15 +170,15 @@ def refit_task(
 
 @task(name="serve", cache_policy=NONE, task_run_name="serve-{name}")
 def serve_task(
-    name: str, refit: dict[str, Any], popularity: dict[str, Any], full: dict[str, Any], out_dir: str
-) -> dict[str, Any]:
+    name: str, refit: ModelRecord, popularity: ModelRecord | None, full: SplitRecord, out_dir: str
+) -> ModelRecord:
     return stages.run_serve(name, refit, popularity, full, Path(out_dir))
 
 
 @task(name="export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE, task_run_name="export-{model[model]}")
 def export_task(
-    model: dict[str, Any], split: dict[str, Any], cfg: ExportConfig, out_dir: str, run_id: str
-) -> dict[str, Any]:
+    model: ModelRecord, split: SplitRecord, cfg: ExportConfig, out_dir: str, run_id: str
+) -> ExportRecord:
     return stages.run_export(model, split, cfg, Path(out_dir), run_id)
 
 
@@ -175,10 +186,10 @@ def export_task(
 def log_model_task(
     settings: MlflowSettings,
     run_id: str,
-    model: dict[str, Any],
+    model: ModelRecord,
     metrics: dict[str, float],
-    export: dict[str, Any],
-    split: dict[str, Any],
+    export: ExportRecord | None,
+    split: SplitRecord,
 ) -> None:
     reporting.log_model_run(Tracker(settings), run_id, model, metrics, export, split)
 
@@ -188,26 +199,26 @@ def register_task(
     settings: MlflowSettings,
     candidate: Candidate,
     cfg: PipelineConfig,
-    split: dict[str, Any],
-    validations: dict[str, dict[str, Any]],
+    split: SplitRecord,
+    validations: dict[str, ValidationRecord],
     models_cfg: ModelsConfig,
     work_dir: str,
     cache_root: str,
-) -> dict[str, Any]:
+) -> RegistryDecision:
     return stages.run_register(settings, candidate, cfg.export, cfg.registry, cfg.eval,
                                registered_name(cfg, settings), split, validations, models_cfg, Path(work_dir),
                                Path(cache_root))  # fmt: skip
 
 
 @task(name="publish", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
-def publish_task(root: str, export: dict[str, Any], decision: dict[str, Any] | None) -> dict[str, Any]:
+def publish_task(root: str, export: ExportRecord, decision: RegistryDecision | None) -> PublishRecord:
     return stages.run_publish(Path(root), export, decision)
 
 
 @task(name="db-export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
 def db_export_task(
-    export: dict[str, Any], cfg: DatabaseExportConfig, root: str, run_id: str, model_version: str | None
-) -> dict[str, Any]:
+    export: ExportRecord, cfg: DatabaseExportConfig, root: str, run_id: str, model_version: str | None
+) -> DatabaseRecord:
     return stages.run_db_export(export, cfg, Path(root), run_id, model_version)
 
 
@@ -286,8 +297,8 @@ def _run_pipeline(
         models_cfg = apply_tuning(cfg.models, tuning)
 
         metrics: dict[str, dict[str, float]] = {}  # test window: reported once per model, never read to choose
-        validations: dict[str, dict[str, Any]] = {}  # validation window: what selection reads
-        models: dict[str, dict[str, Any]] = {}
+        validations: dict[str, ValidationRecord] = {}  # validation window: what selection reads
+        models: dict[str, ModelRecord] = {}
         model_runs: dict[str, str] = {}
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -313,8 +324,8 @@ def _run_pipeline(
             shipped = stages.shipped_models(cfg.export.models, best, list(models))
             logger.info("selection (validation window): %s; shipping %s", selection["reason"], ", ".join(shipped))
 
-            exports: dict[str, dict[str, Any]] = {}
-            full: dict[str, Any] | None = None
+            exports: dict[str, ExportRecord] = {}
+            full: SplitRecord | None = None
             if cfg.export.refit and shipped:
                 full = full_task(ingest, ingest_cfg, split, str(root / "cache"), str(run_dir / "full"))
                 refits = {
@@ -323,32 +334,35 @@ def _run_pipeline(
                     if m in models
                 }
                 for m in shipped:
-                    served = serve_task(m, refits[m], refits.get("popularity", {}), full,
+                    served = serve_task(m, refits[m], refits.get("popularity"), full,
                                         str(run_dir / "served"))  # fmt: skip
-                    seen = {"train": full["history"]}
+                    seen: SplitRecord = {"train": full["history"]}
                     exports[m] = _export(cluster, served, seen, cfg.export, str(run_dir / "exports"), parent)
-                    exports[m].update(
-                        embeddings=served["embeddings"], model_embeddings=refits[m]["embeddings"],
-                        fit_matrix=full["train"], history=full["history"], info=refits[m]["info"],
-                        fallback_users=served["fallback_users"], model_users=served["model_users"],
-                        trained_on={"window": full["window"], "rows": full["rows"], "fit": "all kept events"},
-                        evaluated_as=_evaluated_as(validations[m], metrics[m], split),
-                    )  # fmt: skip
+                    exports[m].update({
+                        "embeddings": served["embeddings"], "model_embeddings": refits[m]["embeddings"],
+                        "fit_matrix": full["train"], "history": full["history"], "info": refits[m]["info"],
+                        "fallback_users": served["fallback_users"], "model_users": served["model_users"],
+                        "trained_on": {"window": full["window"], "rows": full["rows"], "fit": "all kept events"},
+                        "evaluated_as": _evaluated_as(validations[m], metrics[m], split),
+                    })  # fmt: skip
             else:  # ship the evaluation fits (export.refit=false)
                 for m in shipped:
                     exports[m] = _export(cluster, models[m], split, cfg.export, str(run_dir / "exports"), parent)
-                    exports[m].update(embeddings=models[m]["embeddings"], model_embeddings=models[m]["embeddings"],
-                                      fit_matrix=split["train"], history=split["train"],
-                                      info=models[m]["info"], trained_on={"window": None, "fit": "fit window"},
-                                      evaluated_as=_evaluated_as(validations[m], metrics[m], split))  # fmt: skip
+                    exports[m].update({
+                        "embeddings": models[m]["embeddings"], "model_embeddings": models[m]["embeddings"],
+                        "fit_matrix": split["train"], "history": split["train"], "info": models[m]["info"],
+                        "trained_on": {"window": None, "fit": "fit window"},
+                        "evaluated_as": _evaluated_as(validations[m], metrics[m], split),
+                    })  # fmt: skip
             timing["refit_export_s"] = round(time.perf_counter() - t0, 1)  # refit on every event, serve, export
             for name, child in model_runs.items():
                 val = {f"val.{k}": v for k, v in validations[name]["metrics"].items()}
-                logged, logged_split = models[name], split
+                logged: ModelRecord = models[name]
+                logged_split = split
                 if name in exports and full is not None:  # a shipped model's run carries what is shipped
                     logged = {**models[name], "embeddings": exports[name]["model_embeddings"]}
                     logged_split = full
-                log_model_task(settings, child, logged, {**metrics[name], **val}, exports.get(name, {}), logged_split)
+                log_model_task(settings, child, logged, {**metrics[name], **val}, exports.get(name), logged_split)
         except BaseException:
             for child in model_runs.values():
                 tracker.end_run(child, "FAILED")
@@ -357,9 +371,9 @@ def _run_pipeline(
             tracker.end_run(child, "FINISHED")
 
         table = reporting.metrics_frame(metrics)
-        decision: dict[str, Any] | None = None
-        database: dict[str, Any] | None = None
-        current: dict[str, Any] | None = None
+        decision: RegistryDecision | None = None
+        database: DatabaseRecord | None = None
+        current: PublishRecord | None = None
         if best and best in exports:
             tracker.set_tags(model_runs[best], {"best_model": "true"})
             tracker.set_tags(parent, {"best_model": best})
@@ -384,7 +398,7 @@ def _run_pipeline(
                             decision["alias"], decision["reason"])  # fmt: skip
             current = publish_task(str(root), {**exports[best], "run_dir": str(run_dir.resolve())}, decision)
             if cfg.export.database.enabled:
-                database = db_export_task(current["export"], cfg.export.database, str(root), parent,
+                database = db_export_task(cast(ExportRecord, current["export"]), cfg.export.database, str(root), parent,
                                           current.get("version"))  # fmt: skip
         manifest: dict[str, Any] = {
             "run_name": run_name,
@@ -447,16 +461,16 @@ def _run_pipeline(
 
 
 def _export(
-    cluster: DaskCluster | None, model: dict[str, Any], seen: dict[str, Any], cfg: ExportConfig, out_dir: str,
+    cluster: DaskCluster | None, model: ModelRecord, seen: SplitRecord, cfg: ExportConfig, out_dir: str,
     run_id: str,
-) -> dict[str, Any]:
+) -> ExportRecord:
     """One model's top-k and similar-items tables: in this process, or in shards on Dask."""
     if cluster is None:
         return export_task(model, seen, cfg, out_dir, run_id)
     return run_sharded_export(cluster, model, seen, cfg, out_dir, run_id)
 
 
-def _evaluated_as(validation: dict[str, Any], test: dict[str, float], split: dict[str, Any]) -> dict[str, Any]:
+def _evaluated_as(validation: ValidationRecord, test: dict[str, float], split: SplitRecord) -> dict[str, Any]:
     """The held-out metrics of a shipped table's recipe: they come from the evaluation fit, not from the table."""
     return {
         "basis": "evaluation fit of the same recipe (fit window only), scored on the validation and test windows",

@@ -112,7 +112,8 @@ def test_each_layer_imports_only_layers_below_it() -> None:
     ("module", "source", "culprit"),
     [
         ("recsys_embed.data.split", "from recsys_embed.models import ease\n", "data (layer 1) may not import models"),
-        ("recsys_embed.models.ease", "def f():\n    from recsys_embed.pipeline import stages\n", "may not import pipeline"),
+        ("recsys_embed.models.ease", "def f():\n    from recsys_embed.pipeline import stages\n",
+         "may not import pipeline"),
         ("recsys_embed.evaluation.topk", "import recsys_embed.serving.export\n", "may not import serving"),
         ("recsys_embed.models.two_tower.train", "from ...pipeline import stages\n", "may not import pipeline"),
         ("recsys_embed.serving.export", "from prefect import task\n", "never imports Prefect"),

@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     ingest = stages.run_ingest(cfg.ingest, Path(cfg.output_root) / cfg.name / "cache")
-    if not ingest.get("item_text"):
+    if not (item_text := ingest.get("item_text")):
         raise SystemExit("the log has no item text (ingest.columns.item_text); cold items cannot be embedded")
     events = pl.read_parquet(ingest["events"])
-    text = pl.read_parquet(ingest["item_text"])
+    text = pl.read_parquet(item_text)
     report = cold_start_report(cfg, events, text, args.holdout, args.seed, cfg.eval.ks)
     from recsys_embed.io import write_json_atomic
 

@@ -28,6 +28,7 @@ import psutil
 from recsys_embed.bench.e2e_suite import Setup
 from recsys_embed.bench.memory import PeakMemory, peak_memory
 from recsys_embed.data.generate import PRESETS
+from recsys_embed.pipeline.records import IngestRecord, ModelRecord, SplitRecord
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,19 @@ AVAILABLE_SHARE = 0.8  # ... in this share of the memory available when the size
 # Stage bodies: module-level so the spawned child can unpickle them; they return small records only.
 
 
-def _ingest(s: Setup, work: Path) -> dict[str, Any]:
+def _ingest(s: Setup, work: Path) -> IngestRecord:
     from recsys_embed.pipeline import stages
 
     return stages.run_ingest(s.ingest, work / "cache")
 
 
-def _split(s: Setup, ingest: dict[str, Any], work: Path) -> dict[str, Any]:
+def _split(s: Setup, ingest: IngestRecord, work: Path) -> SplitRecord:
     from recsys_embed.pipeline import stages
 
     return stages.run_split(ingest, s.ingest, s.split, work / "split")
 
 
-def _fit(s: Setup, split: dict[str, Any], work: Path) -> dict[str, Any]:
+def _fit(s: Setup, split: SplitRecord, work: Path) -> ModelRecord:
     from recsys_embed.pipeline import stages
 
     record = stages.run_train("als", split, s.models, s.eval, work / "models")

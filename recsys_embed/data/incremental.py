@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,7 @@ def _add(total: RowReport, part: RowReport) -> None:
     total.sources.update(part.sources)
 
 
-def commit_state(root: Path, inc: IncrementalConfig, ingest: Record, split_dir: str) -> Path:
+def commit_state(root: Path, inc: IncrementalConfig, ingest: Mapping[str, Any], split_dir: str) -> Path:
     """Record the run as the last successful one (call only after it finished)."""
     state = dict(ingest["incremental"]["pending_state"])
     state["split_dir"] = split_dir

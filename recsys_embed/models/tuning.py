@@ -31,7 +31,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -441,7 +441,7 @@ def tune_models(
 # Results
 
 
-def apply_tuning(models_cfg: ModelsConfig, record: Record | None) -> ModelsConfig:
+def apply_tuning(models_cfg: ModelsConfig, record: Mapping[str, Any] | None) -> ModelsConfig:
     """``models_cfg`` with every searched model's best parameters in its config slice (unchanged without a record
     or for a model whose search completed no trial)."""
     if not record:

@@ -41,7 +41,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -67,12 +67,27 @@ from recsys_embed.io import (
     write_parquet_atomic,
 )
 from recsys_embed.models.factory import OnMetrics, train_model, warm_start_source
+from recsys_embed.pipeline.records import (
+    DatabaseRecord,
+    ExportRecord,
+    IngestRecord,
+    ModelRecord,
+    PublishRecord,
+    RegistryDecision,
+    SearchQuality,
+    SelectionRecord,
+    ShardPlanRecord,
+    ShardRecord,
+    SimilarRecord,
+    SplitRecord,
+    TuneRecord,
+    ValidationRecord,
+)
 from recsys_embed.store import load_csr, load_embeddings, save_csr, save_embeddings
 from recsys_embed.types import Candidate, Embeddings, IdMap, Interactions, RowReport
 
 log = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 
 # Part of every split/train cache key: bump it when what a cached folder holds changes shape.
 CACHE_VERSION = 2
@@ -111,9 +126,16 @@ def _relocate(obj: Any, moves: list[tuple[str, str]]) -> Any:
     return obj
 
 
-def _load_record(folder: Path) -> Record:
+def _required(path: str | None, what: str) -> str:
+    """A record's optional path that the caller needs (a split without that window is a caller's bug)."""
+    if path is None:
+        raise ValueError(f"the split has no {what} (split.val_quantile / test_quantile null?)")
+    return path
+
+
+def _load_record(folder: Path) -> Any:
     """A committed cache folder's ``record.json``, its paths moved to where the folder is now."""
-    record: Record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+    record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
     return dict(_relocate(record, [(record["folder"], str(folder))]))
 
 
@@ -192,7 +214,7 @@ def input_fingerprint(cfg: IngestConfig) -> str:
     return fingerprint(resolve_files(cfg.source))
 
 
-def run_ingest(cfg: IngestConfig, cache_root: Path) -> Record:
+def run_ingest(cfg: IngestConfig, cache_root: Path) -> IngestRecord:
     """Read, validate, dedup and rule-filter the log; persist clean events + quarantine under the cache.
 
     An unchanged log with an unchanged ingest config is read back from the cache instead of re-ingested.
@@ -202,7 +224,7 @@ def run_ingest(cfg: IngestConfig, cache_root: Path) -> Record:
     key = ingest_cache_key(input_fingerprint(cfg), cfg)
     folder = Path(cache_root) / f"ingest-{key}"
     if is_complete_table(folder):
-        record: Record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+        record: IngestRecord = json.loads((folder / "record.json").read_text(encoding="utf-8"))
         record["cached"] = True
         log.info("ingest: log and config unchanged, reusing %s", folder)
         return record
@@ -238,7 +260,7 @@ def _quarantine_summary(q: pl.DataFrame) -> list[dict[str, Any]]:
     return [{"reason": r, "rows": int(n)} for r, n in counts.iter_rows()]
 
 
-def split_cache_key(ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig) -> str:
+def split_cache_key(ingest: IngestRecord, ingest_cfg: IngestConfig, cfg: SplitConfig) -> str:
     """Cache key of a split: the ingest's key (log fingerprint + ingest config), the ingest config it is built
     with (k-core, confidence, ID-map settings), the split config (``cfg.seed`` included), and the content of
     ``ingest_cfg.id_maps_from`` when set. An incremental ingest's key names its run, so its split is never reused.
@@ -255,8 +277,8 @@ def split_cache_key(ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig) 
 
 
 def run_split(
-    ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig, out_dir: Path, cache_root: Path | None = None
-) -> Record:
+    ingest: IngestRecord, ingest_cfg: IngestConfig, cfg: SplitConfig, out_dir: Path, cache_root: Path | None = None
+) -> SplitRecord:
     """Split clean events, build the train ``Interactions`` from the fit part only, and the targets.
 
     Everything fitted (ID maps, k-core, confidence, time decay) sees only events before the cutoff. The split is
@@ -280,16 +302,18 @@ def run_split(
     return _run_copy(folder, out_dir, record, cached)
 
 
-def _run_copy(folder: Path, out_dir: Path, record: Record, cached: bool) -> Record:
+def _run_copy(folder: Path, out_dir: Path, record: Any, cached: bool) -> Any:
     """Commit the run's hard-linked copy ``out_dir`` of the cache folder ``folder``; ``record`` moved to it."""
     moves = [(str(folder), str(out_dir))]
     _link_copy(folder, out_dir, moves)
-    moved: Record = _relocate(record, moves)
+    moved = _relocate(record, moves)
     moved["cached"] = cached
     return moved
 
 
-def _split_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: IngestConfig, cfg: SplitConfig) -> Record:
+def _split_into(
+    folder: Path, key: str | None, ingest: IngestRecord, ingest_cfg: IngestConfig, cfg: SplitConfig
+) -> SplitRecord:
     """Compute the split and commit it as the table folder ``folder``; its record (paths under ``folder``)."""
     from recsys_embed.data.interactions import build_interactions, load_id_maps, save_id_maps
     from recsys_embed.data.split import build_targets, evidence, split_events
@@ -326,30 +350,35 @@ def _split_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: Inges
         checkpoint("split")  # mid-split: the train matrix is written, maps and targets are not
         write_parquet_atomic(train.events, stage / "train_events.parquet")
         save_id_maps(train.users, train.items, stage)
-        record: Record = {"split": parts.info, "n_users": train.shape[0], "n_items": train.shape[1]}
+        record: SplitRecord = {
+            "train": str(folder / "train.npz"), "split": parts.info, "n_users": train.shape[0],
+            "n_items": train.shape[1], "val_targets": None, "test_targets": None,
+        }  # fmt: skip
         for label, tg in targets.items():
             if tg is None:
-                record[f"{label}_targets"] = None
                 continue
             save_csr(tg.matrix, stage / f"{label}_targets.npz")
             write_parquet_atomic(tg.cold_users.to_frame("user_id"), stage / f"{label}_cold_users.parquet")
-            record[f"{label}_targets"] = str(folder / f"{label}_targets.npz")
-            record[f"{label}_counts"] = tg.counts
-            record[f"{label}_warm_users"] = tg.n_warm_users
-            record[f"{label}_cold_users"] = int(tg.cold_users.len())
+            path, cold = str(folder / f"{label}_targets.npz"), int(tg.cold_users.len())
+            if label == "val":
+                record.update({"val_targets": path, "val_counts": tg.counts, "val_warm_users": tg.n_warm_users,
+                               "val_cold_users": cold})  # fmt: skip
+            else:
+                record.update({"test_targets": path, "test_counts": tg.counts, "test_warm_users": tg.n_warm_users,
+                               "test_cold_users": cold})  # fmt: skip
         report.details.update(users=train.shape[0], items=train.shape[1], nnz=int(train.matrix.nnz),
                               density=train.density)  # fmt: skip
         report.check()
-        record.update(
-            key=key,
-            folder=str(folder),
-            train=str(folder / "train.npz"),
-            train_events=str(folder / "train_events.parquet"),
-            item_text=ingest.get("item_text"),
-            user_map=str(folder / "user_map.parquet"),
-            item_map=str(folder / "item_map.parquet"),
-            report=report.to_dict(),
-        )
+        record.update({
+            "key": key,
+            "folder": str(folder),
+            "train": str(folder / "train.npz"),
+            "train_events": str(folder / "train_events.parquet"),
+            "item_text": ingest.get("item_text"),
+            "user_map": str(folder / "user_map.parquet"),
+            "item_map": str(folder / "item_map.parquet"),
+            "report": report.to_dict(),
+        })  # fmt: skip
         write_json_atomic(record, stage / "record.json")
     return record
 
@@ -359,7 +388,7 @@ def uses_events(name: str, models_cfg: ModelsConfig) -> bool:
     return name == "two_tower" or (name == "ease" and models_cfg.ease.half_life_days is not None)
 
 
-def load_train(split: Record, with_events: bool = False) -> Interactions:
+def load_train(split: SplitRecord, with_events: bool = False) -> Interactions:
     """The train ``Interactions`` of a split record; the event table (user_idx, item_idx, ts, weight) is
     read only when asked for (models that weigh history by recency need it)."""
     matrix = load_csr(split["train"])
@@ -370,7 +399,7 @@ def load_train(split: Record, with_events: bool = False) -> Interactions:
 
 
 def train_cache_key(
-    name: str, split: Record, models_cfg: ModelsConfig, eval_cfg: EvalConfig, warm_start: Path | None = None
+    name: str, split: SplitRecord, models_cfg: ModelsConfig, eval_cfg: EvalConfig, warm_start: Path | None = None
 ) -> str:
     """Cache key of one model's training: the split's key, the model's config slice (its ``seed`` included),
     what the trainer reads of the eval config (``ks``, ``primary_metric``: best-iteration selection), and the
@@ -383,7 +412,7 @@ def train_cache_key(
 
 def run_train(
     name: str,
-    split: Record,
+    split: SplitRecord,
     models_cfg: ModelsConfig,
     eval_cfg: EvalConfig,
     out_dir: Path,
@@ -392,7 +421,7 @@ def run_train(
     warm_start_from: str | None = None,
     cache_root: Path | None = None,
     cache_prefix: str = "train",
-) -> Record:
+) -> ModelRecord:
     """Train one model on the split's train matrix; validation targets drive best-iteration selection.
 
     The embeddings are committed as the table folder ``out_dir/<name>`` (the two-tower encoder as
@@ -444,20 +473,20 @@ def _train_into(
     folder: Path,
     key: str | None,
     name: str,
-    split: Record,
+    split: SplitRecord,
     models_cfg: ModelsConfig,
     eval_cfg: EvalConfig,
     on_metrics: OnMetrics | None,
     lightning_logger: Any | None,
     warm_start_from: str | None,
     encoder_dir: Path | None,
-) -> Record:
+) -> ModelRecord:
     """Train and commit the embeddings as the table folder ``folder``; the two-tower encoder goes to
     ``encoder_dir`` (None: ``folder/artifacts``, committed with it). Returns the record (paths under ``folder``)."""
     needs_history = name == "two_tower"
     train = load_train(split, with_events=uses_events(name, models_cfg))
-    val = load_csr(split["val_targets"]) if split.get("val_targets") else None
-    item_text = pl.read_parquet(split["item_text"]) if needs_history and split.get("item_text") else None
+    val = load_csr(v) if (v := split.get("val_targets")) else None
+    item_text = pl.read_parquet(t) if needs_history and (t := split.get("item_text")) else None
     with staged_table(folder) as stage:
         if needs_history and models_cfg.two_tower.artifact_dir is None:
             # keep the encoder (weights + feature tables) with the embeddings, not in a temp folder
@@ -471,7 +500,7 @@ def _train_into(
         checkpoint(f"train:{name}")  # fitted, nothing saved yet
         emb.info.update(_relocate(emb.info, [(str(stage), str(folder))]))  # files in the stage are read at folder
         save_embeddings(emb, stage)
-        record: Record = {
+        record: ModelRecord = {
             "model": name,
             "key": key,
             "folder": str(folder),
@@ -485,13 +514,13 @@ def _train_into(
 
 
 def run_tune(
-    split: Record,
+    split: SplitRecord,
     models_cfg: ModelsConfig,
     eval_cfg: EvalConfig,
     cfg: TuningConfig,
     cache_root: Path,
     storage_file: Path,
-) -> Record:
+) -> TuneRecord:
     """Search the hyperparameters of every model ``tuning`` covers, on the split's validation window only.
 
     Reads the train matrix (once, shared by every trial) and the validation targets; never the test targets.
@@ -531,9 +560,10 @@ def run_tune(
     with staged_table(folder) as stage:
         if names:
             train = load_train(split, with_events=any(uses_events(n, models_cfg) for n in names))
-            item_text = pl.read_parquet(split["item_text"]) if "two_tower" in names and split.get("item_text") else None
-            data = TuneData(train, load_csr(split["val_targets"]), item_text)
-            record = tune_models(data, names, models_cfg, eval_cfg, cfg, Path(storage_file), stage, split.get("key"))
+            item_text = pl.read_parquet(t) if "two_tower" in names and (t := split.get("item_text")) else None
+            data = TuneData(train, load_csr(_required(split.get("val_targets"), "val_targets")), item_text)
+            record = cast(TuneRecord, tune_models(data, names, models_cfg, eval_cfg, cfg, Path(storage_file), stage,
+                                                  split.get("key")))  # fmt: skip
         else:
             record = {"metric": cfg.metric or eval_cfg.primary_metric, "storage": None, "seconds": 0.0, "models": {}}
         record = _relocate(record, [(str(stage), str(folder))])
@@ -555,7 +585,7 @@ def _replay_history(history: list[dict[str, Any]], on_metrics: OnMetrics) -> Non
 
 def score_defaults(
     name: str,
-    split: Record,
+    split: SplitRecord,
     defaults_cfg: ModelsConfig,
     final_cfg: ModelsConfig,
     eval_cfg: EvalConfig,
@@ -578,20 +608,20 @@ def score_defaults(
     return {"defaults": run_evaluate(model, split, eval_cfg), "tuned": dict(tuned_metrics)}
 
 
-def run_evaluate(model: Record, split: Record, cfg: EvalConfig) -> dict[str, float]:
+def run_evaluate(model: ModelRecord, split: SplitRecord, cfg: EvalConfig) -> dict[str, float]:
     """Test metrics of one model (warm users; train-seen items excluded). Reported, never used to choose."""
     from recsys_embed.evaluation.metrics import evaluate
 
     emb = load_embeddings(model["embeddings"])
     seen = load_csr(split["train"])
-    targets = load_csr(split["test_targets"])
+    targets = load_csr(_required(split.get("test_targets"), "test_targets"))
     popularity = np.asarray((seen > 0).sum(axis=0)).ravel()
     metrics = evaluate(emb, seen, targets, cfg.ks, popularity, cfg.batch_users)
     checkpoint(f"evaluate:{model['model']}")  # computed, not yet returned (nothing of it is persisted)
     return metrics
 
 
-def run_validate(model: Record, split: Record, cfg: EvalConfig, out_dir: Path) -> Record:
+def run_validate(model: ModelRecord, split: SplitRecord, cfg: EvalConfig, out_dir: Path) -> ValidationRecord:
     """Validation metrics of one model (the evaluation fit on the validation window: what selection reads).
 
     Returns ``{"model", "metrics", "per_user"}``: ``per_user`` is a ``.npy`` file under ``out_dir`` with the
@@ -601,12 +631,12 @@ def run_validate(model: Record, split: Record, cfg: EvalConfig, out_dir: Path) -
     from recsys_embed.evaluation.metrics import evaluate_users
 
     name = model["model"]
-    if not split.get("val_targets"):
+    if not (val_targets := split.get("val_targets")):
         return {"model": name, "metrics": {}, "per_user": None}
     emb = load_embeddings(model["embeddings"])
     seen = load_csr(split["train"])
     popularity = np.asarray((seen > 0).sum(axis=0)).ravel()
-    metrics, per_user = evaluate_users(emb, seen, load_csr(split["val_targets"]), cfg.ks, popularity,
+    metrics, per_user = evaluate_users(emb, seen, load_csr(val_targets), cfg.ks, popularity,
                                        cfg.batch_users, per_user=[cfg.primary_metric])  # fmt: skip
     path = Path(out_dir) / f"{name}.val.{cfg.primary_metric}.npy"
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -614,17 +644,17 @@ def run_validate(model: Record, split: Record, cfg: EvalConfig, out_dir: Path) -
     return {"model": name, "metrics": metrics, "per_user": str(path)}
 
 
-def select_best(validations: dict[str, Record], cfg: EvalConfig) -> Record:
+def select_best(validations: dict[str, ValidationRecord], cfg: EvalConfig) -> SelectionRecord:
     """``selection.select`` over the ``run_validate`` records: the pick, on the validation window only."""
     from recsys_embed.evaluation.selection import select
 
-    per_user = {m: np.load(v["per_user"]) for m, v in validations.items() if v.get("per_user")}
+    per_user = {m: np.load(p) for m, v in validations.items() if (p := v["per_user"])}
     picked = select({m: v["metrics"] for m, v in validations.items()}, per_user, cfg.primary_metric, cfg.tie_se)
     log.info("selection: %s", picked.reason)
-    return picked.to_dict()
+    return cast(SelectionRecord, picked.to_dict())
 
 
-def full_cache_key(ingest: Record, ingest_cfg: IngestConfig, split: Record) -> str:
+def full_cache_key(ingest: IngestRecord, ingest_cfg: IngestConfig, split: SplitRecord) -> str:
     """Cache key of the all-events interactions: the ingest (log + ingest config), the config it is built with,
     and the evaluation split's ID maps it extends."""
     maps = _files_digest([Path(split["user_map"]), Path(split["item_map"])])
@@ -632,7 +662,9 @@ def full_cache_key(ingest: Record, ingest_cfg: IngestConfig, split: Record) -> s
                   "ingest_cfg": ingest_cfg.model_dump(mode="json"), "maps": maps})  # fmt: skip
 
 
-def run_full(ingest: Record, ingest_cfg: IngestConfig, split: Record, cache_root: Path | None, out_dir: Path) -> Record:
+def run_full(
+    ingest: IngestRecord, ingest_cfg: IngestConfig, split: SplitRecord, cache_root: Path | None, out_dir: Path
+) -> SplitRecord:
     """The production refit's data: every kept event (fit + validation + test windows) as ``Interactions``.
 
     The ID maps extend the evaluation split's (existing indices never move) and cover every user and item with a
@@ -657,7 +689,9 @@ def run_full(ingest: Record, ingest_cfg: IngestConfig, split: Record, cache_root
     return _run_copy(folder, out_dir, record, cached)
 
 
-def _full_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: IngestConfig, split: Record) -> Record:
+def _full_into(
+    folder: Path, key: str | None, ingest: IngestRecord, ingest_cfg: IngestConfig, split: SplitRecord
+) -> SplitRecord:
     from recsys_embed.data.interactions import build_interactions, normalize_ts, save_id_maps
     from recsys_embed.serving.coverage import history_matrix, served_users
 
@@ -676,7 +710,7 @@ def _full_into(folder: Path, key: str | None, ingest: Record, ingest_cfg: Ingest
         write_parquet_atomic(full.events, stage / "train_events.parquet")
         save_id_maps(full.users, full.items, stage)
         users.save(stage / "served_user_map.parquet")
-        record: Record = {
+        record: SplitRecord = {
             "key": key,
             "folder": str(folder),
             "train": str(folder / "train.npz"),
@@ -718,8 +752,8 @@ def refit_models_config(name: str, models_cfg: ModelsConfig, info: dict[str, Any
 
 
 def run_serve(
-    name: str, refit: Record, popularity: Record, full: Record, out_dir: Path
-) -> Record:
+    name: str, refit: ModelRecord, popularity: ModelRecord | None, full: SplitRecord, out_dir: Path
+) -> ModelRecord:
     """The shipped model's served embeddings (``coverage.served_embeddings``: the refit model for the users it
     serves, the refit popularity ranking for every other user with history), committed at ``out_dir/<name>``.
 
@@ -732,7 +766,7 @@ def run_serve(
     model = load_embeddings(refit["embeddings"])
     matrix = load_csr(full["train"])
     pop = item_popularity(matrix).astype(np.float32)
-    if popularity.get("embeddings"):  # the refit popularity model's own counts (the same numbers, one source)
+    if popularity is not None:  # the refit popularity model's own counts (the same numbers, one source)
         pop = load_embeddings(popularity["embeddings"]).item_vectors[:, 0]
     users = IdMap.load(full["served_user_map"])
     served = served_embeddings(model, pop, users, matrix)
@@ -748,7 +782,7 @@ def run_serve(
     }
 
 
-def run_export(model: Record, split: Record, cfg: ExportConfig, out_dir: Path, run_id: str) -> Record:
+def run_export(model: ModelRecord, split: SplitRecord, cfg: ExportConfig, out_dir: Path, run_id: str) -> ExportRecord:
     """Top-k for every user of the model's embeddings and similar items, as committed Parquet tables.
 
     ``split["train"]`` is the seen filter (the production path passes ``{"train": full["history"]}``); a model
@@ -760,7 +794,8 @@ def run_export(model: Record, split: Record, cfg: ExportConfig, out_dir: Path, r
     seen = load_csr(split["train"])
     folder = Path(out_dir) / model["model"]
     topk = export_topk(emb, seen, cfg, folder, run_id)
-    record: Record = {"model": model["model"], "topk": topk.path, "topk_rows": topk.rows, "topk_users": topk.users}
+    record: ExportRecord = {"model": model["model"], "topk": topk.path, "topk_rows": topk.rows,
+                            "topk_users": topk.users}  # fmt: skip
     record.update(search_quality(emb, seen, cfg))
     checkpoint(f"export:{model['model']}")  # mid-export: top-k committed, similar items not written yet
     record.update(run_export_similar(model, cfg, out_dir, run_id))
@@ -771,15 +806,18 @@ def run_export(model: Record, split: Record, cfg: ExportConfig, out_dir: Path, r
 # paths), commit once, similar items beside them. Together they return what ``run_export`` returns.
 
 
-def run_export_plan(model: Record, cfg: ExportConfig, out_dir: Path, n_shards: int) -> Record:
+def run_export_plan(model: ModelRecord, cfg: ExportConfig, out_dir: Path, n_shards: int) -> ShardPlanRecord:
     """Plan the sharded top-k table ``out_dir/<model>/topk`` in at most ``n_shards`` shards; the plan record."""
     from recsys_embed.serving.shards import plan_topk_shards
 
     n_users = len(load_embeddings(model["embeddings"]).users)
-    return plan_topk_shards(n_users, cfg.chunk_users, n_shards, Path(out_dir) / model["model"] / "topk").to_dict()
+    plan = plan_topk_shards(n_users, cfg.chunk_users, n_shards, Path(out_dir) / model["model"] / "topk")
+    return cast(ShardPlanRecord, plan.to_dict())
 
 
-def run_export_shard(model: Record, split: Record, cfg: ExportConfig, plan: Record, index: int, run_id: str) -> Record:
+def run_export_shard(
+    model: ModelRecord, split: SplitRecord, cfg: ExportConfig, plan: ShardPlanRecord, index: int, run_id: str
+) -> ShardRecord:
     """Write shard ``index`` of ``plan`` (``shards.export_topk_shard``); its result (rows, users, parts)."""
     from dataclasses import asdict
 
@@ -787,22 +825,22 @@ def run_export_shard(model: Record, split: Record, cfg: ExportConfig, plan: Reco
 
     emb = load_embeddings(model["embeddings"])
     seen = load_csr(split["train"])
-    return asdict(export_topk_shard(emb, seen, cfg, ShardPlan.from_dict(plan), index, run_id))
+    return cast(ShardRecord, asdict(export_topk_shard(emb, seen, cfg, ShardPlan.from_dict(dict(plan)), index, run_id)))
 
 
-def run_export_commit(model: Record, split: Record, cfg: ExportConfig, plan: Record) -> Record:
+def run_export_commit(model: ModelRecord, split: SplitRecord, cfg: ExportConfig, plan: ShardPlanRecord) -> ExportRecord:
     """Check every shard of ``plan`` and commit the top-k table; the ``topk`` part of ``run_export``'s record."""
     from recsys_embed.serving.shards import ShardPlan, commit_topk_shards
 
-    res = commit_topk_shards(ShardPlan.from_dict(plan), cfg)
-    record: Record = {"model": model["model"], "topk": res.path, "topk_rows": res.rows, "topk_users": res.users,
+    res = commit_topk_shards(ShardPlan.from_dict(dict(plan)), cfg)
+    record: ExportRecord = {"model": model["model"], "topk": res.path, "topk_rows": res.rows, "topk_users": res.users,
                       "topk_shards": len(plan["shards"])}  # fmt: skip
     if cfg.search.kind != "exact":
         record.update(search_quality(load_embeddings(model["embeddings"]), load_csr(split["train"]), cfg))
     return record
 
 
-def search_quality(emb: Embeddings, seen: Any, cfg: ExportConfig) -> Record:
+def search_quality(emb: Embeddings, seen: Any, cfg: ExportConfig) -> SearchQuality:
     """For an approximate search (``export.search.kind`` hnsw / ivf): its recall@k against exact search on a
     seeded user sample, as ``{"search": kind, "ann_recall_at_k": r}``; empty for exact search."""
     if cfg.search.kind == "exact":
@@ -814,7 +852,7 @@ def search_quality(emb: Embeddings, seen: Any, cfg: ExportConfig) -> Record:
     return {"search": cfg.search.kind, "ann_recall_at_k": round(recall, 6)}
 
 
-def run_export_similar(model: Record, cfg: ExportConfig, out_dir: Path, run_id: str) -> Record:
+def run_export_similar(model: ModelRecord, cfg: ExportConfig, out_dir: Path, run_id: str) -> SimilarRecord:
     """The similar-items table of ``run_export`` alone (empty record for popularity, which has none)."""
     from recsys_embed.serving.export import export_similar_items
 
@@ -826,8 +864,8 @@ def run_export_similar(model: Record, cfg: ExportConfig, out_dir: Path, run_id: 
 
 
 def run_db_export(
-    export: Record, cfg: DatabaseExportConfig, root: Path, run_id: str, model_version: str | None
-) -> Record:
+    export: ExportRecord, cfg: DatabaseExportConfig, root: Path, run_id: str, model_version: str | None
+) -> DatabaseRecord:
     """Copy one model's committed top-k (and similar-items) tables into the configured database.
 
     The URI comes from ``$<cfg.uri_env>``, else ``cfg.uri``, else SQLite ``<root>/recommendations.db``. The
@@ -845,7 +883,8 @@ def run_db_export(
                 "(e.g. postgresql://user:password@host:5432/db) or set export.database.uri"
             )
     uri = resolve_uri(uri or f"sqlite:///{(Path(root) / 'recommendations.db').resolve().as_posix()}")
-    record: Record = {"uri": redact(uri), "model": export["model"], "model_version": model_version, "tables": {}}
+    record: DatabaseRecord = {"uri": redact(uri), "model": export["model"], "model_version": model_version,
+                              "tables": {}}  # fmt: skip
     res = export_table(export["topk"], uri, cfg.topk_table, model_version, cfg.batch_rows, ("user_id", "rank"))
     record["tables"][cfg.topk_table] = res.rows
     checkpoint("db-export")  # the top-k table is swapped in, the similar-items table not yet
@@ -875,12 +914,12 @@ def run_register(
     cfg: RegistryConfig,
     eval_cfg: EvalConfig,
     name: str,
-    split: Record | None = None,
-    validations: dict[str, Record] | None = None,
+    split: SplitRecord | None = None,
+    validations: dict[str, ValidationRecord] | None = None,
     models_cfg: ModelsConfig | None = None,
     work_dir: Path | None = None,
     cache_root: Path | None = None,
-) -> Record:
+) -> RegistryDecision:
     """Register the shipped best model under ``name`` (``registry.register_best``); the decision record.
 
     The champion's recipe is judged on this run's validation window, fitted on this run's fit window: taken from
@@ -896,8 +935,8 @@ def run_register(
         if split is None or models_cfg is None or not tags.get("recipe"):
             return None
         for m, v in (validations or {}).items():
-            if v.get("per_user") and recipe(m, models_cfg)[0] == tags["recipe"]:
-                return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(v["per_user"]),
+            if (p := v["per_user"]) and recipe(m, models_cfg)[0] == tags["recipe"]:
+                return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(p),
                                      f"its recipe is this run's {m}: fitted on this run's fit window, scored on its "
                                      "validation window")  # fmt: skip
         champ_model = tags.get("model", "")
@@ -911,14 +950,14 @@ def run_register(
             log.warning("registry: the champion's recipe (%s) could not be re-fitted on this run's fit window (%s); "
                         "comparing stored validation metrics", champ_model, str(e).splitlines()[0])  # fmt: skip
             return None
-        if not v.get("per_user"):
+        if not (p := v["per_user"]):
             return None
-        return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(v["per_user"]),
+        return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(p),
                              "its recipe re-fitted on this run's fit window, scored on its validation window")
 
     decision = register_best(settings, candidate, export_cfg, cfg, eval_cfg.primary_metric, judge, name)
     checkpoint("register")  # the version is registered, the run has not finished
-    return decision
+    return cast(RegistryDecision, decision)
 
 
 def shipped_models(wanted: list[str], best: str | None, trained: list[str]) -> list[str]:
@@ -941,7 +980,7 @@ CURRENT = "current"  # <root>/current -> runs/<run>/exports/<champion model>: th
 CHAMPION_FILE = "champion.json"
 
 
-def run_publish(root: Path, export: Record, decision: Record | None) -> Record:
+def run_publish(root: Path, export: ExportRecord, decision: RegistryDecision | None) -> PublishRecord:
     """Point the pipeline's stable paths at the champion's tables; the record of what they point at.
 
     ``<root>/champion.json`` names the champion's run, model, registered version and table paths, and the
@@ -958,7 +997,7 @@ def run_publish(root: Path, export: Record, decision: Record | None) -> Record:
     if not moves and not pointer.exists():
         moves = decision is not None and decision.get("alias") == "champion"  # unchanged champion, pointer lost
     if moves:
-        record: Record = {
+        record: PublishRecord = {
             "model": export["model"],
             "version": decision["version"] if decision else None,
             "registered_model": decision["name"] if decision else None,
@@ -966,10 +1005,12 @@ def run_publish(root: Path, export: Record, decision: Record | None) -> Record:
             "export": {k: export.get(k) for k in ("model", "topk", "topk_rows", "topk_users", "similar_items",
                                                   "similar_rows", "fallback_users", "model_users")},
             # absolute: downstream readers open them from anywhere
-            **{f"{t}_path": str(Path(export[t]).resolve()) for t in ("topk", "similar_items") if export.get(t)},
+            "topk_path": str(Path(export["topk"]).resolve()),
             "trained_on": export.get("trained_on"),
             "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }  # fmt: skip
+        if similar := export.get("similar_items"):
+            record["similar_items_path"] = str(Path(similar).resolve())
         write_json_atomic(record, pointer)
         target = Path(record["export"]["topk"]).parent
         tmp = link.with_name(f".{CURRENT}.tmp-{os.urandom(4).hex()}")

@@ -40,6 +40,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, mlflow_config: 
     from recsys_embed.config import load_config, load_mlflow_settings
     from recsys_embed.io import write_json_atomic
     from recsys_embed.pipeline import stages
+    from recsys_embed.pipeline.records import SplitRecord
 
     cfg = load_config(config, overrides)
     record_file = Path(run_dir) / "split" / "record.json"
@@ -47,7 +48,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, mlflow_config: 
         raise FileNotFoundError(
             f"no split record at '{record_file}'; pass --run-dir outputs/<name>/runs/<run> of a finished run"
         )
-    split: dict[str, Any] = json.loads(record_file.read_text(encoding="utf-8"))
+    split: SplitRecord = json.loads(record_file.read_text(encoding="utf-8"))
     rank = launcher_rank()
     logger = None
     settings = load_mlflow_settings(mlflow_config) if mlflow_run_id else None

@@ -6,6 +6,7 @@ Pure formatting lives here next to the logging calls so the flow stays a wiring 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ def log_run_inputs(
     tracker: Tracker,
     run_id: str,
     cfg: PipelineConfig,
-    ingest: dict[str, Any],
-    split: dict[str, Any],
+    ingest: Mapping[str, Any],
+    split: Mapping[str, Any],
     commit: str | None,
 ) -> None:
     """Params, dataset, row accounting and quarantine summary on the parent run."""
@@ -72,10 +73,10 @@ def log_run_inputs(
 def log_model_run(
     tracker: Tracker,
     run_id: str,
-    model: dict[str, Any],
+    model: Mapping[str, Any],
     metrics: dict[str, float],
-    export: dict[str, Any],
-    split: dict[str, Any],
+    export: Mapping[str, Any] | None,
+    split: Mapping[str, Any],
 ) -> None:
     """Hyperparameters, metrics, dataset, embeddings, ID maps, exports (preview + full when small) and plots on the
     model's run.
@@ -86,6 +87,7 @@ def log_model_run(
     shows which data its metrics come from.
     """
     name = model["model"]
+    export = export or {}  # None: the model's tables were not shipped
     tracker.log_params(run_id, {f"info.{k}": v for k, v in model["info"].items() if not isinstance(v, dict | list)})
     hyper, datasets = _parent_context(tracker, run_id, name)
     tracker.log_params(run_id, hyper)
@@ -148,7 +150,7 @@ def _parent_context(tracker: Tracker, run_id: str, name: str) -> tuple[dict[str,
     return hyper, datasets
 
 
-def model_description(name: str, model: dict[str, Any], metrics: dict[str, float], hyper: dict[str, Any]) -> str:
+def model_description(name: str, model: Mapping[str, Any], metrics: dict[str, float], hyper: dict[str, Any]) -> str:
     """A nested run's description (Markdown): what was trained, with what, and how it scored."""
     info = model.get("info", {})
     lines = [f"**{name}** ({info.get('backend', 'numpy')}), trained in {model['train_seconds']:.1f} s"
