@@ -15,7 +15,9 @@ The chain of the main flow::
 
 from __future__ import annotations
 
-from typing import Any, Required, TypedDict
+from typing import Any, Required
+
+from typing_extensions import TypedDict  # pydantic (Prefect validates task arguments) needs them on 3.11
 
 
 class IngestRecord(TypedDict, total=False):

@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -286,27 +287,38 @@ def run_split(
     ``<cache_root>/split-<split_cache_key>/`` and ``out_dir`` is a hard-linked copy; an unchanged ingest and split
     config reuse the cached folder (``record["cached"]``).
     """
+    return _cached_split(
+        "split", lambda: split_cache_key(ingest, ingest_cfg, cfg),
+        lambda folder, key: _split_into(folder, key, ingest, ingest_cfg, cfg), out_dir, cache_root,
+    )  # fmt: skip
+
+
+def _cached_split(
+    prefix: str,
+    cache_key: Callable[[], str],
+    build: Callable[[Path, str | None], SplitRecord],
+    out_dir: Path,
+    cache_root: Path | None,
+) -> SplitRecord:
+    """A split-shaped stage (``run_split``, ``run_full``): ``build`` into ``out_dir`` without a cache; else once
+    into ``<cache_root>/<prefix>-<key>/`` (reused when complete) and a hard-linked copy committed at ``out_dir``,
+    the record's paths moved to it."""
     out_dir = Path(out_dir)
     if cache_root is None:
-        record = _split_into(out_dir, None, ingest, ingest_cfg, cfg)
+        record = build(out_dir, None)
         record["cached"] = False
         return record
-    key = split_cache_key(ingest, ingest_cfg, cfg)
-    folder = Path(cache_root) / f"split-{key}"
+    key = cache_key()
+    folder = Path(cache_root) / f"{prefix}-{key}"
     cached = is_complete_table(folder)
     if cached:
-        log.info("split: events and split config unchanged, reusing %s", folder)
+        log.info("%s: its inputs and config are unchanged, reusing %s", prefix, folder)
         record = _load_record(folder)
     else:
-        record = _split_into(folder, key, ingest, ingest_cfg, cfg)
-    return _run_copy(folder, out_dir, record, cached)
-
-
-def _run_copy(folder: Path, out_dir: Path, record: Any, cached: bool) -> Any:
-    """Commit the run's hard-linked copy ``out_dir`` of the cache folder ``folder``; ``record`` moved to it."""
+        record = build(folder, key)
     moves = [(str(folder), str(out_dir))]
     _link_copy(folder, out_dir, moves)
-    moved = _relocate(record, moves)
+    moved: SplitRecord = _relocate(record, moves)
     moved["cached"] = cached
     return moved
 
@@ -675,18 +687,10 @@ def run_full(
     time) and ``rows`` (kept events fitted on). Cached under ``<cache_root>/full-<key>/``; the run gets a
     hard-linked copy at ``out_dir``.
     """
-    out_dir = Path(out_dir)
-    if cache_root is None:
-        record = _full_into(out_dir, None, ingest, ingest_cfg, split)
-        record["cached"] = False
-        return record
-    key = full_cache_key(ingest, ingest_cfg, split)
-    folder = Path(cache_root) / f"full-{key}"
-    cached = is_complete_table(folder)
-    record = _load_record(folder) if cached else _full_into(folder, key, ingest, ingest_cfg, split)
-    if cached:
-        log.info("refit data: log and maps unchanged, reusing %s", folder)
-    return _run_copy(folder, out_dir, record, cached)
+    return _cached_split(
+        "full", lambda: full_cache_key(ingest, ingest_cfg, split),
+        lambda folder, key: _full_into(folder, key, ingest, ingest_cfg, split), out_dir, cache_root,
+    )  # fmt: skip
 
 
 def _full_into(
