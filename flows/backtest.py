@@ -27,7 +27,7 @@ from recsys_embed.config import IngestConfig, MlflowSettings, load_config, load_
 from recsys_embed.evaluation import backtest
 from recsys_embed.pipeline import stages
 from recsys_embed.pipeline.lock import run_lock
-from recsys_embed.pipeline.records import IngestRecord
+from recsys_embed.pipeline.records import IngestRecord, RunManifest
 from recsys_embed.tracking.tracker import Tracker
 
 
@@ -46,8 +46,8 @@ def cutoff_task(events: str, holdout_days: int | None, cutoff: datetime | None) 
 
 @task(name="backtest-score", cache_policy=NONE)
 def score_task(
-    events: str, cutoff: datetime, manifest: dict[str, Any], name: str, k: int, ks: list[int], seed: int,
-    holdout_days: int | None, defaults: dict[str, Any] | None = None,
+    events: str, cutoff: datetime, manifest: RunManifest, name: str, k: int, ks: list[int], seed: int,
+    holdout_days: int | None, defaults: RunManifest | None = None,
 ) -> backtest.BacktestResult:  # fmt: skip
     return backtest.run_scoring(events, cutoff, manifest, name=name, k=k, ks=ks, seed=seed, holdout_days=holdout_days,
                                 defaults=defaults)  # fmt: skip

@@ -1,6 +1,6 @@
 """Distributed runs: the top-k export as one Prefect task per user shard on Dask (prefect-dask).
 
-Orchestration only; the work is ``recsys_embed.pipeline.stages.run_export_plan / _shard / _commit / _similar``.
+Orchestration only; the work is ``recsys_embed.pipeline.shipping.run_export_plan / _shard / _commit / _similar``.
 
 - ``dask_cluster(cfg.distributed)``: the run's Dask cluster. ``distributed.address`` connects to an existing
   scheduler (checked up front, so a wrong address fails at once and names the key); otherwise a
@@ -32,7 +32,7 @@ from prefect.cache_policies import NONE
 
 from recsys_embed.config import DistributedConfig, ExportConfig
 from recsys_embed.errors import ConfigError
-from recsys_embed.pipeline import stages
+from recsys_embed.pipeline import shipping
 from recsys_embed.pipeline.records import (
     ExportRecord,
     ModelRecord,
@@ -142,7 +142,7 @@ def dask_cluster(cfg: DistributedConfig) -> Iterator[DaskCluster | None]:
 
 @task(name="export-plan", cache_policy=NONE, task_run_name="export-plan-{model[model]}")
 def export_plan_task(model: ModelRecord, cfg: ExportConfig, out_dir: str, n_shards: int) -> ShardPlanRecord:
-    return stages.run_export_plan(model, cfg, Path(out_dir), n_shards)
+    return shipping.run_export_plan(model, cfg, Path(out_dir), n_shards)
 
 
 @task(
@@ -155,7 +155,7 @@ def export_plan_task(model: ModelRecord, cfg: ExportConfig, out_dir: str, n_shar
 def export_shard_task(
     model: ModelRecord, split: SplitRecord, cfg: ExportConfig, plan: ShardPlanRecord, index: int, run_id: str
 ) -> ShardRecord:
-    return stages.run_export_shard(model, split, cfg, plan, index, run_id)
+    return shipping.run_export_shard(model, split, cfg, plan, index, run_id)
 
 
 @task(name="export-commit", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE,
@@ -168,20 +168,20 @@ def export_commit_task(
     shards: list[ShardRecord],
 ) -> ExportRecord:
     del shards  # a dependency only: the commit reads each shard's receipt from disk and checks it
-    return stages.run_export_commit(model, split, cfg, plan)
+    return shipping.run_export_commit(model, split, cfg, plan)
 
 
 @task(name="export-similar", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE,
       task_run_name="export-similar-{model[model]}")  # fmt: skip
 def export_similar_task(model: ModelRecord, cfg: ExportConfig, out_dir: str, run_id: str) -> SimilarRecord:
-    return stages.run_export_similar(model, cfg, Path(out_dir), run_id)
+    return shipping.run_export_similar(model, cfg, Path(out_dir), run_id)
 
 
 @flow(name="sharded-export", flow_run_name="sharded-export-{model[model]}")
 def sharded_export(
     model: ModelRecord, split: SplitRecord, cfg: ExportConfig, n_shards: int, out_dir: str, run_id: str
 ) -> ExportRecord:
-    """One model's exports, with the top-k table in shards: the same record as ``stages.run_export`` plus
+    """One model's exports, with the top-k table in shards: the same record as ``shipping.run_export`` plus
     ``topk_shards``. Run it with a ``DaskTaskRunner`` (``run_sharded_export``); under the default runner the
     shards run on threads of this process."""
     plan = export_plan_task(model, cfg, out_dir, n_shards)

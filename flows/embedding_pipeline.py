@@ -42,7 +42,7 @@ from recsys_embed.data.incremental import commit_state, nothing_new, run_increme
 from recsys_embed.io import write_json_atomic
 from recsys_embed.models.factory import runnable_models
 from recsys_embed.models.tuning import apply_tuning, log_tuning
-from recsys_embed.pipeline import stages
+from recsys_embed.pipeline import shipping, stages
 from recsys_embed.pipeline.lock import run_lock
 from recsys_embed.pipeline.records import (
     DatabaseRecord,
@@ -51,7 +51,9 @@ from recsys_embed.pipeline.records import (
     ModelRecord,
     PublishRecord,
     RegistryDecision,
+    RunManifest,
     SplitRecord,
+    TunedModel,
     TuneRecord,
     ValidationRecord,
 )
@@ -125,7 +127,7 @@ def tune_task(
 @task(name="tuning-report", cache_policy=NONE, task_run_name="tuning-report-{name}")
 def tuning_report_task(
     settings: MlflowSettings, run_id: str, name: str, split: SplitRecord, defaults_cfg: ModelsConfig,
-    final_cfg: ModelsConfig, eval_cfg: EvalConfig, tuned: dict[str, Any], metrics: dict[str, float], out_dir: str,
+    final_cfg: ModelsConfig, eval_cfg: EvalConfig, tuned: TunedModel, metrics: dict[str, float], out_dir: str,
     cache_root: str, tuning_metric: str,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     test = stages.score_defaults(
@@ -163,7 +165,7 @@ def refit_task(
     out_dir: str,
     cache_root: str,
 ) -> ModelRecord:
-    refit_cfg = stages.refit_models_config(name, models_cfg, model["info"])
+    refit_cfg = stages.refit_models_config(name, models_cfg, model)
     return stages.run_train(name, full, refit_cfg, eval_cfg, Path(out_dir), cache_root=Path(cache_root),
                             cache_prefix="refit")  # fmt: skip
 
@@ -172,14 +174,14 @@ def refit_task(
 def serve_task(
     name: str, refit: ModelRecord, popularity: ModelRecord | None, full: SplitRecord, out_dir: str
 ) -> ModelRecord:
-    return stages.run_serve(name, refit, popularity, full, Path(out_dir))
+    return shipping.run_serve(name, refit, popularity, full, Path(out_dir))
 
 
 @task(name="export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE, task_run_name="export-{model[model]}")
 def export_task(
     model: ModelRecord, split: SplitRecord, cfg: ExportConfig, out_dir: str, run_id: str
 ) -> ExportRecord:
-    return stages.run_export(model, split, cfg, Path(out_dir), run_id)
+    return shipping.run_export(model, split, cfg, Path(out_dir), run_id)
 
 
 @task(name="log-model", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE, task_run_name="log-{model[model]}")
@@ -205,21 +207,21 @@ def register_task(
     work_dir: str,
     cache_root: str,
 ) -> RegistryDecision:
-    return stages.run_register(settings, candidate, cfg.export, cfg.registry, cfg.eval,
+    return shipping.run_register(settings, candidate, cfg.export, cfg.registry, cfg.eval,
                                registered_name(cfg, settings), split, validations, models_cfg, Path(work_dir),
                                Path(cache_root))  # fmt: skip
 
 
 @task(name="publish", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
 def publish_task(root: str, export: ExportRecord, decision: RegistryDecision | None) -> PublishRecord:
-    return stages.run_publish(Path(root), export, decision)
+    return shipping.run_publish(Path(root), export, decision)
 
 
 @task(name="db-export", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
 def db_export_task(
     export: ExportRecord, cfg: DatabaseExportConfig, root: str, run_id: str, model_version: str | None
 ) -> DatabaseRecord:
-    return stages.run_db_export(export, cfg, Path(root), run_id, model_version)
+    return shipping.run_db_export(export, cfg, Path(root), run_id, model_version)
 
 
 @flow(name="embedding-pipeline")
@@ -228,7 +230,7 @@ def embedding_pipeline(
     overrides: list[str] | None = None,
     mlflow_config: str = "mlflow.yml",
     force: bool = False,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the whole pipeline; returns the run manifest (also written as ``summary.json``).
 
     One run at a time per output folder: a second one fails at once with a message naming the holder. An
@@ -249,7 +251,7 @@ def _run_pipeline(
     root: Path,
     cluster: DaskCluster | None = None,
     force: bool = False,
-) -> dict[str, Any]:
+) -> RunManifest:
     logger = get_run_logger()
     crashed = mark_dead_runs_crashed(root)  # holding the lock: other RUNNING flow runs of this folder are dead
     if crashed:
@@ -321,7 +323,7 @@ def _run_pipeline(
             t0 = time.perf_counter()
             selection = stages.select_best(validations, cfg.eval)
             best = selection["best"]
-            shipped = stages.shipped_models(cfg.export.models, best, list(models))
+            shipped = shipping.shipped_models(cfg.export.models, best, list(models))
             logger.info("selection (validation window): %s; shipping %s", selection["reason"], ", ".join(shipped))
 
             exports: dict[str, ExportRecord] = {}
@@ -378,8 +380,8 @@ def _run_pipeline(
             tracker.set_tags(model_runs[best], {"best_model": "true"})
             tracker.set_tags(parent, {"best_model": best})
             if cfg.registry.enabled:
-                key = stages.run_key(str(ingest.get("fingerprint") or ingest["key"]), cfg.model_dump(mode="json"))
-                recipe_hash, recipe_config = stages.recipe(best, models_cfg)  # the tuned recipe
+                key = shipping.run_key(str(ingest.get("fingerprint") or ingest["key"]), cfg.model_dump(mode="json"))
+                recipe_hash, recipe_config = shipping.recipe(best, models_cfg)  # the tuned recipe
                 window = exports[best]["trained_on"].get("window") or {}
                 candidate = Candidate(
                     best, model_runs[best], parent, exports[best]["embeddings"], exports[best]["history"],
@@ -400,7 +402,7 @@ def _run_pipeline(
             if cfg.export.database.enabled:
                 database = db_export_task(cast(ExportRecord, current["export"]), cfg.export.database, str(root), parent,
                                           current.get("version"))  # fmt: skip
-        manifest: dict[str, Any] = {
+        manifest: RunManifest = {
             "run_name": run_name,
             "run_dir": str(run_dir.resolve()),
             "config": config_path,
@@ -480,7 +482,7 @@ def _evaluated_as(validation: ValidationRecord, test: dict[str, float], split: S
     }
 
 
-def _nothing_new(reason: str, run_name: str, config_path: str | None, root: Path, tracker: Tracker) -> dict[str, Any]:
+def _nothing_new(reason: str, run_name: str, config_path: str | None, root: Path, tracker: Tracker) -> RunManifest:
     """The result of an incremental run with nothing to do: a log line, a Prefect artifact, no MLflow run."""
     latest_file = root / "latest.json"
     latest = json.loads(latest_file.read_text(encoding="utf-8")) if latest_file.exists() else {}

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from recsys_embed.tracking.tracker import redact_uri
     from recsys_embed.types import RowReport
 
-    manifest: dict[str, Any] = embedding_pipeline(
+    manifest: Mapping[str, Any] = embedding_pipeline(
         config_path=args.config, overrides=args.overrides, mlflow_config=args.mlflow_config, force=args.force
     )
     if manifest.get("nothing_new"):

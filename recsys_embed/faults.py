@@ -6,10 +6,10 @@ Production code calls ``checkpoint("<point>")`` at the boundaries the fault suit
 - ``split``: mid-split, the train matrix staged, ID maps and targets not (``stages.run_split``);
 - ``train:<model>``: fitted, nothing saved (``stages.run_train``);
 - ``evaluate:<model>``: test metrics computed, not returned (``stages.run_evaluate``);
-- ``export:<model>``: top-k table committed, similar-items table not written (``stages.run_export``);
+- ``export:<model>``: top-k table committed, similar-items table not written (``shipping.run_export``);
 - ``log:<model>``: the model's MLflow run half logged (``reporting.log_model_run``);
-- ``register``: a registry version created, the run not finished (``stages.run_register``);
-- ``db-export``: the top-k database table swapped in, the similar-items one not (``stages.run_db_export``);
+- ``register``: a registry version created, the run not finished (``shipping.run_register``);
+- ``db-export``: the top-k database table swapped in, the similar-items one not (``shipping.run_db_export``);
 - ``export-shard:<i>``: one Dask shard of the top-k table written (``shards``);
 - ``tune-trial:<model>:<n>``: trial number n of a search fitted and scored, not stored as finished (``tuning``);
 - ``tune:<model>:<n>``: the n-th trial of a model's search stored, the next not started (``tuning``).

@@ -101,7 +101,7 @@ def test_exact_kind_is_the_exact_scorer_and_allow_deny_are_respected() -> None:
 def test_export_with_an_index_writes_the_table_and_reports_its_recall(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from recsys_embed.config import ExportConfig
     from recsys_embed.io import read_table
-    from recsys_embed.pipeline.stages import search_quality
+    from recsys_embed.pipeline.shipping import search_quality
     from recsys_embed.serving.export import export_topk
 
     emb = _clustered(200, 2000)

@@ -17,7 +17,7 @@ import pytest
 from recsys_embed.config import PipelineConfig, load_config
 from recsys_embed.errors import ConfigError, OutputError
 from recsys_embed.io import inside, read_table
-from recsys_embed.pipeline import stages
+from recsys_embed.pipeline import shipping, stages
 from recsys_embed.serving import dbexport
 
 USERS = [
@@ -111,7 +111,7 @@ def test_code_like_ids_round_trip_through_ingest_export_and_the_database(
     assert ingest["report"]["quarantined_total"] == 0  # code-looking strings are valid IDs, not bad rows
     split = stages.run_split(ingest, cfg.ingest, cfg.split, run_dir / "split")
     model = stages.run_train("als", split, cfg.models, cfg.eval, run_dir / "models")
-    export = stages.run_export(model, split, cfg.export, run_dir / "exports", "run'); DROP TABLE x;--")
+    export = shipping.run_export(model, split, cfg.export, run_dir / "exports", "run'); DROP TABLE x;--")
 
     # Parquet: every user and item is one of ours, byte for byte
     topk, similar = read_table(export["topk"]), read_table(export["similar_items"])

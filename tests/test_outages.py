@@ -88,7 +88,7 @@ def test_server_killed_mid_run_keeps_local_outputs_and_says_how_to_recover(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from recsys_embed.io import is_complete_table, read_table
-    from recsys_embed.pipeline import stages
+    from recsys_embed.pipeline import shipping, stages
     from recsys_embed.tracking import reporting
 
     cfg = PipelineConfig.model_validate(
@@ -109,7 +109,7 @@ def test_server_killed_mid_run_keeps_local_outputs_and_says_how_to_recover(
         child = tracker.start_run("popularity", parent_run_id=parent)
         model = stages.run_train("popularity", split, cfg.models, cfg.eval, run_dir / "models")
         metrics = stages.run_evaluate(model, split, cfg.eval)
-        export = stages.run_export(model, split, cfg.export, run_dir / "exports", parent)
+        export = shipping.run_export(model, split, cfg.export, run_dir / "exports", parent)
 
         server.kill()  # the outage: between the export and the model's MLflow logging
         # keep the test quick: no retries inside MLflow's HTTP client (Tracker defaults it to 2, ~3 s per call,

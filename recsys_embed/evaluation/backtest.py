@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -368,7 +368,7 @@ def hand_glued_als_table(before: pl.DataFrame, users: pl.Series, k: int, seed: i
 # Which tables, the comparison, the result
 
 
-def shipped_tables(manifest: dict[str, Any]) -> dict[str, str]:
+def shipped_tables(manifest: Mapping[str, Any]) -> dict[str, str]:
     """Model -> top-k table path of what a pipeline run ships, its best model first.
 
     Reads ``manifest["exports"][model]["topk"]``: the shipped tables (``export.models``; the production refits
@@ -516,7 +516,7 @@ def defaults_vs_tuned(result: BacktestResult) -> list[dict[str, Any]]:
 # Edges: read, score, write, log
 
 
-def _pipeline_facts(manifest: dict[str, Any]) -> dict[str, Any]:
+def _pipeline_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "run_dir": manifest.get("run_dir"),
         "mlflow_run_id": (manifest.get("mlflow") or {}).get("run_id"),
@@ -526,7 +526,7 @@ def _pipeline_facts(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def searched_params(manifest: dict[str, Any], model: str) -> dict[str, Any]:
+def searched_params(manifest: Mapping[str, Any], model: str) -> dict[str, Any]:
     """The hyperparameters of ``model`` that a run's search covered, as the run refitted them: the tuned values
     when it searched, else the configured ones of the same names (read from the run's ``tuning`` record)."""
     rec = ((manifest.get("tuning") or {}).get("models") or {}).get(model) or {}
@@ -536,14 +536,14 @@ def searched_params(manifest: dict[str, Any], model: str) -> dict[str, Any]:
 def run_scoring(
     events_path: str | Path,
     cutoff: datetime,
-    manifest: dict[str, Any],
+    manifest: Mapping[str, Any],
     *,
     name: str,
     k: int,
     ks: Sequence[int],
     seed: int,
     holdout_days: int | None = None,
-    defaults: dict[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> BacktestResult:
     """Score a backtest pipeline run's shipped tables and both baselines against the events after ``cutoff``.
 

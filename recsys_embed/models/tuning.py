@@ -514,7 +514,7 @@ def log_tuning(
     tracker: Tracker,
     run_id: str,
     name: str,
-    model: Record,
+    model: Mapping[str, Any],
     final: dict[str, Any],
     test: dict[str, dict[str, float]],
     metric: str,

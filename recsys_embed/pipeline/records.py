@@ -89,13 +89,35 @@ class ModelRecord(TypedDict, total=False):
     model_users: int
 
 
+class TunedModel(TypedDict, total=False):
+    """One searched model in ``TuneRecord.models`` (``tuning.tune_models``)."""
+
+    study: Required[str]  # the Optuna study name in the SQLite storage
+    params: Required[dict[str, Any]]  # the best trial's parameters: what training and the refit use
+    best_value: float
+    best_trial: int
+    defaults: dict[str, Any]  # the configured values of the searched parameters (trial 0)
+    default_value: float | None
+    n_trials: int
+    complete: int
+    pruned: int
+    failed: int
+    reused_trials: int  # finished trials read back from the storage (a resumed search)
+    new_trials: int
+    stopped_by: str  # "trials" | "time"
+    seconds: float
+    trials: str  # trials.csv
+    plots: dict[str, str]  # Optuna's plots (PNG)
+    test: dict[str, dict[str, float]]  # added by the flow: test metrics, defaults beside tuned
+
+
 class TuneRecord(TypedDict, total=False):
     """``run_tune``: per searched model its study, best and default parameters and values (``cache/tune-<key>/``)."""
 
     metric: Required[str]
     storage: str | None  # the Optuna SQLite file
     seconds: float
-    models: Required[dict[str, dict[str, Any]]]  # model -> study, params, best_value, defaults, trials, plots, ...
+    models: Required[dict[str, TunedModel]]
     key: str
     folder: str
     skipped: dict[str, str]  # model -> why it was not searched
@@ -231,3 +253,36 @@ class PublishRecord(TypedDict, total=False):
     moved: bool
     champion_file: str
     current: str
+
+
+class RunManifest(TypedDict, total=False):
+    """What a pipeline run returns and writes as ``runs/<run>/summary.json`` (``flows/embedding_pipeline.py``); an
+    incremental run with nothing new returns only ``run_name``, ``config``, ``nothing_new`` and ``latest``."""
+
+    run_name: Required[str]
+    config: Required[str | None]
+    run_dir: str
+    mlflow: dict[str, Any]  # run_id, model_runs, tracking_uri, experiment_id, ui_path, ui_url
+    primary_metric: str
+    best_model: str | None
+    selection: SelectionRecord
+    shipped: list[str]
+    metrics: dict[str, dict[str, float]]  # test window, per model (reported, never used to choose)
+    val_metrics: dict[str, dict[str, float]]
+    models: dict[str, dict[str, Any]]  # the evaluation fits: embeddings, train_seconds, info
+    accounting: dict[str, Any]
+    split: dict[str, Any]
+    test_cold_users: int | None
+    ingest_cached: bool
+    reused: dict[str, Any]
+    quarantine: str
+    item_text: str | None
+    exports: dict[str, ExportRecord]
+    incremental: dict[str, Any] | None
+    registry: RegistryDecision | None
+    current: PublishRecord | None
+    timing: dict[str, float]
+    database: DatabaseRecord | None
+    tuning: TuneRecord | None
+    nothing_new: str
+    latest: dict[str, Any] | None

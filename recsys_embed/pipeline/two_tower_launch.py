@@ -39,7 +39,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, mlflow_config: 
     """Train (every rank), then on rank 0 evaluate, export and record; returns rank 0's record, None elsewhere."""
     from recsys_embed.config import load_config, load_mlflow_settings
     from recsys_embed.io import write_json_atomic
-    from recsys_embed.pipeline import stages
+    from recsys_embed.pipeline import shipping, stages
     from recsys_embed.pipeline.records import SplitRecord
 
     cfg = load_config(config, overrides)
@@ -65,7 +65,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, mlflow_config: 
     out: dict[str, Any] = {"model": model}
     if split.get("test_targets"):
         out["metrics"] = stages.run_evaluate(model, split, cfg.eval)
-    out["export"] = stages.run_export(model, split, cfg.export, Path(run_dir) / "exports", mlflow_run_id or "")
+    out["export"] = shipping.run_export(model, split, cfg.export, Path(run_dir) / "exports", mlflow_run_id or "")
     if settings is not None and mlflow_run_id and "metrics" in out:
         from recsys_embed.tracking.tracker import Tracker
 

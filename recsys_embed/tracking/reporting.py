@@ -205,7 +205,7 @@ def format_metrics(table: pl.DataFrame, ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int]) -> str:
+def summary_markdown(manifest: Mapping[str, Any], table: pl.DataFrame, ks: list[int]) -> str:
     """The Prefect markdown artifact: metrics, accounting, exports, MLflow link."""
     manifest = redact_tree(manifest)
     lines = [f"# recsys-embed run `{manifest['run_name']}`", ""]
@@ -280,7 +280,7 @@ def summary_markdown(manifest: dict[str, Any], table: pl.DataFrame, ks: list[int
     return "\n".join(lines)
 
 
-def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(path: Path, manifest: Mapping[str, Any]) -> Path:
     """Write the run manifest (``summary.json``) atomically; any credentials in a URI are masked first.
 
     Every path in it is absolute (``absolute_paths``), so the file means the same read from any folder.
