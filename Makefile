@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check recsys_embed flows tests
 	$(BIN)/mypy
 
-# PostgreSQL server binaries let tests/test_dbexport.py start a throwaway server (initdb + pg_ctl); without
+# PostgreSQL server binaries let tests/serving/test_dbexport.py start a throwaway server (initdb + pg_ctl); without
 # them those cases skip with the reason. On a Debian/Ubuntu CI box running as root they are installed here.
 pg-server:
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \

@@ -14,7 +14,7 @@ Production code calls ``checkpoint("<point>")`` at the boundaries the fault suit
 - ``tune-trial:<model>:<n>``: trial number n of a search fitted and scored, not stored as finished (``tuning``);
 - ``tune:<model>:<n>``: the n-th trial of a model's search stored, the next not started (``tuning``).
 
-``tests/test_faults.py`` kills the flow at each one and checks the re-run. ``checkpoint`` does nothing unless
+``tests/flows/test_faults.py`` kills the flow at each one and checks the re-run. ``checkpoint`` does nothing unless
 ``$RECSYS_EMBED_KILL_AT`` names the point (shell-style patterns allowed, e.g. ``train:*``; several separated by
 commas); then the process is SIGKILLed on the spot, the way an OOM killer or a preempted node would.
 

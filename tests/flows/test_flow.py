@@ -37,7 +37,7 @@ def _overrides(src: Path, out: Path) -> list[str]:
         "models.two_tower.enabled=true",  # off in configs/retail.yaml (CPU time); these tests cover it
         "models.two_tower.max_epochs=2",
         "export.models=[best, als, popularity]",
-        "tuning.enabled=false",  # the search end to end: tests/test_tuning.py
+        "tuning.enabled=false",  # the search end to end: tests/models/test_tuning.py
     ]
 
 

@@ -28,7 +28,7 @@ from recsys_embed.io import is_complete_table, read_table, write_json_atomic
 from recsys_embed.serving.export import export_topk
 from recsys_embed.types import Embeddings, IdMap
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CFG = {"k": 20, "chunk_users": 500, "write_csv": True}
 
 # Builds the same embeddings as _emb() in a fresh interpreter, then runs ``ACTION`` and prints what happened.

@@ -125,7 +125,7 @@ def test_killed_search_resumes_without_repeating_finished_trials(
     (tmp_path / "split.json").write_text(json.dumps(split), encoding="utf-8")
     code = (
         "import json, sys; from pathlib import Path\n"
-        "from recsys_embed import stages\nfrom tests.test_tuning import _cfg\n"
+        "from recsys_embed.pipeline import stages\nfrom tests.models.test_tuning import _cfg\n"
         "log, root = Path(sys.argv[1]), Path(sys.argv[2])\n"
         "split = json.loads((root / 'split.json').read_text())\n"
         "cfg = _cfg(log, root)\n"

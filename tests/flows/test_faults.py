@@ -72,7 +72,7 @@ def _overrides(src: Path, out: Path) -> list[str]:
         "export.database.enabled=true",  # SQLite under the output folder: the db-export point
         "export.models=[best, als, popularity]",  # ALS ships whichever model selection picks: the export:als point
         "models.ease.enabled=false",
-        "tuning.enabled=false",  # killed and resumed searches: tests/test_tuning.py
+        "tuning.enabled=false",  # killed and resumed searches: tests/models/test_tuning.py
     ]
 
 

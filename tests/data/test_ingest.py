@@ -16,7 +16,7 @@ from recsys_embed.data import ingest as ingest_module
 from recsys_embed.data.ingest import EVENT_COLUMNS, REASONS, TS_DTYPE, EventLog, load_events, write_quarantine
 from recsys_embed.errors import DataWarning, IngestError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RETAIL = REPO / "data" / "online-retail" / "events.parquet"
 OTTO = REPO / "data" / "otto-sample" / "events.parquet"
 
