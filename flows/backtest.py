@@ -10,6 +10,9 @@ Orchestration only (the numbers come from ``recsys_embed.evaluation.backtest``):
    shipping every model, so each model is scored refitted with its configured and with its tuned parameters;
 4. score the shipped top-k tables and two baselines on the events after the cutoff; write ``backtest.json`` and
    ``backtest.md`` under ``<output_root>/<name>-backtest-<tag>/`` and log one MLflow run with the table.
+
+One backtest per folder at a time: it holds ``<folder>/.backtest/.run.lock`` throughout (a second one is refused at
+once), and holding it marks CRASHED the Prefect flow runs of killed backtests of that folder (``flows.crashed``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from flows.crashed import claim_root, mark_dead_runs_crashed
 from flows.embedding_pipeline import embedding_pipeline
-from recsys_embed.config import IngestConfig, MlflowSettings, load_config, load_mlflow_settings
+from recsys_embed.config import IngestConfig, MlflowSettings, PipelineConfig, load_config, load_mlflow_settings
 from recsys_embed.evaluation import backtest
 from recsys_embed.pipeline import stages
 from recsys_embed.pipeline.lock import run_lock
@@ -47,10 +51,10 @@ def cutoff_task(events: str, holdout_days: int | None, cutoff: datetime | None) 
 @task(name="backtest-score", cache_policy=NONE)
 def score_task(
     events: str, cutoff: datetime, manifest: RunManifest, name: str, k: int, ks: list[int], seed: int,
-    holdout_days: int | None, defaults: RunManifest | None = None,
+    holdout_days: int | None, defaults: RunManifest | None = None, counts: bool = False,
 ) -> backtest.BacktestResult:  # fmt: skip
     return backtest.run_scoring(events, cutoff, manifest, name=name, k=k, ks=ks, seed=seed, holdout_days=holdout_days,
-                                defaults=defaults)  # fmt: skip
+                                defaults=defaults, counts=counts)  # fmt: skip
 
 
 @task(name="backtest-write", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
@@ -60,8 +64,11 @@ def write_task(result: backtest.BacktestResult, folder: str) -> dict[str, str]:
 
 
 @task(name="backtest-log", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
-def log_task(settings: MlflowSettings, result: backtest.BacktestResult, tags: dict[str, str]) -> str:
-    return backtest.log_results(Tracker(settings), result, tags)
+def log_task(settings: MlflowSettings, result: backtest.BacktestResult, tags: dict[str, str], folder: str) -> str:
+    return backtest.log_results(Tracker(settings, local_outputs=Path(folder)), result, tags)
+
+
+BACKTEST_LOCK = ".backtest"  # <root>/.backtest/.run.lock: held for the whole backtest (its subflows take <root>'s)
 
 
 @flow(name="backtest")
@@ -86,11 +93,27 @@ def backtest_flow(
     if per_model and not cfg.tuning.enabled:
         raise backtest.BacktestError("--per-model compares each model's configured and tuned parameters, but "
                                      "tuning.enabled is false; set it true (or drop --per-model)")  # fmt: skip
-    tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
     if cutoff is not None:
         cutoff = backtest.as_utc(cutoff, cfg.ingest.assume_timezone)
     name = backtest.backtest_name(cfg.name, backtest.backtest_tag(holdout_days, cutoff))
     root = Path(cfg.output_root) / name
+    claim_root(root, "backtest")  # before the slow start: killed before the lock, the next backtest marks it crashed
+    tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
+    # One backtest per folder at a time; holding this lock, every other RUNNING backtest of the folder is dead.
+    with run_lock(root / BACKTEST_LOCK):
+        crashed = mark_dead_runs_crashed(root, "backtest")
+        if crashed:
+            logger.warning("marked %d Prefect flow run(s) of backtests left RUNNING by a killed run as CRASHED: %s",
+                           len(crashed), ", ".join(crashed))  # fmt: skip
+        return _run_backtest(cfg, config_path, overrides, mlflow_config, holdout_days, cutoff, per_model, name, root,
+                             tracker)  # fmt: skip
+
+
+def _run_backtest(
+    cfg: PipelineConfig, config_path: str | None, overrides: list[str], mlflow_config: str, holdout_days: int | None,
+    cutoff: datetime | None, per_model: bool, name: str, root: Path, tracker: Tracker,
+) -> dict[str, Any]:  # fmt: skip
+    logger = get_run_logger()
     with run_lock(root):  # released before the main flow takes it for its own run
         ingest = full_ingest_task(cfg.ingest, str(root / "cache"))
     span = cutoff_task(ingest["events"], holdout_days, cutoff)
@@ -106,11 +129,11 @@ def backtest_flow(
         defaults = embedding_pipeline(config_path, overrides + plain, mlflow_config)
 
     result = score_task(ingest["events"], cut, manifest, name, cfg.export.k, cfg.eval.ks, cfg.seed, holdout_days,
-                        defaults)  # fmt: skip
+                        defaults, cfg.ingest.columns.weight is not None)  # fmt: skip
     paths = write_task(result, str(root))
     text = backtest.markdown(result)
     scope = {"pipeline": name, "output_root": str(root.resolve())}
-    run_id = log_task(tracker.settings, result, scope)
+    run_id = log_task(tracker.settings, result, scope, str(root))
     create_markdown_artifact(markdown=text, key="recsys-embed-backtest", description=f"backtest {name}")
     logger.info("backtest %s:\n%s", name, text)
     return {**result.to_dict(), "paths": paths, "mlflow_run_id": run_id, "markdown": text}

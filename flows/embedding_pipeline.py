@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from flows.crashed import mark_dead_runs_crashed
+from flows.crashed import claim_root, mark_dead_runs_crashed
 from flows.distributed import DaskCluster, dask_cluster, run_sharded_export
 from recsys_embed.config import (
     DatabaseExportConfig,
@@ -40,7 +40,7 @@ from recsys_embed.config import (
 )
 from recsys_embed.data.incremental import commit_state, nothing_new, run_incremental_ingest
 from recsys_embed.io import write_json_atomic
-from recsys_embed.models.factory import runnable_models
+from recsys_embed.models.factory import refit_shape, runnable_models
 from recsys_embed.models.tuning import apply_tuning, log_tuning
 from recsys_embed.pipeline import shipping, stages
 from recsys_embed.pipeline.lock import run_lock
@@ -134,7 +134,7 @@ def tuning_report_task(
         name, split, defaults_cfg, final_cfg, eval_cfg, metrics, Path(out_dir), Path(cache_root)
     )
     final = getattr(final_cfg, name).model_dump(mode="json")
-    log_tuning(Tracker(settings), run_id, name, tuned, final, test, tuning_metric)
+    log_tuning(Tracker(settings, local_outputs=Path(out_dir).parent), run_id, name, tuned, final, test, tuning_metric)
     return test
 
 
@@ -192,8 +192,10 @@ def log_model_task(
     metrics: dict[str, float],
     export: ExportRecord | None,
     split: SplitRecord,
+    run_dir: str | None = None,
 ) -> None:
-    reporting.log_model_run(Tracker(settings), run_id, model, metrics, export, split)
+    reporting.log_model_run(Tracker(settings, local_outputs=Path(run_dir) if run_dir else None), run_id, model,
+                            metrics, export, split)  # fmt: skip
 
 
 @task(name="register", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
@@ -238,8 +240,9 @@ def embedding_pipeline(
     runs it anyway.
     """
     cfg = load_config(config_path, overrides or [])
-    tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
     root = Path(cfg.output_root) / cfg.name
+    claim_root(root)  # before the slow start: killed before the lock, the next run still marks this one crashed
+    tracker = Tracker(load_mlflow_settings(mlflow_config))  # fails fast when the store is unusable
     with run_lock(root), dask_cluster(cfg.distributed) as cluster:  # cluster: None unless distributed.enabled
         return _run_pipeline(cfg, config_path, tracker, root, cluster, force)
 
@@ -306,7 +309,7 @@ def _run_pipeline(
         t0 = time.perf_counter()
         reused: dict[str, bool] = {}  # model -> trained by an earlier (possibly killed) run, read back here
         try:
-            for name in runnable_models(models_cfg, split["n_users"], split["n_items"]):
+            for name in runnable_models(models_cfg, split["n_users"], split["n_items"], refit_shape=refit_shape(split)):
                 child = tracker.start_run(name, parent_run_id=parent, tags={**scope, "model": name})
                 model_runs[name] = child
                 model = train_task(name, split, models_cfg, cfg.eval, str(run_dir / "models"), settings, child,
@@ -364,7 +367,8 @@ def _run_pipeline(
                 if name in exports and full is not None:  # a shipped model's run carries what is shipped
                     logged = {**models[name], "embeddings": exports[name]["model_embeddings"]}
                     logged_split = full
-                log_model_task(settings, child, logged, {**metrics[name], **val}, exports.get(name), logged_split)
+                log_model_task(settings, child, logged, {**metrics[name], **val}, exports.get(name), logged_split,
+                               str(run_dir))  # fmt: skip
         except BaseException:
             for child in model_runs.values():
                 tracker.end_run(child, "FAILED")
@@ -380,17 +384,19 @@ def _run_pipeline(
             tracker.set_tags(model_runs[best], {"best_model": "true"})
             tracker.set_tags(parent, {"best_model": best})
             if cfg.registry.enabled:
-                key = shipping.run_key(str(ingest.get("fingerprint") or ingest["key"]), cfg.model_dump(mode="json"))
+                # the data identity: the files, the window read from them and the kept events the refit used
+                trained_on = exports[best]["trained_on"]
+                identity = shipping.data_identity(str(ingest.get("fingerprint") or ingest["key"]), cfg.ingest,
+                                                  trained_on)  # fmt: skip
+                key = shipping.run_key(identity, cfg.model_dump(mode="json"))
                 recipe_hash, recipe_config = shipping.recipe(best, models_cfg)  # the tuned recipe
-                window = exports[best]["trained_on"].get("window") or {}
                 candidate = Candidate(
                     best, model_runs[best], parent, exports[best]["embeddings"], exports[best]["history"],
                     {**{f"val_{k}": v for k, v in validations[best]["metrics"].items()},
                      **{f"test_{k}": v for k, v in metrics[best].items()}},
                     validations[best]["per_user"], recipe_hash, recipe_config, key,
-                    {"pipeline": cfg.name, "data_fingerprint": str(ingest.get("fingerprint") or ingest["key"]),
-                     "training_window_first": str(window.get("first")), "training_window_last": str(window.get("last")),
-                     "training_rows": str(exports[best]["trained_on"].get("rows"))},
+                    {"pipeline": cfg.name, **identity,
+                     **shipping.evaluation_windows(split["split"], trained_on.get("window"))},
                 )  # fmt: skip
                 decision = register_task(settings, candidate, cfg, split, validations, models_cfg, str(run_dir),
                                          str(root / "cache"))  # fmt: skip

@@ -244,11 +244,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from recsys_embed.bench.run import main as bench_main
     from recsys_embed.bench.run import scaling_main
 
-    suites = [s for s in args.suites if s != "scaling"]
+    suites = [s for s in args.suites if s not in ("scaling", "generalization")]
     rc = 0
     if "scaling" in args.suites:  # its own table and JSON: stages x sizes, not candidate against baseline
         sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
         rc = scaling_main(sizes, str(Path(args.json).with_name("scaling.json")) if args.json else None)
+    if "generalization" in args.suites:  # init + run on logs of several shapes, scored on held-out parts
+        from recsys_embed.bench.generalization import main as generalization_main
+
+        logs = [s.strip() for s in args.logs.split(",") if s.strip()]
+        rc = generalization_main(logs, "bench_results/generalization",
+                                 str(Path(args.json).with_name("generalization.json")) if args.json else None)
     return bench_main(suites, args.size, args.repeats, args.json) if suites else rc
 
 
@@ -381,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", default="1m", help="tiny | 1m | 20m | 100m")
     b.add_argument("--sizes", default="tiny,1m", help="scaling: comma-separated sizes, e.g. 1m,20m,100m (100m is "
                    "skipped with a message when memory would not allow it)")  # fmt: skip
+    b.add_argument("--logs", default="ratings,pairs,counts,retail",
+                   help="generalization: comma-separated logs (ratings, pairs, counts, retail)")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", default="bench_results/results.json")
     b.set_defaults(fn=cmd_bench)

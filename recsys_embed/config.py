@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,9 +93,11 @@ class ItemFilterRule(_Strict):
 class IngestConfig(_Strict):
     source: SourceConfig = Field(default_factory=SourceConfig)
     columns: ColumnMap = Field(default_factory=ColumnMap)
-    # How numeric timestamps are read; "auto" guesses s/ms/us/ns from the median magnitude (rows of another
+    # How numeric timestamps are read; "auto" guesses s/ms/us/ns from the median magnitude (numbers of another
     # magnitude are quarantined as implausible_timestamp), "mixed" reads each value in the unit its magnitude
-    # implies (< 1e11 s, < 1e14 ms, < 1e17 us, else ns; for a log whose unit changed). Strings are ISO-8601.
+    # implies (< 1e11 s, < 1e14 ms, < 1e17 us, else ns; for a log whose unit changed). The unit applies to numbers
+    # only: a value that is a valid ISO-8601 time (2023-06-01T00:00:00Z) is always read as ISO, in every mode and
+    # whatever units the column's numbers mix (only plausible_after/before and the window still apply to it).
     timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "mixed"] = "auto"
     # Timezone assumed for ISO strings without an offset (logs are usually recorded in UTC).
     assume_timezone: str = "UTC"
@@ -131,6 +133,13 @@ class IngestConfig(_Strict):
     # file cannot change the type of the IDs the exports and ID maps carry.
     user_id_type: Literal["auto", "int", "string"] = "auto"
     item_id_type: Literal["auto", "int", "string"] = "auto"
+    # "nfc": text IDs are NFC-normalized and zero-width characters are dropped (U+200B, U+2060, U+FEFF anywhere;
+    # U+200C/U+200D, which join emoji and Persian/Indic letters inside a word, at the ends), so "josé" typed (NFC)
+    # and pasted from macOS (NFD), or "1000" with an invisible U+200B from a web form, are one ID instead of two
+    # that look the same; the rows changed are counted (report "ids_normalized") and a DataWarning shows examples.
+    # Only non-ASCII IDs pay for it; integer IDs cost nothing. "none": text IDs byte for byte (after whitespace
+    # stripping), e.g. to join exports against a system that keeps NFD spellings apart.
+    id_normalization: Literal["nfc", "none"] = "nfc"
     item_filters: list[ItemFilterRule] = Field(default_factory=list)
     # Iterative k-core: drop users/items with fewer interactions (distinct items/users), repeat to fixpoint.
     # 1 disables. 2 keeps the matrix informative without throwing away many short histories.
@@ -171,7 +180,16 @@ class SplitConfig(_Strict):
     fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     # Validation carved from train by the same method (0 disables). Early stopping uses it.
     val_quantile: float | None = 0.9
+    # Share of the validation window's warm users held apart for the final choice (``selection``, the registry's
+    # paired test); the rest is the search's evidence (Optuna trials, best iteration/epoch). The search picks the
+    # maximum over many tries on its users, which flatters the searched models there; a choice made on users the
+    # search never scored carries no such bias. 0.5: two halves of equal power. 0: one set of users serves both
+    # (the search's max-over-trials bias then reaches the choice).
+    select_share: float = Field(default=0.5, ge=0.0, lt=1.0)
     seed: int = 42
+
+
+Confidence = Literal["none", "log1p", "bm25"]
 
 
 class ALSConfig(_Strict):
@@ -181,6 +199,15 @@ class ALSConfig(_Strict):
     regularization: float = Field(default=0.05, ge=0.0)
     # Confidence scaling C = 1 + alpha * r (Hu, Koren, Volinsky 2008).
     alpha: float = Field(default=10.0, gt=0.0)
+    # How the summed confidence r of a (user, item) pair is transformed before the fit: "none" (r as summed from
+    # the event weights), "log1p" (log(1 + r): play or click counts run to thousands, and a pair played 5,000
+    # times is not 5,000 times the evidence of one played once), or "bm25" (implicit's ``bm25_weight``, Okapi BM25
+    # with ``bm25_k1`` / ``bm25_b``, as implicit's own last.fm example weights play counts). The search chooses
+    # among the three (``tuning.als.space.confidence``).
+    confidence: Confidence = "none"
+    # K1 and B of BM25: 100 and 0.8 are implicit's last.fm example's values.
+    bm25_k1: float = Field(default=100.0, gt=0.0)
+    bm25_b: float = Field(default=0.8, ge=0.0, le=1.0)
     iterations: int = Field(default=15, ge=1)
     # Conjugate gradient is implicit's fast default; False uses the exact Cholesky solve.
     use_cg: bool = True
@@ -220,9 +247,10 @@ class PopularityConfig(_Strict):
 class EASEConfig(_Strict):
     """EASE (Steck 2019): the closed-form item-item linear model (``recsys_embed.models.ease``), a strong baseline."""
 
-    # Off in code: it needs items^2 memory (and, for the shared Embeddings contract, a dense users x items copy
-    # of the train matrix); configs whose catalog fits the budget below switch it on.
-    enabled: bool = False
+    # On: the strongest baseline on most implicit logs (Steck 2019; Anelli et al. 2022). It needs items^2 memory
+    # and a dense users x items copy of the train matrix, so it runs only where both the evaluation fit and the
+    # refit on every kept event fit the budget below (checked before any work; otherwise a logged skip).
+    enabled: bool = True
     # lambda, the L2 penalty on the item-item weights. 200: Steck reports 200-1000 on ML-20M, Netflix and MSD;
     # on the retail validation window 200 measured best of 1...3000 (val NDCG@20 0.103; 50: 0.096; 1000: 0.099).
     regularization: float = Field(default=200.0, gt=0.0)
@@ -459,12 +487,18 @@ class RegistryConfig(_Strict):
 
     # On: every run registers its best model; the champion alias answers ``recommend --from-registry``.
     enabled: bool = True
-    # The metric that decides champion vs challenger; None: ``eval.primary_metric``.
-    metric: str | None = None
+    # (No ``metric`` key: the champion decision compares the per-user validation values of ``eval.primary_metric``,
+    # the metric selection and the champion recipe's re-fit score, so a second metric setting could only disagree.)
     # Minimum gain of a challenger with another recipe over the champion's recipe (same fit window, same
-    # validation window). The same recipe refitted on newer data always replaces the champion (it was judged
-    # equal, and it has seen more); an identical re-run (same data fingerprint and config) registers nothing.
+    # validation window). The same recipe trained up to a later (or the same) last event replaces the champion (it
+    # was judged equal, and it has seen as much or more); an identical run (same data identity and config)
+    # registers nothing.
     margin: float = Field(default=0.0, ge=0.0)
+    # False: a version trained on older data than the champion's (its last training event earlier: a backfill, or
+    # a run with ``ingest.until`` cut) never replaces the champion, whatever its score; it becomes challenger. True
+    # lets such a run take the alias (a deliberate roll-back to an earlier window); the next run on the full log
+    # takes it back, since it was trained on later data.
+    allow_older: bool = False
     # k of the recommender's answers when the caller passes none (the export's k is the usual choice).
     default_k: int = Field(default=20, ge=1)
     # The registered model's name. None: ``<mlflow.yml registered_model_name>-<pipeline name>``, so two pipelines
@@ -474,6 +508,16 @@ class RegistryConfig(_Strict):
     # scored on its validation window) by more than ``margin`` and by ``z`` paired standard errors over users:
     # 1.64 is a one-sided 95% test, so noise alone moves the alias about one run in twenty.
     z: float = Field(default=1.64, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_metric(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "metric" in data:
+            raise ValueError(
+                "registry.metric was removed: the champion decision uses eval.primary_metric (the per-user "
+                "validation metric its paired test compares); set eval.primary_metric instead"
+            )
+        return data
 
 
 class ScheduleConfig(_Strict):
@@ -532,10 +576,11 @@ Range = tuple[float, float]
 
 
 class SearchSpace(_Strict):
-    """Search ranges ``[low, high]`` of one model; ``null`` leaves that parameter at its configured value.
+    """Search ranges ``[low, high]`` of one model, or a list of choices for a categorical parameter; ``null``
+    leaves that parameter at its configured value.
 
     Parameters named in ``_log`` are sampled on a log scale (low must be > 0), the others uniformly; those in
-    ``_int`` are integers.
+    ``_int`` are integers; list-valued fields are categorical (each choice equally likely before TPE learns).
     """
 
     _log: ClassVar[frozenset[str]] = frozenset()
@@ -545,6 +590,10 @@ class SearchSpace(_Strict):
     def _ordered(self) -> SearchSpace:
         for name, r in self:
             if r is None:
+                continue
+            if isinstance(r, list):
+                if len(r) < 1 or len(set(r)) != len(r):
+                    raise ValueError(f"{name}: choices {r} must be a non-empty list without repeats")
                 continue
             low, high = r
             if not low < high or (name in self._log and low <= 0) or low < 0:
@@ -556,15 +605,18 @@ class SearchSpace(_Strict):
 class ALSSpace(SearchSpace):
     _log = frozenset({"factors", "regularization", "alpha"})
     _int = frozenset({"factors"})
-    # 32-512: fewer underfits catalogs of thousands of items; more costs ~(f/64)^2 the 64-factor fit and
-    # needs matching regularization to pay (Rendle et al. 2021 tune iALS up to 1024+ on ML-20M).
-    factors: Range | None = (32, 512)
+    # 32-256: fewer underfits catalogs of thousands of items; more costs ~(f/64)^2 the 64-factor fit (a trial of
+    # 512 is ~60x one of 64) and pays only with matching regularization on far larger logs (Rendle et al. 2021
+    # tune iALS up to 1024+ on ML-20M); raise the bound there.
+    factors: Range | None = (32, 256)
     # 1e-3-10: implicit's default is 0.01; Rendle et al. 2021 show well-tuned iALS needs far stronger
     # regularization at high widths, so the range spans four decades around it.
     regularization: Range | None = (1e-3, 10.0)
     # 0.1-100: confidence C = 1 + alpha r; Hu et al. 2008 found ~40 best, implicit's default is 1.0, and the
     # best value depends on how heavy the event weights are (retail: 1 per line, synthetic: 1/3/5).
     alpha: Range | None = (0.1, 100.0)
+    # The confidence transform (models.als.confidence): which one wins depends on how heavy-tailed the counts are.
+    confidence: list[Confidence] | None = Field(default_factory=lambda: list(get_args(Confidence)))
 
 
 class BPRSpace(SearchSpace):
@@ -608,6 +660,7 @@ class ModelTuning(_Strict):
     # Trials for this model; None: tuning.n_trials.
     n_trials: int | None = Field(default=None, ge=1)
     # Wall-clock cap for this model's search in minutes (checked before each trial); None: only the run's budget.
+    # A clock makes the result depend on machine load: a search it stopped is used by its run but never cached.
     minutes: float | None = Field(default=None, gt=0.0)
 
 
@@ -616,6 +669,9 @@ class ALSTuning(ModelTuning):
 
 
 class BPRTuning(ModelTuning):
+    # 6: a trial is a 100-iteration SGD fit (~4x an ALS trial), and BPR rarely leads on validation; pruning stops
+    # the weak ones at the first validation.
+    n_trials: int | None = Field(default=6, ge=1)
     space: BPRSpace = Field(default_factory=BPRSpace)
 
 
@@ -627,6 +683,8 @@ class TwoTowerTuning(ModelTuning):
 
 
 class EASETuning(ModelTuning):
+    # 8: one or two parameters and a closed-form fit per trial (the Gram matrix is shared by the trials).
+    n_trials: int | None = Field(default=8, ge=1)
     space: EASESpace = Field(default_factory=EASESpace)
 
 
@@ -634,17 +692,19 @@ class TuningConfig(_Strict):
     """An Optuna study per model on the validation window only; the best trial's parameters replace the
     model's configured ones before the normal training stage (``recsys_embed.models.tuning``)."""
 
-    # Off in code: a search multiplies training time; configs/retail.yaml turns it on with a small budget.
-    enabled: bool = False
+    # On: tuned hyperparameters beat library defaults by 10-15% on the logs measured (README, results); the
+    # budget is counted in trials, so the same data, config and seed give the same search on a busy or idle box.
+    enabled: bool = True
     # Seeds the TPE sampler (each trial's draw is seeded by this and the trial's position), so the same seed
     # and trial budget give the same trials and best parameters on CPU, also across a kill and resume.
     seed: int = 42
-    # Trials per model (the model's own n_trials wins). 20: TPE needs ~10 random startup trials' worth of
-    # history before it models the space well; 20 gives it as many guided ones for 3 parameters.
-    n_trials: int = Field(default=20, ge=1)
+    # Trials per model (the model's own n_trials wins). 10: trial 0 is the defaults, then 5 random startup trials
+    # and 4 guided ones; the main job's 4-minute budget on 2 cores holds it at retail and 1M-event size.
+    n_trials: int = Field(default=10, ge=1)
     # Wall-clock budget of the whole search in minutes, shared out evenly over the models still to search
     # (each also capped by its own minutes); checked before each trial, so a started trial runs to its end.
-    # None: trials alone decide.
+    # None (default): trials alone decide. A clock makes the result depend on machine load, so a search it
+    # stopped is used by its run but never cached as complete.
     budget_minutes: float | None = Field(default=None, gt=0.0)
     # The validation metric to maximise; None: eval.primary_metric.
     metric: str | None = None

@@ -8,7 +8,11 @@ Production code calls ``checkpoint("<point>")`` at the boundaries the fault suit
 - ``evaluate:<model>``: test metrics computed, not returned (``stages.run_evaluate``);
 - ``export:<model>``: top-k table committed, similar-items table not written (``shipping.run_export``);
 - ``log:<model>``: the model's MLflow run half logged (``reporting.log_model_run``);
-- ``register``: a registry version created, the run not finished (``shipping.run_register``);
+- ``register``: a registry version created with its decision, no alias moved yet (``registry.register_best``);
+- ``register:alias``: the decision's alias moved, the version's decision not marked applied, ``champion.json`` not
+  written (``registry.register_best``);
+- ``publish:champion``: ``champion.json`` names the new champion, the ``current`` link not moved
+  (``shipping.run_publish``);
 - ``db-export``: the top-k database table swapped in, the similar-items one not (``shipping.run_db_export``);
 - ``export-shard:<i>``: one Dask shard of the top-k table written (``shards``);
 - ``tune-trial:<model>:<n>``: trial number n of a search fitted and scored, not stored as finished (``tuning``);

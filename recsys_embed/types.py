@@ -296,10 +296,15 @@ class Candidate:
         metrics: the recipe's held-out metrics from the evaluation fit: ``val_*`` (validation window, what
             selection and the champion decision read) and ``test_*`` (reported only).
         val_per_user: ``.npy`` of the primary metric per validation user (the paired champion comparison).
-        recipe: hash of the model family and its config slice (hyperparameters, seeds, iteration budget).
+        recipe: hash of the model family and its config slice (hyperparameters, seeds, iteration budget; not the
+            machine settings: ``shipping.recipe``).
         recipe_config: that config slice as JSON (a later run re-fits the recipe from it).
-        run_key: hash of the data fingerprint and the whole config: an identical re-run registers nothing.
-        tags: version tags (pipeline, data fingerprint, training window, rows, ...).
+        run_key: hash of the data identity and the whole config: an identical run registers nothing.
+        tags: version tags, read by the champion decision: ``pipeline``; the data identity
+            (``shipping.data_identity``: ``data_fingerprint``, ``data_until``, ``data_window_start`` /
+            ``data_window_end``, ``training_window_first`` / ``training_window_last`` (the last event decides
+            "newer data"), ``training_rows``, ``training_fit``, ``data_identity``); where the metrics were measured
+            (``shipping.evaluation_windows``: ``fit_window``, ``validation_window``, ``test_window``).
         fallback: optional ``.npy`` of one bool per user index: True where the user's rows come from the
             popularity fallback (the registered model answers them with ``source="fallback"``); None: none.
         popularity: optional ``.npy`` of one score per item index, the registered model's answer for users it

@@ -10,6 +10,8 @@ Row accounting (``RowReport``): ``rows_read = kept + duplicates + quarantined + 
 
 1. quarantined rows carry the first matching reason, in this order: ``malformed_row`` (CSV field count
    differs from the header, incl. a truncated last line; NDJSON line that is not a JSON object),
+   ``unterminated_quote`` (a CSV line whose quote never closes on it, which would swallow the lines after it:
+   the line is the row, located by ``source_line``, and parsing resumes on the next line),
    ``invalid_encoding`` (the file is not valid UTF-8 and this row holds undecodable bytes: the file is read
    lossily and rows holding U+FFFD are quarantined; a strict read comes first, so valid files never pay
    for this, and a genuine U+FFFD in a valid file is kept), ``null_user``, ``null_item`` (null, blank, or a
@@ -23,6 +25,15 @@ Row accounting (``RowReport``): ``rows_read = kept + duplicates + quarantined + 
 2. exact duplicates (every mapped column equal after parsing) are dropped, the first occurrence kept;
 3. rule filters remove rows: each ``item_filters`` rule by name, then ``rating_below_threshold``, then
    ``after_until`` (events at or after ``ingest.until``: the log cut of a backtest).
+
+Text files also account for their physical lines (``report.details["lines_read"]`` = header + blank + rows +
+continuation lines of quoted multi-line fields, checked per file), so rows lost to a quote that swallowed lines
+cannot balance silently. Files with no data rows (0 bytes, empty once decompressed, header only) are skipped with
+a ``DataWarning`` (``report.details["files_skipped"]``); a log in which every file is empty is an error.
+
+Text IDs are NFC-normalized and stripped of zero-width characters (``ingest.id_normalization``, after parsing,
+on the non-ASCII rows only), so look-alike spellings are one ID; the rows changed are counted
+(``report.details["ids_normalized"]``) and a ``DataWarning`` shows examples.
 """
 
 from __future__ import annotations
@@ -51,16 +62,19 @@ from recsys_embed.data.parsing import (
     id_kind,
     is_text_dtype,
     magnitude_unit,
+    normalize_text_ids,
     number_expr,
     parse_time_text,
     stripped,
     ts_exprs,
 )
 from recsys_embed.data.sources import (
+    LINE_COL,
     PRE_REASON_COL,
     RAW_LINE_COL,
     READ_ERRORS,
     ROW_COL,
+    EmptyFileError,
     RawFrame,
     fingerprint,
     list_sources,
@@ -77,6 +91,7 @@ EVENT_COLUMNS = ("user_id", "item_id", "ts", "weight", "event_type", "rating")
 """The clean event table's columns, in order."""
 REASONS = (
     "malformed_row",
+    "unterminated_quote",
     "invalid_encoding",
     "null_user",
     "null_item",
@@ -94,6 +109,10 @@ UNTIL_RULE = "after_until"
 
 _FIX = {
     "malformed_row": "rows do not have the header's number of fields; check ingest.source.csv_separator and quoting",
+    "unterminated_quote": (
+        "a field opens a quote (\") that never closes on its line; fix the quoting on the lines the quarantine's "
+        'source_line names (a quote inside a field is written "")'
+    ),
     "invalid_encoding": "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
     "null_user": "map the user column with ingest.columns.user",
     "null_item": "map the item column with ingest.columns.item",
@@ -121,6 +140,7 @@ _TEXT = "__item_text"
 _TS_TEXT = "__ts_text"
 _OFF_BAND = "__ts_off_band"
 _FILE = "__file"
+_NON_ASCII = "__non_ascii_"  # + user_id / item_id: the text ID holds a non-ASCII character (normalize it)
 _I64_MAX = 2**63 - 1
 _ROLE_WORDS = {
     "timestamp": "event time",
@@ -155,7 +175,7 @@ class EventLog:
         report: rows read / duplicates / quarantined by reason / filtered by rule; balanced.
         quarantine: one row per quarantined input row: original columns as String, ``reason``,
             ``source_file``, ``source_row`` (0-based data row in that file) and, for rows broken before
-            parsing, ``raw_line``.
+            parsing, ``raw_line`` and (CSV) ``source_line`` (the 1-based physical line it starts on).
         item_text: ``item_id``, ``text`` (the most frequent text of each kept item, null if none) when
             ``columns.item_text`` is set.
         files: the input files read, in order.
@@ -221,8 +241,9 @@ def _check_columns(raw: RawFrame, columns: ColumnMap) -> None:
 @dataclass
 class _Profile:
     ts_unit: str  # s / ms / us / ns, or "mixed": each value's unit by its magnitude
-    # auto unit, and the column's magnitudes span several units: rows whose magnitude means another unit than
-    # ``ts_unit`` are quarantined as implausible_timestamp (read in ts_unit they land in early 1970 or far future)
+    # auto unit, and the column's magnitudes span several units: numeric rows whose magnitude means another unit
+    # than ``ts_unit`` are quarantined as implausible_timestamp (read in ts_unit they land in early 1970 or far
+    # future); text that is no number (ISO-8601) has no magnitude and is never off band
     ts_off_band: bool = False
     # how the numeric part of the time column was read, for the log line ("epoch s (auto: ...)"); None: no
     # numbers (ISO text, Datetime; ``_time_flags`` says what it parsed)
@@ -269,8 +290,9 @@ def _profile(raw: RawFrame, cfg: IngestConfig) -> _Profile:
     if off_band:
         msg = (
             f"events file '{name}': timestamp column '{col}' mixes epoch units (magnitudes from "
-            f"{lo_unit} to {hi_unit}); it is read as {unit} (the median's unit) and "
-            "rows whose magnitude means another unit are quarantined as implausible_timestamp; set "
+            f"{lo_unit} to {hi_unit}); its numbers are read as {unit} (the median's unit) and "
+            "those whose magnitude means another unit are quarantined as implausible_timestamp (ISO-8601 text is "
+            "read as ISO); set "
             "ingest.timestamp_unit=mixed to read each value in the unit its magnitude implies"
         )
         log.warning(msg)
@@ -367,7 +389,8 @@ def _parse_frame(
     """The parsing query of one file and the reasons it can flag.
 
     Output columns: ``ROW_COL``, ``EVENT_COLUMNS``, aux columns (``__quantity``, ``__item_text``,
-    ``__rest`` = the weight factor besides the event-type weight), and one Boolean ``__f_<reason>`` per
+    ``__rest`` = the weight factor besides the event-type weight, ``__non_ascii_<id>`` = text IDs for
+    ``_normalize_ids``), and one Boolean ``__f_<reason>`` per
     reason the query can decide (``reasons`` also lists the time reasons that ``_time_flags`` decides
     after collection; non-integer time text travels in ``__ts_text``). Derived columns are staged so that
     each is computed once; event types are matched exactly here (no per-row strip on the happy path) and
@@ -384,13 +407,17 @@ def _parse_frame(
     aux: list[str] = []
     if PRE_REASON_COL in raw.frame.collect_schema():
         flags["malformed_row"] = pl.col(PRE_REASON_COL) == "malformed_row"
+        if raw.file.format == "csv":
+            flags["unterminated_quote"] = pl.col(PRE_REASON_COL) == "unterminated_quote"
         flags["invalid_encoding"] = pl.col(PRE_REASON_COL) == "invalid_encoding"
+    normalize = cfg.id_normalization == "nfc"
+    stage2: list[pl.Expr] = []
     bad_ids: list[pl.Expr] = []
     for col, target, out, reason in (
         (cols.user, id_dtypes[0], "user_id", "null_user"),
         (cols.item, id_dtypes[1], "item_id", "null_item"),
     ):
-        value, bad = id_expr(col, schema[col], target)
+        value, bad = id_expr(col, schema[col], target, normalize)
         stage1.append(value.alias(out))
         if bad is None:
             flags[reason] = pl.col(out).is_null()
@@ -400,6 +427,9 @@ def _parse_frame(
             flags[reason] = pl.col(out).is_null() & ~pl.col(f"__bad_{out}")
         if is_text_dtype(schema[col]) and target == pl.String:  # checked on the parsed (stripped) text
             bad_ids.append(_bad_text_id(pl.col(out), cfg.max_id_length))
+            if normalize:  # ASCII is NFC already; _normalize_ids treats the rest after collection
+                stage2.append((pl.col(out).str.len_bytes() != pl.col(out).str.len_chars()).alias(_NON_ASCII + out))
+                aux.append(_NON_ASCII + out)
     if bad_ids:
         flags["invalid_id"] = pl.any_horizontal(bad_ids)
     if cols.timestamp:
@@ -413,7 +443,8 @@ def _parse_frame(
             ts_dtype = schema[cols.timestamp]
             num = pl.col(cols.timestamp) if ts_dtype.is_numeric() else stripped(cols.timestamp)
             num = num.cast(pl.Float64, strict=False)
-            stage1.append((magnitude_unit(num) != prof.ts_unit).alias(_OFF_BAND))
+            # only numbers have a unit: ISO text (null here) is parsed as ISO, never off band
+            stage1.append((num.is_not_null() & (magnitude_unit(num) != prof.ts_unit)).alias(_OFF_BAND))
             aux.append(_OFF_BAND)
         # unparsable_timestamp and timestamp_out_of_window are flagged by _time_flags once text is parsed
         late += ["unparsable_timestamp"]
@@ -455,7 +486,6 @@ def _parse_frame(
     rest_expr = None
     for e in rest:
         rest_expr = e if rest_expr is None else rest_expr * e
-    stage2: list[pl.Expr] = []
     if cfg.event_weights:
         stage2.append(_weight_match(pl.col("event_type"), cfg.event_weights).alias("__ew"))
         flags["unknown_event_type"] = pl.col("__ew").is_null()
@@ -567,6 +597,47 @@ def _rematch_event_types(parsed: pl.DataFrame, cfg: IngestConfig) -> pl.DataFram
     )
 
 
+def _normalize_ids(parsed: pl.DataFrame, report: RowReport) -> pl.DataFrame:
+    """NFC-normalize the non-ASCII text IDs and strip their zero-width characters (``normalize_text_ids``), so
+    look-alike spellings are one ID; only the rows flagged ``__non_ascii_*`` by the query are touched (usually
+    few). An ID left empty becomes null_user / null_item. Counts the rows changed into
+    ``report.details["ids_normalized"]`` and warns with a few examples."""
+    changed_rows = 0
+    notes: list[str] = []
+    for out, null_reason in (("user_id", "null_user"), ("item_id", "null_item")):
+        col = _NON_ASCII + out
+        if col not in parsed.columns:
+            continue
+        mask = parsed[col].fill_null(False)  # null: a file whose IDs are not text
+        parsed = _without(parsed, col)
+        if not mask.any():
+            continue
+        idx = mask.arg_true()
+        old = parsed[out].gather(idx)
+        new = normalize_text_ids(old)
+        diff = (new != old).fill_null(True)
+        if not diff.any():
+            continue
+        flag = _flag(null_reason)
+        now_null = parsed[flag].gather(idx) | new.is_null()
+        parsed = parsed.with_columns(parsed[out].clone().scatter(idx, new), parsed[flag].clone().scatter(idx, now_null))
+        pairs = pl.DataFrame({"old": old.filter(diff), "new": new.filter(diff)})
+        changed_rows += pairs.height
+        distinct = pairs.unique(maintain_order=True)
+        shown = ", ".join(f"{a!a} -> {'null' if b is None else ascii(b)}" for a, b in distinct.head(3).rows())
+        role = out.removesuffix("_id")
+        notes.append(f"{pairs.height:,} {role} ID(s) in {distinct.height:,} spelling(s) (e.g. {shown})")
+    if changed_rows:
+        report.details["ids_normalized"] = changed_rows
+        msg = (
+            f"ingest: Unicode normalization (NFC, zero-width characters removed) changed {' and '.join(notes)}, so "
+            "look-alike IDs are one ID; set ingest.id_normalization=none to keep IDs byte for byte"
+        )
+        log.warning(msg)
+        warnings.warn(msg, DataWarning, stacklevel=3)
+    return parsed
+
+
 def _reason_of(frame: pl.DataFrame, reasons: list[str]) -> pl.Series:
     """The first applicable reason per row of ``frame`` (whose flags are set), as String."""
     chain: Any = None
@@ -578,8 +649,9 @@ def _reason_of(frame: pl.DataFrame, reasons: list[str]) -> pl.Series:
 
 
 def _quarantine_rows(raw: RawFrame, bad: pl.DataFrame) -> pl.DataFrame:
-    """The original columns (as String) of ``bad``'s rows plus reason, source_file, source_row, raw_line."""
-    reserved = {"reason", "source_file", "source_row", "raw_line"}
+    """The original columns (as String) of ``bad``'s rows plus reason, source_file, source_row, raw_line and
+    (CSV rows broken before parsing) source_line."""
+    reserved = {"reason", "source_file", "source_row", "raw_line", "source_line"}
     exprs: list[pl.Expr] = []
     for c, dt in raw.schema.items():
         out = f"orig_{c}" if c in reserved else c
@@ -587,14 +659,15 @@ def _quarantine_rows(raw: RawFrame, bad: pl.DataFrame) -> pl.DataFrame:
             continue  # lists/structs have no faithful one-cell text form; the row number locates them
         e = pl.col(c).bin.encode("hex") if dt == pl.Binary else pl.col(c).cast(pl.String)
         exprs.append(e.alias(out))
-    has_raw = RAW_LINE_COL in raw.frame.collect_schema()
+    helpers = raw.frame.collect_schema()
     rows = raw.frame.join(bad.lazy(), on=ROW_COL, how="inner", maintain_order="left")
     q = rows.select(
         *exprs,
         pl.col(_R).alias("reason"),
         pl.lit(raw.file.name).alias("source_file"),
         pl.col(ROW_COL).cast(pl.Int64).alias("source_row"),
-        *([pl.col(RAW_LINE_COL).alias("raw_line")] if has_raw else []),
+        *([pl.col(RAW_LINE_COL).alias("raw_line")] if RAW_LINE_COL in helpers else []),
+        *([pl.col(LINE_COL).alias("source_line")] if LINE_COL in helpers else []),
     )
     try:
         return q.collect(engine="streaming")
@@ -734,8 +807,9 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
     ``event_weights`` is ignored, with one ``DataWarning``.
 
     Raises:
-        IngestError: no files, an unreadable or non-log file, a missing column, every file empty, or a file
-            in which every row is quarantined (naming the file, the most common reason and the fix).
+        IngestError: no files, an unreadable or non-log file, a missing column, every file empty (one empty
+            file among others is skipped with a ``DataWarning``), or a file in which every row is quarantined
+            (naming the file, the most common reason and the fix).
     """
     _validate_cfg(cfg)
     if cfg.columns.event_type is None and cfg.event_weights:
@@ -751,21 +825,38 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
         files = [f for f in files if f.path.resolve() in only_files]
     report = RowReport()
     raws: list[RawFrame] = []
+    empty: dict[str, EmptyFileError | None] = {}  # files without data rows: 0 bytes (the error) or header only
+    lines: int | None = None  # physical lines of the text files
     for f in track(files, "ingest: reading files", unit="files"):
-        raw = read_source(f, cfg.source)
+        try:
+            raw = read_source(f, cfg.source)
+        except EmptyFileError as e:
+            report.sources[f.name] = 0
+            empty[f.name] = e
+            continue
         report.sources[f.name] = raw.rows
         report.rows_read += raw.rows
+        if raw.lines is not None:
+            lines = raw.lines.read + (lines or 0)
         if raw.rows:
             _check_columns(raw, cfg.columns)
             raws.append(raw)
+        else:
+            empty[f.name] = None
     if not raws:
+        zero = empty.get(files[0].name) if len(files) == 1 else None
+        if zero is not None:
+            raise zero from None  # "is empty (0 bytes)"
         only = files[0].name if len(files) == 1 else f"all {len(files)} files under '{cfg.source.path}'"
         raise IngestError(f"events file '{only}' has no data rows (only a header or nothing); check ingest.source.path")
-    for f in files:
-        if report.sources[f.name] == 0:
-            msg = f"events file '{f.name}' has no data rows; skipped"
-            log.warning(msg)
-            warnings.warn(msg, DataWarning, stacklevel=2)
+    for name, err in empty.items():
+        msg = f"events file '{name}' has no data rows ({'a header only' if err is None else err.what}); skipped"
+        log.warning(msg)
+        warnings.warn(msg, DataWarning, stacklevel=2)
+    if empty:
+        report.details["files_skipped"] = len(empty)
+    if lines is not None:  # each file's lines = header + blank + rows + continuation (checked in read_source)
+        report.details["lines_read"] = lines
     profiles = [_profile(raw, cfg) for raw in raws]
     id_dtypes = _id_dtypes(raws, cfg)  # one ID dtype per role for the whole log, from the schemas
 
@@ -782,6 +873,7 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
     holes = [_flag(r) for r in reasons if _flag(r) in parsed.columns and parsed[_flag(r)].null_count()]
     if holes:
         parsed = parsed.with_columns(parsed[c].fill_null(False) for c in holes)
+    parsed = _normalize_ids(parsed, report)
     parsed = _rematch_event_types(parsed, cfg)
     parsed = _time_flags(parsed, profiles, [raw.file.name for raw in raws], cfg)
     flag_cols = [_flag(r) for r in reasons]
@@ -826,9 +918,10 @@ def load_events(cfg: IngestConfig, only_files: set[Path] | None = None) -> Event
             ", ".join(f"{r}={n:,}" for r, n in report.quarantined.most_common()),
         )
     log.info(
-        "ingest: %s rows read from %d file(s); kept %s, duplicates %s, quarantined %s, filtered %s",
+        "ingest: %s rows read from %d file(s)%s; kept %s, duplicates %s, quarantined %s, filtered %s",
         f"{report.rows_read:,}",
         len(files),
+        f" ({lines:,} lines)" if lines is not None else "",
         f"{report.kept:,}",
         f"{report.duplicates:,}",
         f"{report.n_quarantined:,}",

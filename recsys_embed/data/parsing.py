@@ -22,6 +22,15 @@ TS_DTYPE = pl.Datetime("us", "UTC")
 NULL_TOKENS = ["", "null", "NULL", "Null", "none", "None", "NONE", "nan", "NaN", "NAN", "na", "NA", "n/a", "N/A"]
 UNIT_MICROS = {"s": 1_000_000, "ms": 1_000, "us": 1}  # multiply to get microseconds ("ns": divide by 1000)
 _I64_MAX = 2**63 - 1
+# Unicode White_Space: what ``str.strip_chars()`` strips by default, spelled out to add characters to it.
+WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
+# Invisible characters that ride along with pasted IDs. Zero-width space, word joiner and BOM never carry meaning
+# in an ID and go wherever they are; the zero-width (non-)joiner shape emoji and Persian/Indic text inside a
+# word, so they go only at the ends.
+ZERO_WIDTH_ANYWHERE = "\u200b\u2060\ufeff"
+ZERO_WIDTH_EDGES = "\u200c\u200d"
 
 
 def is_int_dtype(dtype: pl.DataType) -> bool:
@@ -32,10 +41,23 @@ def is_text_dtype(dtype: pl.DataType) -> bool:
     return dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum)
 
 
-def stripped(name: str) -> pl.Expr:
-    """String column stripped; blank and null tokens become null."""
-    s = pl.col(name).cast(pl.String).str.strip_chars()
+def stripped(name: str, extra: str = "") -> pl.Expr:
+    """String column stripped (of whitespace and the characters in ``extra``); blank and null tokens -> null."""
+    s = pl.col(name).cast(pl.String)
+    s = s.str.strip_chars(WHITESPACE + extra) if extra else s.str.strip_chars()
     return pl.when(s.is_in(NULL_TOKENS)).then(pl.lit(None, dtype=pl.String)).otherwise(s)
+
+
+def normalize_text_ids(ids: pl.Series) -> pl.Series:
+    """Stripped text IDs -> one spelling per look-alike (``ingest.id_normalization: nfc``), null where none is left.
+
+    Drops ``ZERO_WIDTH_ANYWHERE`` everywhere, strips whitespace and ``ZERO_WIDTH_EDGES`` from the ends, then
+    NFC-normalizes (``"jose\u0301"`` -> ``"jos\xe9"``); text that ends blank or a null token becomes null. Costs a
+    Unicode pass, so callers hand it only the non-ASCII IDs (ASCII text is already in NFC).
+    """
+    out = ids.str.replace_all(f"[{ZERO_WIDTH_ANYWHERE}]", "").str.strip_chars(WHITESPACE + ZERO_WIDTH_EDGES)
+    out = out.str.normalize("NFC")
+    return pl.select(pl.when(out.is_in(NULL_TOKENS)).then(pl.lit(None, dtype=pl.String)).otherwise(out)).to_series()
 
 
 def id_kind(dtype: pl.DataType, file: str, col: str, role: str) -> str:
@@ -62,7 +84,9 @@ FLOAT_EXACT = 2**53
 _WHOLE_TEXT = r"^([+-]?\d+)\.0*$"  # "17850.0": an integer written as a float (pandas, with gaps in the column)
 
 
-def id_expr(col: str, dtype: pl.DataType, target: pl.DataType) -> tuple[pl.Expr, pl.Expr | None]:
+def id_expr(
+    col: str, dtype: pl.DataType, target: pl.DataType, normalize: bool = False
+) -> tuple[pl.Expr, pl.Expr | None]:
     """(IDs as ``target``, Int64 or String, or null; "a value was given but is no ID of that type" or None).
 
     The one rule that makes an ID mean the same in every file, whatever its column type there:
@@ -71,15 +95,16 @@ def id_expr(col: str, dtype: pl.DataType, target: pl.DataType) -> tuple[pl.Expr,
     - float columns: whole values are integers (``1000.0`` -> ``1000`` / ``"1000"``, never ``"1000.0"``); a
       non-integral value (``1000.5``), an infinity, or a value at or beyond 2**53 (digits already lost) is not
       an ID (the second expression is True); null and NaN are missing (pandas spells a gap NaN);
-    - text columns read as String: stripped, null tokens -> null (text checks happen in ingest);
-    - text columns read as Int64: an integer, optionally written with a zero fraction (``"17850.0"``); any
-      other text is not an ID.
+    - text columns read as String: stripped, null tokens -> null (text checks and, with ``normalize``,
+      ``normalize_text_ids`` happen in ingest, on the non-ASCII rows only);
+    - text columns read as Int64: an integer, optionally written with a zero fraction (``"17850.0"``), with
+      ``normalize`` also with zero-width characters around it (``"1000\u200b"``); any other text is not an ID.
     """
     c = pl.col(col)
     if is_text_dtype(dtype):
-        s = stripped(col)
         if target == pl.String:
-            return s, None
+            return stripped(col), None
+        s = stripped(col, ZERO_WIDTH_ANYWHERE + ZERO_WIDTH_EDGES if normalize else "")
         value = s.str.replace(_WHOLE_TEXT, "${1}").cast(pl.Int64, strict=False)
         return value, s.is_not_null() & value.is_null()
     if dtype.is_float():

@@ -71,8 +71,11 @@ _EXACT: dict[str, set[str]] = {
             at""",
         "event_type": """event eventtype eventname eventkind action actiontype type interaction interactiontype
             behavior behaviour behaviortype behaviourtype activity kind verb""",
-        "quantity": "quantity qty units count numitems nitems pieces quantityordered",
+        "quantity": "quantity qty units numitems nitems pieces quantityordered",
         "rating": "rating stars score rate ratingvalue userrating grade",
+        "weight": """weight plays playcount playcounts nplays numplays count counts cnt clicks clickcount nclicks
+            numclicks views viewcount nviews listens listencount streams duration watchtime dwelltime dwell
+            playtime seconds minutes frequency freq times visits nvisits""",
         "item_text": """description desc title name text label productname itemname producttitle itemtitle
             productdescription itemdescription""",
     }.items()
@@ -86,6 +89,7 @@ _TOKENS: dict[str, set[str]] = {
         "event_type": "event action type behavior behaviour interaction activity",
         "quantity": "quantity qty units",
         "rating": "rating stars",
+        "weight": "plays count clicks views listens streams duration watchtime dwell playtime",
         "item_text": "description title name desc",
     }.items()
 }
@@ -401,7 +405,7 @@ def _content_score(role: str, c: _Col, values: list[str] | None) -> float | None
         if c.kind != "text" or c.mean_len < 6 or c.numeric > 0.5:
             return None
         return 1.0 + (1.0 if c.spaced >= 0.5 and c.mean_len >= 15 else 0.0)
-    if role in ("quantity", "rating"):
+    if role in ("quantity", "rating", "weight"):
         if c.kind in ("int", "float") or (c.kind == "text" and c.numeric >= 0.95):
             return 1.0
         return None
@@ -482,16 +486,26 @@ def propose(sample: Sample, name: str, hints: dict[str, str] | None = None) -> L
                 best = (score, -pos, c)
         return None if best is None else best[2]
 
-    for role in ("timestamp", "event_type", "user", "item", "item_text", "quantity", "rating"):
+    for role in ("timestamp", "event_type", "user", "item", "item_text", "quantity", "rating", "weight"):
         if role in hints:
             choices[role] = Choice(hints[role], f"given on the command line (--{role.replace('_', '-')})")
             continue
-        need_name = role in ("quantity", "rating")
+        need_name = role in ("quantity", "rating", "weight")
         found = pick(role, need_name)
         if found is not None:
             taken.add(found)
             choices[role] = _why(role, cols[found], values.get(found))
-    choices["weight"] = Choice(None, "no per-row weight column proposed (a numeric multiplier of the event weight)")
+    if "weight" not in choices and "quantity" in choices and "event_type" not in choices:
+        # a quantity beside no event type is a count of the pair (units played, bought, watched), not an order
+        # line's quantity: it is the per-row confidence
+        q = choices.pop("quantity")
+        choices["weight"] = Choice(q.column, f"{q.why}; a count per row with no event type: the pair's confidence")
+    if choices.get("weight") is not None and "weight" not in hints:
+        count_col = choices["weight"]
+        choices["weight"] = Choice(count_col.column, f"{count_col.why}: counts, the per-row confidence (summed per "
+                                   "pair; ALS reads it through models.als.confidence)", count_col.check)  # fmt: skip
+    if "weight" not in choices:
+        choices["weight"] = Choice(None, "no count-like column (plays, clicks, duration, ...): rows weigh as events")
 
     for role in ("user", "item"):
         if role not in choices:
@@ -508,7 +522,7 @@ def propose(sample: Sample, name: str, hints: dict[str, str] | None = None) -> L
                 f"the name says nothing, pass --{role} to choose another",
                 check=True,
             )
-    for role in ("timestamp", "event_type", "item_text", "quantity", "rating"):
+    for role in ("timestamp", "event_type", "item_text", "quantity", "rating", "weight"):
         if role not in choices:
             choices[role] = Choice(None, _absent(role))
 
@@ -581,7 +595,7 @@ def propose(sample: Sample, name: str, hints: dict[str, str] | None = None) -> L
         event_types=tuple(guesses),
         id_types=id_types,
         naive_times=bool(ts_prof is not None and ts_prof.naive),
-        split_method="temporal" if ts_col is not None else "random",
+        split_method="auto" if ts_col is not None else "random",
         checks=tuple(checks),
     )
 
@@ -633,6 +647,7 @@ def _absent(role: str) -> str:
         "item_text": "no item description column: recommendations show IDs only",
         "quantity": "no quantity column",
         "rating": "no rating column",
+        "weight": "no count-like column",
     }[role]
 
 
@@ -740,24 +755,31 @@ def render_yaml(p: LogProposal, command: str) -> str:
             2,
             "method",
             p.split_method,
-            "one global time cutoff: train on the past, test on the future"
-            if p.split_method == "temporal"
+            "a global time cutoff (train on the past, test on the future), or each user's last event when a "
+            "window holds too few warm users to choose on (split.min_eval_users)"
+            if p.split_method == "auto"
             else "no event time: each user's events are split at random (seeded)",
         ),
     ]
-    if p.split_method == "temporal":
+    if p.split_method == "auto":
         out += [
             _line(2, "test_quantile", 0.8, "the last 20% of the log's time span is the test period"),
             _line(2, "val_quantile", 0.9, "the last 10% of the rest validates (best iteration)"),
         ]
     out += [
         "",
-        "models:",
-        _line(2, "popularity", raw="{enabled: true}", comment="the baseline every model must beat"),
-        _line(
-            2, "als", raw="{enabled: true, factors: 64, iterations: 15}", comment="implicit ALS: seconds at this size"
+        *_comment_block(
+            "models and tuning are left to the defaults in code, the project's best recipe: popularity, EASE "
+            "(where its item-item matrix fits models.ease.max_memory_gb), ALS and BPR, each searched on validation "
+            "(tuning.n_trials trials per model: a trial budget, so the same log gives the same search on a busy "
+            "or idle machine); the best model on validation users the search never scored is shipped.",
+            "# ",
         ),
-        _line(2, "bpr", raw="{enabled: true, factors: 64, iterations: 100}", comment="implicit BPR"),
+        "models:",
+        *([_line(2, "als", raw="{confidence: log1p}",
+                 comment=f"'{ch['weight'].column}' counts are summed per pair; log1p tames their tail (the search "
+                 "also tries none and bm25)")]
+          if ch["weight"].column is not None else []),
         _line(
             2,
             "two_tower",

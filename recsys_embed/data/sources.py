@@ -6,14 +6,18 @@ pyarrow, which the project already depends on, so no ``zstandard`` module is nee
 
 Every file becomes a ``RawFrame``: its original columns (CSV: all String, so nothing is silently coerced to
 null), hive partition columns, a 0-based data-row index (``ROW_COL``) and, for text formats, a per-row
-pre-parse verdict (``PRE_REASON_COL``: ``malformed_row`` or ``invalid_encoding``) plus the raw text of those
-rows (``RAW_LINE_COL``). Hive partition values (``key=value`` folders, URL-decoded) become String columns;
-a column the file itself holds wins. Parsing, validation and quarantine happen in ``recsys_embed.data.ingest``.
+pre-parse verdict (``PRE_REASON_COL``: ``malformed_row``, ``unterminated_quote`` or ``invalid_encoding``) plus
+the raw text of those rows (``RAW_LINE_COL``) and, for CSV, the physical line they start on (``LINE_COL``).
+Text formats also account for every physical line (``LineCount``): header, blank, one per row, and the extra
+lines of rows whose quoted field spans lines; a file whose lines do not add up is a bug, never a silent loss.
+Hive partition values (``key=value`` folders, URL-decoded) become String columns; a column the file itself holds
+wins. Parsing, validation and quarantine happen in ``recsys_embed.data.ingest``.
 
 A file that cannot be an event log (empty, binary, an image, a Parquet file with bad magic) raises a one-line
-``IngestError`` naming the file and the fix, never a bare Polars traceback. Text with a byte order mark is
-repaired: a UTF-8 BOM is dropped, UTF-16 (with its BOM) is transcoded to UTF-8 with a ``DataWarning``; UTF-16
-without a BOM is reported as binary (it holds NUL bytes) with the fix.
+``IngestError`` naming the file and the fix (``EmptyFileError`` for an empty one, which ingest skips), never a
+bare Polars traceback. Text with a byte order mark is repaired: a UTF-8 BOM is dropped, UTF-16 (with its BOM)
+is transcoded to UTF-8 with a ``DataWarning``; UTF-16 without a BOM is reported as binary (it holds NUL bytes)
+with the fix.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from urllib.parse import unquote
 import polars as pl
 
 from recsys_embed.config import SourceConfig
-from recsys_embed.errors import DataWarning, IngestError
+from recsys_embed.errors import AccountingError, DataWarning, IngestError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,10 @@ PRE_REASON_COL = "__recsys_pre_reason"
 """String: ``malformed_row`` / ``invalid_encoding`` for rows broken before parsing, else null (text formats)."""
 RAW_LINE_COL = "__recsys_raw_line"
 """String: the raw text of a row flagged in ``PRE_REASON_COL`` (for the quarantine), else null."""
-HELPER_COLUMNS = (ROW_COL, PRE_REASON_COL, RAW_LINE_COL)
+LINE_COL = "__recsys_line_no"
+"""Int64: the 1-based physical line a CSV row starts on (every row after the exact parser ran, else only rows
+flagged in ``PRE_REASON_COL``; null elsewhere). Absent when no row needs it."""
+HELPER_COLUMNS = (ROW_COL, PRE_REASON_COL, RAW_LINE_COL, LINE_COL)
 READ_ERRORS: tuple[type[BaseException], ...] = (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError)
 """What reading a broken file can raise (Polars panics on some corrupt Parquet); turned into IngestError."""
 
@@ -94,6 +101,42 @@ _LINE_SEP_CANDIDATES = (0x1F, 0x1E, 0x1D, 0x1C, *range(0x01, 0x09), *range(0x0E,
 _NULL_FIELD = re.compile(r"^\s*$")
 
 
+class EmptyFileError(IngestError):
+    """The file holds no bytes (or none once decompressed); ingest skips it among other files.
+
+    ``what`` says which, for the skip warning: ``"0 bytes"`` or ``"empty once decompressed"``.
+    """
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+@dataclass(frozen=True)
+class LineCount:
+    """Where a text file's physical lines went (a line ends at ``\\n``; a last line without one counts).
+
+    ``read == header + blank + rows + continuation``: ``continuation`` counts the lines after the first of rows
+    whose quoted field spans lines (so a quote that swallowed lines shows up here, or as quarantined rows).
+    """
+
+    read: int
+    header: int
+    blank: int
+    rows: int
+    continuation: int = 0
+
+    def balanced(self) -> bool:
+        return min(self.header, self.blank, self.rows, self.continuation) >= 0 and self.read == (
+            self.header + self.blank + self.rows + self.continuation
+        )
+
+
+def count_lines(data: bytes) -> int:
+    """Physical lines in ``data``: one per ``\\n``, plus a last line that lacks one (C speed)."""
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
 @dataclass(frozen=True)
 class SourceFile:
     """One input file. ``name`` is how messages and the report refer to it (the path as resolved)."""
@@ -118,6 +161,7 @@ class RawFrame:
             ``RAW_LINE_COL``. Parquet stays a lazy scan; text formats are parsed once into memory.
         schema: the original + hive columns only (no helper columns), in file order.
         rows: number of data rows (header and blank lines excluded; malformed rows included).
+        lines: the physical-line accounting of a text file (None for Parquet).
     """
 
     file: SourceFile
@@ -126,6 +170,7 @@ class RawFrame:
     rows: int
     duplicates: tuple[str, ...] = ()
     """Header names that occur more than once (CSV; the copies are read as ``<name>_duplicated_<k>``)."""
+    lines: LineCount | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,7 +334,9 @@ def _decompress(file: SourceFile, data: bytes, compression: Compression) -> byte
 def _load_text_bytes(file: SourceFile) -> bytes:
     """The file's bytes, decompressed (by extension and by magic), checked to look like text."""
     if file.path.stat().st_size == 0:
-        raise IngestError(f"events file '{file.name}' is empty (0 bytes); remove it or check ingest.source.path")
+        raise EmptyFileError(
+            f"events file '{file.name}' is empty (0 bytes); remove it or check ingest.source.path", "0 bytes"
+        )
     data = file.path.read_bytes()
     magic: Compression | None = (
         "gzip" if data.startswith(_GZIP_MAGIC) else "zstd" if data.startswith(_ZSTD_MAGIC) else None
@@ -302,7 +349,9 @@ def _load_text_bytes(file: SourceFile) -> bytes:
     if magic is not None:
         data = _decompress(file, data, magic)
         if not data:
-            raise IngestError(f"events file '{file.name}' is empty once decompressed; remove it")
+            raise EmptyFileError(
+                f"events file '{file.name}' is empty once decompressed; remove it", "empty once decompressed"
+            )
     data = _as_utf8(file, data)
     head = data[:8192]
     what = _describe_magic(head)
@@ -390,13 +439,17 @@ def _csv_polars(data: bytes, sep: str, encoding: str) -> pl.DataFrame | None:
         return None
 
 
-def _csv_fast(data: bytes, sep: str) -> pl.DataFrame | None:
+def _csv_fast(data: bytes, sep: str) -> tuple[pl.DataFrame, LineCount] | None:
     """Vectorised path: Polars parses records; a one-column line read gives each row's field count.
 
     Returns None when records and lines do not align (quoted fields spanning lines, an unterminated quote,
-    or an unusual byte), so the caller falls back to the exact parser.
+    or an unusual byte), so the caller falls back to the exact parser. The cheap evidence is the count: one
+    record per physical line after the header (blank lines included), checked against the newline count.
     """
-    data = data.lstrip(b"\r\n")  # polars skips leading blank lines; the line read must too
+    physical = count_lines(data)
+    body_start = len(data) - len(data.lstrip(b"\r\n"))  # polars skips leading blank lines; the line read must too
+    lead = data[:body_start].count(b"\n")
+    data = data[body_start:]
     lossy = False
     records = _csv_polars(data, sep, "utf8")
     if records is None:
@@ -405,7 +458,7 @@ def _csv_fast(data: bytes, sep: str) -> pl.DataFrame | None:
     if records is None or records.width == 0:
         return None
     lines = _read_lines(data)
-    if lines is None or lines.len() - 1 != records.height:
+    if lines is None or lines.len() - 1 != records.height or lead + lines.len() != physical:
         return None
     body = lines.slice(1)
     # Field count per line = separators outside quoted fields + 1 (quoted fields are cut out first).
@@ -415,27 +468,50 @@ def _csv_fast(data: bytes, sep: str) -> pl.DataFrame | None:
     if quoted:  # a quote that opens a field but never closes: polars would have merged lines
         malformed = malformed | residual.str.contains(f'(^|{_sep_rx(sep)})"')
     bad_enc = body.str.contains("\ufffd", literal=True) if lossy else pl.repeat(False, body.len(), eager=True)
-    flags = pl.DataFrame(
-        {
-            "__recsys_blank": body.str.strip_chars() == "",
-            PRE_REASON_COL: pl.select(
-                pl.when(malformed)
-                .then(pl.lit("malformed_row"))
-                .when(bad_enc)
-                .then(pl.lit("invalid_encoding"))
-                .otherwise(pl.lit(None, dtype=pl.String))
-            ).to_series(),
-            "__recsys_line": body,
-        }
-    )
-    out = pl.concat([records, flags], how="horizontal").filter(~pl.col("__recsys_blank"))
-    return out.with_columns(
+    blank = body.str.strip_chars() == ""
+    flagged = malformed | bad_enc
+    columns: dict[str, pl.Series] = {
+        "__recsys_blank": blank,
+        PRE_REASON_COL: pl.select(
+            pl.when(malformed)
+            .then(pl.lit("malformed_row"))
+            .when(bad_enc)
+            .then(pl.lit("invalid_encoding"))
+            .otherwise(pl.lit(None, dtype=pl.String))
+        ).to_series(),
+        "__recsys_line": body,
+    }
+    if flagged.any():  # the physical line of each flagged row (the header is line lead + 1)
+        line_no = pl.int_range(lead + 2, lead + 2 + body.len(), eager=True, dtype=pl.Int64)
+        columns[LINE_COL] = pl.select(pl.when(flagged).then(line_no)).to_series().alias(LINE_COL)
+    out = pl.concat([records, pl.DataFrame(columns)], how="horizontal").filter(~pl.col("__recsys_blank"))
+    out = out.with_columns(
         pl.when(pl.col(PRE_REASON_COL).is_not_null()).then(pl.col("__recsys_line")).alias(RAW_LINE_COL)
     ).drop("__recsys_blank", "__recsys_line")
+    n_blank = int(blank.sum())
+    return out, LineCount(read=physical, header=1, blank=lead + n_blank, rows=out.height)
 
 
-def _csv_exact(data: bytes, sep: str, name: str) -> pl.DataFrame:
-    """Exact fallback with Python's csv module (C speed, one Python step per row; only for odd files)."""
+def _physical_lines(text: str) -> list[str]:
+    """``text`` cut after each ``\\n`` (terminators kept, as the csv module needs them inside quoted fields)."""
+    parts = text.split("\n")
+    lines = [p + "\n" for p in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+def _csv_exact(data: bytes, sep: str, name: str) -> tuple[pl.DataFrame, LineCount]:
+    """Exact fallback with Python's csv module (C speed, one Python step per row; only for odd files).
+
+    Every row records the physical line it starts on (``LINE_COL``). A row that spans lines and then fails
+    (the csv module's error, or a field count other than the header's) began with a quote that never closed
+    on its line: that first line is the row, ``unterminated_quote``, and parsing resumes on the next line, so
+    the quote cannot swallow the rest of the file. A broken row on one line is ``malformed_row``.
+
+    Raises:
+        IngestError: the header line cannot be read (e.g. a quote in it never closes).
+    """
     log.warning(
         "'%s': rows do not split line by line (quoted fields span lines, a quote is unterminated, or the "
         "file holds stray control bytes); using the exact, slower CSV parser",
@@ -447,47 +523,71 @@ def _csv_exact(data: bytes, sep: str, name: str) -> pl.DataFrame:
     except UnicodeDecodeError:
         text = data.decode("utf-8", errors="replace")
         lossy = True
-    text = text.removeprefix("\ufeff")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    lines = _physical_lines(text.removeprefix("\ufeff"))
+    total = len(lines)
+    base = 0  # index (in ``lines``) of the first line the current reader reads
+    reader = csv.reader(iter(lines), delimiter=sep, strict=True)
     header: list[str] | None = None
+    header_lines = blank = continuation = 0
     rows: list[list[str | None]] = []
     reasons: list[str | None] = []
     raws: list[str | None] = []
+    starts: list[int] = []
+    n = 0
     while True:
+        start = base + reader.line_num  # this record's first line (0-based)
         try:
             rec: list[str] | None = next(reader)
         except StopIteration:
             break
         except csv.Error:
-            rec = None  # e.g. "unexpected end of data": a truncated quoted field
+            rec = None  # e.g. "unexpected end of data": a quoted field that never closes
+        span = base + reader.line_num - start
         if header is None:
             if rec is not None and not any(f.strip() for f in rec):
+                blank += span
                 continue  # blank lines before the header
             if rec is None:
-                raise IngestError(f"events file '{name}' has an unreadable header line; fix its quoting") from None
-            header = rec
+                raise IngestError(
+                    f"events file '{name}' has an unreadable header (line {start + 1}; e.g. a quote that never "
+                    "closes); fix its quoting"
+                ) from None
+            header, header_lines, n = rec, span, len(rec)
+            continue
+        if span > 1 and (rec is None or len(rec) != n):  # a quote opened on line `start` swallowed the next ones
+            rows.append([None] * n)
+            reasons.append("unterminated_quote")
+            raws.append(lines[start].removesuffix("\n").removesuffix("\r"))
+            starts.append(start + 1)
+            base = start + 1
+            reader = csv.reader(map(lines.__getitem__, range(base, total)), delimiter=sep, strict=True)
             continue
         if rec is not None and (not rec or (len(rec) == 1 and _NULL_FIELD.match(rec[0]))):
+            blank += span
             continue  # blank line
-        n = len(header)
         if rec is None or len(rec) != n:
             fields = (rec or [])[:n]
             reasons.append("malformed_row")
-            raws.append(sep.join(rec) if rec is not None else None)
+            raws.append(sep.join(rec) if rec is not None else lines[start].removesuffix("\n").removesuffix("\r"))
         else:
             fields = rec
             bad = lossy and any("\ufffd" in f for f in rec)
             reasons.append("invalid_encoding" if bad else None)
             raws.append(sep.join(rec) if bad else None)
         rows.append([f if f != "" else None for f in fields] + [None] * (n - len(fields)))
+        starts.append(start + 1)
+        continuation += span - 1
     if header is None:
-        return pl.DataFrame()
+        return pl.DataFrame(), LineCount(read=total, header=0, blank=blank, rows=0)
     names = _dedupe_names(header)
     cols = {c: [r[j] for r in rows] for j, c in enumerate(names)}
     frame = pl.DataFrame(cols, schema=dict.fromkeys(names, pl.String))
-    return frame.with_columns(
-        pl.Series(PRE_REASON_COL, reasons, dtype=pl.String), pl.Series(RAW_LINE_COL, raws, dtype=pl.String)
+    frame = frame.with_columns(
+        pl.Series(PRE_REASON_COL, reasons, dtype=pl.String),
+        pl.Series(RAW_LINE_COL, raws, dtype=pl.String),
+        pl.Series(LINE_COL, starts, dtype=pl.Int64),
     )
+    return frame, LineCount(read=total, header=header_lines, blank=blank, rows=len(rows), continuation=continuation)
 
 
 def _dedupe_names(header: list[str]) -> list[str]:
@@ -503,7 +603,7 @@ def _dedupe_names(header: list[str]) -> list[str]:
     return out
 
 
-def _read_csv(file: SourceFile, source: SourceConfig) -> pl.DataFrame:
+def _read_csv(file: SourceFile, source: SourceConfig) -> tuple[pl.DataFrame, LineCount]:
     data = _load_text_bytes(file)
     sep = source.csv_separator
     tsv = _strip_compression(file.path.name.lower()).endswith(".tsv")
@@ -511,20 +611,26 @@ def _read_csv(file: SourceFile, source: SourceConfig) -> pl.DataFrame:
         sep = "\t"  # .tsv means tabs unless the config names a separator
     if len(sep.encode()) != 1:
         raise IngestError(f"ingest.source.csv_separator must be one byte, got {sep!r}")
-    frame = _csv_fast(data, sep)
-    if frame is None:
-        frame = _csv_exact(data, sep, file.name)
+    fast = _csv_fast(data, sep)
+    frame, lines = fast if fast is not None else _csv_exact(data, sep, file.name)
     if frame.width == 0:
         raise IngestError(f"events file '{file.name}' holds no header line; it is not a CSV event log")
-    return frame
+    return frame, lines
 
 
 # ----------------------------------------------------------------------------------------------------------
 # NDJSON
 
 
-def _read_ndjson(file: SourceFile) -> pl.DataFrame:
+def _read_ndjson(file: SourceFile) -> tuple[pl.DataFrame, LineCount]:
+    """NDJSON rows: one per non-blank line (a line that is not a JSON object is a ``malformed_row``)."""
     data = _load_text_bytes(file)
+    frame = _ndjson_rows(file, data)
+    physical = count_lines(data)  # polars and the line split both cut at \n only; the others are blank
+    return frame, LineCount(read=physical, header=0, blank=physical - frame.height, rows=frame.height)
+
+
+def _ndjson_rows(file: SourceFile, data: bytes) -> pl.DataFrame:
     start = data.lstrip()[:1]
     if start == b"[":
         raise IngestError(
@@ -595,7 +701,9 @@ def _first_line(e: BaseException) -> str:
 def _scan_parquet(file: SourceFile) -> tuple[pl.LazyFrame, pl.Schema, int]:
     size = file.path.stat().st_size
     if size == 0:
-        raise IngestError(f"events file '{file.name}' is empty (0 bytes); remove it or check ingest.source.path")
+        raise EmptyFileError(
+            f"events file '{file.name}' is empty (0 bytes); remove it or check ingest.source.path", "0 bytes"
+        )
     with open(file.path, "rb") as fh:
         head = fh.read(16)
         fh.seek(max(size - 4, 0))
@@ -657,14 +765,23 @@ def read_source(file: SourceFile, source: SourceConfig) -> RawFrame:
     memory, CSV with every column as String.
 
     Raises:
-        IngestError: the file is empty, binary, compressed wrongly, or not readable in its format.
+        EmptyFileError: the file holds no bytes (or none once decompressed).
+        IngestError: the file is binary, compressed wrongly, or not readable in its format.
+        AccountingError: a text file's physical lines do not add up (a bug).
     """
     duplicates: tuple[str, ...] = ()
+    lines: LineCount | None = None
     if file.format == "parquet":
         lf, schema, rows = _scan_parquet(file)
         names = [c for c in schema.names() if c != ROW_COL]
     else:
-        frame = _read_csv(file, source) if file.format == "csv" else _read_ndjson(file)
+        frame, lines = _read_csv(file, source) if file.format == "csv" else _read_ndjson(file)
+        if not lines.balanced():
+            raise AccountingError(
+                f"events file '{file.name}': its {lines.read:,} lines do not add up (header {lines.header:,} + "
+                f"blank {lines.blank:,} + rows {lines.rows:,} + continuation {lines.continuation:,}); this is a bug in "
+                "recsys-embed, please report it with the file"
+            )
         rows = frame.height
         names = [c for c in frame.columns if c not in HELPER_COLUMNS]
         if file.format == "csv":  # both CSV parsers name a repeated header `<name>_duplicated_<k>`
@@ -676,7 +793,7 @@ def read_source(file: SourceFile, source: SourceConfig) -> RawFrame:
     if hive:
         lf = lf.with_columns(pl.lit(v, dtype=pl.String).alias(k) for k, v in hive.items())
     out_schema = pl.Schema([(c, schema[c]) for c in names] + [(k, pl.String()) for k in hive])
-    return RawFrame(file=file, frame=lf, schema=out_schema, rows=rows, duplicates=duplicates)
+    return RawFrame(file=file, frame=lf, schema=out_schema, rows=rows, duplicates=duplicates, lines=lines)
 
 
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}

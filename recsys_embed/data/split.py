@@ -338,6 +338,7 @@ def evidence(label: str, n_warm_users: int, min_users: int) -> str | None:
         return None
     se = 0.3 / max(n_warm_users, 1) ** 0.5
     return (
-        f"the {label} window holds {n_warm_users:,} warm users, fewer than split.min_eval_users={min_users:,} "
+        f"the {label} window holds {n_warm_users:,} warm users{' to choose on' if label == 'val' else ''}, fewer "
+        f"than split.min_eval_users={min_users:,} "
         f"(NDCG's standard error is about {se:.3f} at that size)"
     )

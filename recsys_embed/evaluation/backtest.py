@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 BASELINE = "baseline_implicit_als"
 """The contender every ratio is taken against."""
+BASELINE_BM25 = "baseline_implicit_als_bm25"
+"""The same hand-glued script on BM25-weighted counts, as implicit's last.fm example (logs of counts only)."""
 POPULARITY = "baseline_popularity"
 HEADLINE = ("recall", "ndcg", "hit_rate")
 """The metrics printed side by side (at ``k``)."""
@@ -328,7 +330,9 @@ def popularity_table(before: pl.DataFrame, users: pl.Series, k: int) -> pl.DataF
     return _table(users.gather(np.repeat(np.arange(len(rows)), kk)), item_ids, len(rows), kk, POPULARITY)
 
 
-def hand_glued_als_table(before: pl.DataFrame, users: pl.Series, k: int, seed: int) -> pl.DataFrame:
+def hand_glued_als_table(
+    before: pl.DataFrame, users: pl.Series, k: int, seed: int, bm25: bool = False, name: str = BASELINE
+) -> pl.DataFrame:
     """What a user gets by calling implicit by hand, written the way such a user would.
 
     ``implicit.als.AlternatingLeastSquares(random_state=seed)`` (every other argument the library's default) is
@@ -337,20 +341,29 @@ def hand_glued_als_table(before: pl.DataFrame, users: pl.Series, k: int, seed: i
     knows (a user with no pre-cutoff purchase gets no row). BLAS is single-threaded around implicit, as
     implicit asks (threadpoolctl).
 
+    With ``bm25`` (a log of counts: plays, clicks), the matrix holds each pair's summed positive weight weighed
+    as implicit's own last.fm example does: ``bm25_weight(item_user_counts, K1=100, B=0.8)``, transposed.
+
     Returns:
-        ``user_id, rank, item_id, model`` (``model = "baseline_implicit_als"``).
+        ``user_id, rank, item_id, model`` (``model = name``).
     """
     import implicit.als
     from threadpoolctl import threadpool_limits
 
     from recsys_embed import progress
 
-    bought = _purchases(before)
+    positive = before.filter(pl.col("weight") > 0)
+    bought = positive.group_by("user_id", "item_id").agg(pl.col("weight").sum())
     user_ids = bought["user_id"].unique().sort()
     item_ids = bought["item_id"].unique().sort()
     u = IdMap(user_ids.rename("id")).lookup(bought["user_id"]).to_numpy()
     i = IdMap(item_ids.rename("id")).lookup(bought["item_id"]).to_numpy()
-    user_items = sp.csr_matrix((np.ones(len(u), dtype=np.float32), (u, i)), shape=(user_ids.len(), item_ids.len()))
+    values = bought["weight"].to_numpy().astype(np.float32) if bm25 else np.ones(len(u), dtype=np.float32)
+    user_items = sp.csr_matrix((values, (u, i)), shape=(user_ids.len(), item_ids.len()))
+    if bm25:
+        from implicit.nearest_neighbours import bm25_weight
+
+        user_items = bm25_weight(user_items.T.tocoo(), K1=100, B=0.8).T.tocsr().astype(np.float32)
     asked = users.cast(user_ids.dtype).filter(users.cast(user_ids.dtype).is_in(user_ids.implode()))
     userids = IdMap(user_ids.rename("id")).lookup(asked).to_numpy()
     with threadpool_limits(1, "blas"):
@@ -361,7 +374,7 @@ def hand_glued_als_table(before: pl.DataFrame, users: pl.Series, k: int, seed: i
     kk = ids.shape[1]
     flat = ids.ravel()
     items = item_ids.gather(np.maximum(flat, 0)).scatter(np.flatnonzero(flat < 0), None)
-    return _table(asked.gather(np.repeat(np.arange(len(userids)), kk)), items, len(userids), kk, BASELINE)
+    return _table(asked.gather(np.repeat(np.arange(len(userids)), kk)), items, len(userids), kk, name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -544,6 +557,7 @@ def run_scoring(
     seed: int,
     holdout_days: int | None = None,
     defaults: Mapping[str, Any] | None = None,
+    counts: bool = False,
 ) -> BacktestResult:
     """Score a backtest pipeline run's shipped tables and both baselines against the events after ``cutoff``.
 
@@ -559,6 +573,8 @@ def run_scoring(
         defaults: ``--per-model``: the manifest of the same pipeline run with its search off (every model at
             its configured hyperparameters); ``manifest`` is then the tuned run, and every table of both is
             scored (contender kinds "tuned" and "defaults", the latter named ``<model> (defaults)``).
+        counts: the log's weights are counts (``ingest.columns.weight`` is mapped): a user of implicit weighs
+            them with BM25, so ``baseline_implicit_als_bm25`` (``hand_glued_als_table(bm25=True)``) is scored too.
     """
     if k < 1:
         raise ConfigError(f"export.k must be >= 1 for a backtest, got {k}")
@@ -581,10 +597,14 @@ def run_scoring(
             label = f"{model} (defaults)" if kind == "defaults" else model
             contenders.append(Contender(label, kind, metrics, table=path, best=kind != "defaults" and model == best,
                                         model=model, params=searched_params(run, model)))  # fmt: skip
-    for cname, build in (
+    builds = [
         (POPULARITY, lambda: popularity_table(before, truth.users, k)),
         (BASELINE, lambda: hand_glued_als_table(before, truth.users, k, seed)),
-    ):
+    ]
+    if counts:
+        builds.append((BASELINE_BM25, lambda: hand_glued_als_table(before, truth.users, k, seed, bm25=True,
+                                                                   name=BASELINE_BM25)))  # fmt: skip
+    for cname, build in builds:
         t0 = time.perf_counter()
         table = build()
         seconds = round(time.perf_counter() - t0, 3)

@@ -29,19 +29,33 @@ def enabled_models(cfg: ModelsConfig) -> list[str]:
     return [name for name in MODEL_NAMES if getattr(cfg, name).enabled]
 
 
-def runnable_models(cfg: ModelsConfig, n_users: int, n_items: int, warn: bool = True) -> list[str]:
-    """``enabled_models`` less those that cannot run on an (n_users x n_items) train matrix: EASE above its
-    item or memory budget is skipped with a warning (``warn``) naming the numbers and the fix, and the run goes on."""
+def runnable_models(
+    cfg: ModelsConfig, n_users: int, n_items: int, warn: bool = True, refit_shape: tuple[int, int] | None = None
+) -> list[str]:
+    """``enabled_models`` less those that cannot run: EASE above its item or memory budget on the (n_users x
+    n_items) train matrix, or on ``refit_shape`` (users x items of every kept event: the production refit's
+    catalog, checked before any work so that a refit never fails after evaluation), is skipped with a warning
+    (``warn``) naming the numbers and the fix, and the run goes on."""
     from recsys_embed.models.ease import fits
 
     names = enabled_models(cfg)
     if "ease" in names:
         reason = fits(n_users, n_items, cfg.ease)
+        if reason is None and refit_shape is not None:
+            reason = fits(*refit_shape, cfg.ease)
+            reason = reason and f"{reason} (for the refit on every kept event)"
         if reason is not None:
             if warn:
                 log.warning("%s; skipping it, the other models run", reason)
             names.remove("ease")
     return names
+
+
+def refit_shape(split: Any) -> tuple[int, int] | None:
+    """(users, items) of every kept event, as a split record states them (``full_users`` / ``full_items``: an upper
+    bound of the refit's matrix); None for a record without them."""
+    users, items = split.get("full_users"), split.get("full_items")
+    return (int(users), int(items)) if users is not None and items is not None else None
 
 
 def train_model(

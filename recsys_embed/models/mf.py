@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import implicit.als
@@ -278,6 +278,39 @@ def _set_factors(model: Any, gpu: bool, warm: WarmStart) -> None:
         model.user_factors, model.item_factors = warm.user, warm.item
 
 
+def transform_confidence(
+    matrix: sp.csr_matrix, how: str, k1: float = 100.0, b: float = 0.8
+) -> sp.csr_matrix:
+    """The summed confidence r of each stored (user, item) pair, transformed for ALS (``ALSConfig.confidence``).
+
+    Args:
+        matrix: CSR (n_users x n_items), stored values > 0.
+        how: "none" (unchanged), "log1p" (log(1 + r)), or "bm25": implicit's ``bm25_weight`` on the items x users
+            matrix, as implicit's last.fm example weighs play counts (``bm25_weight(artist_user_plays, K1, B)``):
+            ``r (K1 + 1) / (K1 ((1 - B) + B len_i / mean len) + r) * idf_u``, with ``len_i`` item i's total and
+            ``idf_u = log(n_items) - log1p(items of user u)``.
+        k1, b: BM25's K1 and B.
+
+    Returns:
+        A CSR of the same shape and sparsity pattern, float32, every stored value > 0 (BM25 can reach 0 or below
+        for a user holding nearly every item: such values are raised to 1e-6 so the pair stays a positive).
+    """
+    if how == "none":
+        return matrix
+    out = matrix.astype(np.float32, copy=True)
+    if how == "log1p":
+        out.data = np.log1p(out.data)
+        return out
+    if how != "bm25":
+        raise ConfigError(f"models.als.confidence={how!r}: choose none, log1p or bm25")
+    from implicit.nearest_neighbours import bm25_weight
+
+    weighted = bm25_weight(out.T.tocoo(), K1=k1, B=b).T.tocsr()
+    weighted.sort_indices()
+    weighted.data = np.maximum(weighted.data, 1e-6).astype(np.float32)
+    return weighted
+
+
 def als_model(cfg: ALSConfig, gpu: bool, training_loss: bool | None = None) -> Any:
     """implicit's ``AlternatingLeastSquares`` as ``cfg`` configures it (``training_loss`` overrides the config's)."""
     return implicit.als.AlternatingLeastSquares(
@@ -331,8 +364,13 @@ def train_als(
     def signal(loss: float | None) -> dict[str, float]:
         return {} if loss is None else {"train_loss": float(loss)}
 
+    if cfg.confidence != "none":
+        train = replace(train, matrix=transform_confidence(train.matrix, cfg.confidence, cfg.bm25_k1, cfg.bm25_b))
+    extra: dict[str, Any] = {"confidence": cfg.confidence}
+    if cfg.confidence == "bm25":
+        extra.update(bm25_k1=cfg.bm25_k1, bm25_b=cfg.bm25_b)
     return _fit_implicit(
-        "als", train, cfg, make_model, signal, val_targets, ks, metric, on_metrics, show_progress, {}, warm_start
+        "als", train, cfg, make_model, signal, val_targets, ks, metric, on_metrics, show_progress, extra, warm_start
     )
 
 

@@ -104,9 +104,9 @@ def space_of(cfg: TuningConfig, name: str) -> SearchSpace:
     return cast(SearchSpace, model_tuning(cfg, name).space)  # type: ignore[attr-defined]
 
 
-def searched(space: SearchSpace, model_cfg: Any = None) -> dict[str, tuple[float, float]]:
-    """The parameters a space searches (non-null ranges), by name; with ``model_cfg``, not those the model has
-    switched off (configured null, e.g. EASE's ``half_life_days``)."""
+def searched(space: SearchSpace, model_cfg: Any = None) -> dict[str, Any]:
+    """The parameters a space searches (non-null ranges ``(low, high)`` or choice lists), by name; with
+    ``model_cfg``, not those the model has switched off (configured null, e.g. EASE's ``half_life_days``)."""
     return {
         name: r for name, r in space
         if r is not None and (model_cfg is None or getattr(model_cfg, name, None) is not None)
@@ -116,7 +116,11 @@ def searched(space: SearchSpace, model_cfg: Any = None) -> dict[str, tuple[float
 def suggest(trial: optuna.Trial, space: SearchSpace, model_cfg: Any = None) -> dict[str, Any]:
     """Draw one value per searched parameter (log scale and integers as the space declares)."""
     params: dict[str, Any] = {}
-    for name, (low, high) in searched(space, model_cfg).items():
+    for name, r in searched(space, model_cfg).items():
+        if isinstance(r, list):
+            params[name] = trial.suggest_categorical(name, r)
+            continue
+        low, high = r
         log_scale = name in space._log
         if name in space._int:
             params[name] = trial.suggest_int(name, round(low), round(high), log=log_scale)
@@ -128,8 +132,13 @@ def suggest(trial: optuna.Trial, space: SearchSpace, model_cfg: Any = None) -> d
 def defaults_in_space(model_cfg: Any, space: SearchSpace) -> dict[str, Any]:
     """The configured values of the searched parameters that lie inside their ranges (trial 0 evaluates them)."""
     out: dict[str, Any] = {}
-    for name, (low, high) in searched(space, model_cfg).items():
+    for name, r in searched(space, model_cfg).items():
         value = getattr(model_cfg, name)
+        if isinstance(r, list):
+            if value in r:
+                out[name] = value
+            continue
+        low, high = r
         if value is not None and low <= value <= high:
             out[name] = int(value) if name in space._int else float(value)
     return out

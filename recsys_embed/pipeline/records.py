@@ -54,10 +54,15 @@ class SplitRecord(TypedDict, total=False):
     split: dict[str, Any]  # method, cutoffs, rows per window, rule, evidence warnings
     n_users: int
     n_items: int
-    val_targets: str | None  # val_targets.npz (None: no validation window)
+    val_targets: str | None  # val_targets.npz: the search part of the validation window (None: no window)
     val_counts: dict[str, Any]
     val_warm_users: int
     val_cold_users: int
+    select_targets: str | None  # select_targets.npz: the selection part (None: split.select_share 0)
+    select_users: int
+    search_users: int
+    full_users: int  # distinct users / items of every kept event: the refit's catalog, bounded above
+    full_items: int
     test_targets: str | None
     test_counts: dict[str, Any]
     test_warm_users: int
@@ -225,7 +230,8 @@ class RegistryDecision(TypedDict, total=False):
     version: Required[str]
     alias: str | None
     promoted: bool
-    registered: bool  # False: an identical re-run (same data and config), nothing new registered
+    registered: bool  # False: a run with the same data identity and config found its version (nothing new
+    # registered): unchanged, or its interrupted decision completed, or judged again when the champion moved
     reason: str
     metric: str
     value: float | None

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from recsys_embed.config import (
     DatabaseExportConfig,
     EvalConfig,
     ExportConfig,
+    IngestConfig,
     MlflowSettings,
     ModelsConfig,
     RegistryConfig,
@@ -195,15 +197,90 @@ def run_db_export(
     return record
 
 
+# Config fields of a model slice that say where and how fast it runs, or what it logs, not what model it fits:
+# threads, devices, distributed layout, numeric precision, data loader workers, checkpoint folders, progress bars,
+# loss logging and the memory/size guards. They stay out of the recipe (the same recipe on a GPU box or a laptop
+# is the same recipe) and a champion recipe's re-fit takes this run's values of them.
+MACHINE_SETTINGS = frozenset({
+    "use_gpu", "num_threads", "blas_threads", "accelerator", "devices", "strategy", "num_nodes", "precision",
+    "num_workers", "artifact_dir", "progress_bar", "training_loss", "max_items", "max_memory_gb",
+})  # fmt: skip
+
+
 def recipe(name: str, models_cfg: ModelsConfig) -> tuple[str, str]:
-    """(hash, JSON) of model ``name``'s recipe: its family and config slice (hyperparameters, seed, budget)."""
-    config = json.dumps(getattr(models_cfg, name).model_dump(mode="json"), sort_keys=True)
+    """(hash, JSON) of model ``name``'s recipe: its family and config slice (hyperparameters, seed, iteration and
+    time budget), without ``MACHINE_SETTINGS``."""
+    slice_cfg = getattr(models_cfg, name)
+    config = json.dumps(slice_cfg.model_dump(mode="json", exclude=set(MACHINE_SETTINGS)), sort_keys=True)
     return content_hash({"model": name, "config": config}), config
 
 
-def run_key(fingerprint: str, config: dict[str, Any]) -> str:
-    """Hash of the data fingerprint and the whole config: an identical re-run has the same key."""
-    return content_hash({"data": fingerprint, "config": config})
+def recipe_config(name: str, recipe_json: str, models_cfg: ModelsConfig) -> ModelsConfig:
+    """``models_cfg`` with model ``name``'s slice rebuilt from a recipe's JSON (``recipe``) and this run's
+    ``MACHINE_SETTINGS`` (a recipe recorded with them, before they were left out, runs on this machine's)."""
+    here = getattr(models_cfg, name)
+    fields = {**json.loads(recipe_json), **here.model_dump(mode="json", include=set(MACHINE_SETTINGS))}
+    return models_cfg.model_copy(update={name: type(here).model_validate(fields)})
+
+
+def data_identity(fingerprint: str, ingest_cfg: IngestConfig, trained_on: Mapping[str, Any]) -> dict[str, str]:
+    """The events a shipped model was trained on, as version tags (strings; "None" where unknown).
+
+    Not just the input files' fingerprint (``data_fingerprint``): the same files read with another window are
+    other data. So also the window the ingest reads (``data_until`` = ``ingest.until``, ``data_window_start`` /
+    ``data_window_end``) and the kept-event range of the training data (``training_window_first`` /
+    ``training_window_last``, ``training_rows``, ``training_fit``: which events: ``trained_on["fit"]``);
+    ``data_identity`` hashes all of them. "Newer data" is a later ``training_window_last``.
+
+    Args:
+        fingerprint: ``IngestRecord.fingerprint`` (content of the source files).
+        trained_on: an export's ``trained_on`` (``window``: first/last event or None, ``rows``, ``fit``).
+    """
+
+    def iso(t: Any) -> str:
+        return t.isoformat() if t is not None else "None"
+
+    window = trained_on.get("window") or {}
+    tags = {
+        "data_fingerprint": fingerprint,
+        "data_until": iso(ingest_cfg.until),
+        "data_window_start": iso(ingest_cfg.window_start),
+        "data_window_end": iso(ingest_cfg.window_end),
+        "training_window_first": str(window.get("first")),
+        "training_window_last": str(window.get("last")),
+        "training_rows": str(trained_on.get("rows")),
+        "training_fit": str(trained_on.get("fit") or "all kept events"),
+    }
+    return {**tags, "data_identity": content_hash(tags)}
+
+
+def evaluation_windows(split_info: Mapping[str, Any], window: Mapping[str, Any] | None) -> dict[str, str]:
+    """Where a recipe's held-out metrics were measured, as version tags ``fit_window``, ``validation_window`` and
+    ``test_window``: date ranges for a temporal split (``split_info``: ``SplitRecord.split``, its ``cutoff`` /
+    ``val_cutoff``; ``window``: the log's first and last kept event, or None), the per-user rule otherwise."""
+    first = (window or {}).get("first") or "the first event"
+    last = (window or {}).get("last") or "the last event"
+    rows = {k: split_info.get(f"rows_{k}") for k in ("fit", "val", "test")}
+
+    def n(key: str) -> str:
+        return f" ({rows[key]:,} rows)" if isinstance(rows[key], int) else ""
+
+    cut, val_cut = split_info.get("cutoff"), split_info.get("val_cutoff")
+    if cut is None:
+        rule = f"per user ({split_info.get('method')} split: each user's latest events)"
+        return {"fit_window": f"every user's earlier events{n('fit')}", "validation_window": f"{rule}{n('val')}",
+                "test_window": f"{rule}{n('test')}"}  # fmt: skip
+    return {
+        "fit_window": f"[{first}, {val_cut or cut}){n('fit')}",
+        "validation_window": f"[{val_cut}, {cut}){n('val')}" if val_cut else "none",
+        "test_window": f"[{cut}, {last}]{n('test')}",
+    }
+
+
+def run_key(data: Mapping[str, str] | str, config: dict[str, Any]) -> str:
+    """Hash of the data identity (``data_identity``'s tags, or a bare fingerprint) and the whole config: an
+    identical run has the same key."""
+    return content_hash({"data": data if isinstance(data, str) else dict(data), "config": config})
 
 
 def run_register(
@@ -226,7 +303,9 @@ def run_register(
     from the champion version's ``recipe_config`` tag (cached like any training). The champion model itself is
     never scored on this run's windows, which it may have been trained on.
 
-    Not cached: a re-run after a kill registers again unless its data and config are identical (no churn).
+    Not cached, and one step across a kill (``register_best``): a re-run with the same data identity and config
+    registers nothing and completes the decision the killed run recorded on its version (or judges that version
+    again when the champion moved since).
     """
     from recsys_embed.serving.registry import ChampionScore, register_best
 
@@ -240,8 +319,8 @@ def run_register(
                                      "validation window")  # fmt: skip
         champ_model = tags.get("model", "")
         try:
-            slice_cfg = type(getattr(models_cfg, champ_model)).model_validate_json(tags["recipe_config"])
-            champ_cfg = models_cfg.model_copy(update={champ_model: slice_cfg, "warm_start": False})
+            champ_cfg = recipe_config(champ_model, tags["recipe_config"], models_cfg)
+            champ_cfg = champ_cfg.model_copy(update={"warm_start": False})
             folder = Path(work_dir or ".") / "champion_recipe"
             trained = run_train(champ_model, split, champ_cfg, eval_cfg, folder, cache_root=cache_root)
             v = run_validate(trained, split, eval_cfg, folder)
@@ -255,7 +334,6 @@ def run_register(
                              "its recipe re-fitted on this run's fit window, scored on its validation window")
 
     decision = register_best(settings, candidate, export_cfg, cfg, eval_cfg.primary_metric, judge, name)
-    checkpoint("register")  # the version is registered, the run has not finished
     return cast(RegistryDecision, decision)
 
 
@@ -284,17 +362,34 @@ def run_publish(root: Path, export: ExportRecord, decision: RegistryDecision | N
 
     ``<root>/champion.json`` names the champion's run, model, registered version and table paths, and the
     symbolic link ``<root>/current`` points at its exports folder (``current/topk/``, ``current/similar_items/``);
-    both are replaced atomically. They move when this run's model is promoted, or on every run when the registry is
-    off (``decision`` None); a challenger leaves them on the champion. Returns ``{"moved", "export", "version",
-    "model", "run_dir", "champion_file", "current"}`` for the champion (``export``: its export record, which the
-    database export serves).
+    each is replaced atomically, the pointer first. They follow the registry's ``champion`` alias: when this run's
+    version holds it (``decision["alias"]``) the pointer names it, re-written with this run's tables unless it
+    already names that version with committed tables (an unchanged champion stays on the tables it was published
+    with); on every run when the registry is off (``decision`` None); a challenger leaves them on the champion.
+    Either way ``current`` is then made to agree with the pointer, so a re-run completes a publish that a kill
+    interrupted between the two (``checkpoint("publish:champion")``).
+
+    Returns ``{"moved", "export", "version", "model", "run_dir", "champion_file", "current"}`` for the champion
+    (``export``: its export record, which the database export serves; ``moved``: the pointer was re-written).
+
+    Raises:
+        RecsysEmbedError: this run's version is the challenger and ``champion.json`` is missing, so the champion's
+            tables are not known here (its alias was moved from another output folder, or the file was deleted).
     """
+    from recsys_embed.errors import RecsysEmbedError
+    from recsys_embed.io import is_complete_table
+
     root = Path(root)
     pointer = root / CHAMPION_FILE
     link = root / CURRENT
-    moves = decision is None or bool(decision.get("promoted"))
-    if not moves and not pointer.exists():
-        moves = decision is not None and decision.get("alias") == "champion"  # unchanged champion, pointer lost
+    published: PublishRecord | None = json.loads(pointer.read_text(encoding="utf-8")) if pointer.exists() else None
+    champion = decision is None or decision.get("alias") == "champion"
+    moves = champion and not (
+        decision is not None and published is not None
+        and str(published.get("version")) == str(decision["version"])
+        and published.get("registered_model") == decision["name"]
+        and bool(published.get("topk_path")) and is_complete_table(published["topk_path"])
+    )  # fmt: skip
     if moves:
         record: PublishRecord = {
             "model": export["model"],
@@ -311,14 +406,23 @@ def run_publish(root: Path, export: ExportRecord, decision: RegistryDecision | N
         if similar := export.get("similar_items"):
             record["similar_items_path"] = str(Path(similar).resolve())
         write_json_atomic(record, pointer)
-        target = Path(record["export"]["topk"]).parent
+        checkpoint("publish:champion")  # champion.json names the new champion, current/ not moved yet
+    elif published is not None:
+        record = published
+        log.info("publish: the champion stays v%s (%s)", record.get("version"), record.get("model"))
+    else:
+        assert decision is not None  # champion is True without a decision
+        raise RecsysEmbedError(
+            f"{pointer} is missing and this run's v{decision['version']} is the challenger, so the champion's "
+            f"(v{decision.get('previous_champion')}) tables are unknown in {root}: its alias was moved by a run of "
+            "another output folder, or the file was deleted. Re-run that folder's pipeline, or move the champion "
+            "alias to a version this folder published"
+        )
+    target = Path(record["topk_path"]).parent
+    if not (link.is_symlink() and link.resolve() == target.resolve()):
         tmp = link.with_name(f".{CURRENT}.tmp-{os.urandom(4).hex()}")
         os.symlink(os.path.relpath(target, root), tmp)
         os.replace(tmp, link)
         log.info("publish: %s -> %s (%s%s)", link, target, record["model"],
-                 f" v{record['version']}" if record["version"] else "")  # fmt: skip
-    else:
-        record = json.loads(pointer.read_text(encoding="utf-8"))
-        log.info("publish: the champion stays v%s (%s); %s still points at its tables", record.get("version"),
-                 record.get("model"), link)  # fmt: skip
+                 f" v{record['version']}" if record.get("version") else "")  # fmt: skip
     return {**record, "moved": moves, "champion_file": str(pointer.resolve()), "current": str(link)}

@@ -54,6 +54,7 @@ from recsys_embed.config import (
     SplitConfig,
     TuningConfig,
 )
+from recsys_embed.errors import ConfigError, IngestError
 from recsys_embed.faults import checkpoint
 from recsys_embed.io import (
     SUCCESS_MARKER,
@@ -319,6 +320,11 @@ def _split_into(
     from recsys_embed.data.split import build_targets, evidence, split_events
 
     events = pl.read_parquet(ingest["events"])
+    if (n_items := events["item_id"].n_unique()) < 2:  # nothing to rank: stop before splitting and training
+        raise IngestError(f"the log has {n_items} distinct item{'' if n_items == 1 else 's'} after filtering "
+                          f"({events.height:,} kept events); a recommender needs at least 2 items to rank: check that "
+                          "ingest.columns.item names the item column and that ingest.item_filters, window_start, "
+                          "window_end or until do not drop the others")  # fmt: skip
     previous = load_id_maps(ingest_cfg.id_maps_from) if ingest_cfg.id_maps_from else None
     rule: str = cfg.method
     report = RowReport.from_dict(ingest["report"])
@@ -327,7 +333,7 @@ def _split_into(
     targets = {label: build_targets(frame, train, report, label) if frame.height else None
                for label, frame in (("val", parts.val), ("test", parts.test))}  # fmt: skip
     short = [why for label, t in targets.items()
-             if (why := evidence(label, t.n_warm_users if t else 0, cfg.min_eval_users))]  # fmt: skip
+             if (why := evidence(label, _choice_users(label, t, cfg), cfg.min_eval_users))]  # fmt: skip
     if short and cfg.method == "auto":
         log.warning("split: %s; auto falls back to a per-user split (last_n=%d)", "; ".join(short), cfg.last_n)
         per_user = cfg.model_copy(update={"method": "last_n"})
@@ -338,13 +344,34 @@ def _split_into(
                    for label, frame in (("val", parts.val), ("test", parts.test))}  # fmt: skip
         rule = f"auto: last_n (temporal rejected: {'; '.join(short)})"
         short = [why for label, t in targets.items()
-                 if (why := evidence(label, t.n_warm_users if t else 0, cfg.min_eval_users))]  # fmt: skip
+                 if (why := evidence(label, _choice_users(label, t, cfg), cfg.min_eval_users))]  # fmt: skip
     elif cfg.method == "auto":
         rule = f"auto: temporal (val and test windows each hold >= {cfg.min_eval_users:,} warm users)"
+    val_short = [why for why in short if why.startswith("the val window")]
+    if val_short and cfg.method != "auto":
+        raise ConfigError(
+            f"split.method={cfg.method!r}: {val_short[0]}, so the model shipped would be chosen on noise. Use "
+            "split.method: auto (it falls back to a per-user split, holding out each user's last event), or "
+            "last_n; or lower split.min_eval_users knowingly to choose on this window anyway"
+        )
     for why in short:
-        log.warning("split: %s; a choice made on it is noise: lower split.min_eval_users only knowingly, or use "
-                    "split.method=auto / last_n", why)  # fmt: skip
+        if cfg.method == "auto":  # already per user: the log has too few users for a firmer choice
+            log.warning("split: %s, even holding out each user's last event; the choice rests on them (a log "
+                        "with more users gives a firmer one)", why)  # fmt: skip
+        else:
+            log.warning("split: %s; a choice made on it is noise: lower split.min_eval_users only knowingly, or "
+                        "use split.method=auto / last_n", why)  # fmt: skip
+    search_val, select_val = _selection_halves(targets["val"].matrix if targets["val"] else None, cfg)
     parts.info.update(rule=rule, evidence_warnings=short)
+    if select_val is not None:
+        parts.info["selection_rule"] = (
+            f"validation users split by seed {cfg.seed}: {_users(select_val):,} chosen on (selection, registry), "
+            f"{_users(search_val):,} searched on (tuning trials, best iteration); split.select_share="
+            f"{cfg.select_share:g}")  # fmt: skip
+    if (n_fit := int(np.count_nonzero(np.diff(train.matrix.tocsc().indptr)))) < 2:
+        raise ConfigError(f"the fit window holds {n_fit} distinct item(s) of the log's {n_items:,} after the k-core "
+                          "(ingest.min_item_interactions / min_user_interactions) and the split; a recommender "
+                          "needs at least 2: lower the k-core minimums or move the split")  # fmt: skip
     with staged_table(folder) as stage:
         save_csr(train.matrix, stage / "train.npz")
         checkpoint("split")  # mid-split: the train matrix is written, maps and targets are not
@@ -357,12 +384,16 @@ def _split_into(
         for label, tg in targets.items():
             if tg is None:
                 continue
-            save_csr(tg.matrix, stage / f"{label}_targets.npz")
+            save_csr(tg.matrix if label != "val" else search_val, stage / f"{label}_targets.npz")
             write_parquet_atomic(tg.cold_users.to_frame("user_id"), stage / f"{label}_cold_users.parquet")
             path, cold = str(folder / f"{label}_targets.npz"), int(tg.cold_users.len())
             if label == "val":
                 record.update({"val_targets": path, "val_counts": tg.counts, "val_warm_users": tg.n_warm_users,
-                               "val_cold_users": cold})  # fmt: skip
+                               "val_cold_users": cold, "select_targets": None})  # fmt: skip
+                if select_val is not None:
+                    save_csr(select_val, stage / "select_targets.npz")
+                    record.update({"select_targets": str(folder / "select_targets.npz"),
+                                   "select_users": _users(select_val), "search_users": _users(search_val)})
             else:
                 record.update({"test_targets": path, "test_counts": tg.counts, "test_warm_users": tg.n_warm_users,
                                "test_cold_users": cold})  # fmt: skip
@@ -370,6 +401,8 @@ def _split_into(
                               density=train.density)  # fmt: skip
         report.check()
         record.update({
+            "full_users": int(events["user_id"].n_unique()),  # the refit's catalog, bounded above (memory checks)
+            "full_items": int(events["item_id"].n_unique()),
             "key": key,
             "folder": str(folder),
             "train": str(folder / "train.npz"),
@@ -381,6 +414,47 @@ def _split_into(
         })  # fmt: skip
         write_json_atomic(record, stage / "record.json")
     return record
+
+
+def _choice_users(label: str, targets: Any, cfg: SplitConfig) -> int:
+    """Warm users a window's figures rest on: the test window's all; the validation window's selection part
+    (``split.select_share`` of them, see ``_selection_halves``), which the model choice reads."""
+    n = int(targets.n_warm_users) if targets is not None else 0
+    if label == "val" and cfg.select_share > 0:
+        return round(cfg.select_share * n)
+    return n
+
+
+def _users(matrix: Any) -> int:
+    """Users (rows) with at least one stored target."""
+    return int(np.count_nonzero(np.diff(matrix.indptr)))
+
+
+def _selection_halves(val: Any, cfg: SplitConfig) -> tuple[Any, Any]:
+    """The validation targets split by user into (search, select) parts of the same shape.
+
+    A seeded permutation of the warm validation users puts ``round(select_share x users)`` of them in the
+    selection part (the model choice and the registry's paired test read it) and the rest in the search part
+    (tuning trials and best-iteration early stopping read it), so nothing the search maximised is scored again
+    when choosing. ``select_share`` 0 (or no validation window): (val, None), one set of users for both.
+    """
+    if val is None or cfg.select_share == 0:
+        return val, None
+    warm = np.flatnonzero(np.diff(val.indptr))
+    n_select = round(cfg.select_share * warm.size)
+    if n_select == 0 or n_select == warm.size:
+        return val, None
+    chosen = np.random.default_rng([cfg.seed, 7919]).permutation(warm)[:n_select]
+    mask = np.zeros(val.shape[0], dtype=bool)
+    mask[chosen] = True
+    import scipy.sparse as sp
+
+    keep = sp.diags(mask.astype(np.float32))
+    select = (keep @ val).tocsr()
+    search = (sp.diags((~mask).astype(np.float32)) @ val).tocsr()
+    select.eliminate_zeros()
+    search.eliminate_zeros()
+    return search.astype(np.float32), select.astype(np.float32)
 
 
 def uses_events(name: str, models_cfg: ModelsConfig) -> bool:
@@ -533,17 +607,20 @@ def run_tune(
         model) with ``seconds`` (the whole stage, data loading included), ``key``, ``folder``, ``cached`` and
         ``skipped`` (model -> why it was not searched).
     """
-    from recsys_embed.models.factory import runnable_models
+    from recsys_embed.models.factory import refit_shape, runnable_models
     from recsys_embed.models.tuning import TuneData, tune_models, tuned_models
 
     t0 = time.perf_counter()
-    runnable = runnable_models(models_cfg, split["n_users"], split["n_items"], warn=False)  # the flow warns
+    full_shape = refit_shape(split)
+    runnable = runnable_models(models_cfg, split["n_users"], split["n_items"], warn=False,
+                               refit_shape=full_shape)  # fmt: skip # the flow warns
     names = tuned_models(models_cfg, cfg, runnable)
     skipped: dict[str, str] = {}
     if models_cfg.ease.enabled and "ease" not in runnable:
         from recsys_embed.models.ease import fits
 
-        skipped["ease"] = fits(split["n_users"], split["n_items"], models_cfg.ease) or "not runnable"
+        skipped["ease"] = (fits(split["n_users"], split["n_items"], models_cfg.ease)
+                           or (full_shape and fits(*full_shape, models_cfg.ease)) or "not runnable")  # fmt: skip
     if not split.get("val_targets"):
         skipped.update(dict.fromkeys(names, "no validation window (split.val_quantile is null)"))
         log.warning("tuning: the split has no validation window; no model is searched (set split.val_quantile)")
@@ -570,6 +647,18 @@ def run_tune(
         record.update(key=key, folder=str(folder), skipped=skipped, seconds=round(time.perf_counter() - t0, 3))
         write_json_atomic(record, stage / "record.json")
     record["cached"] = False
+    clocked = [n for n, m in record.get("models", {}).items() if m.get("stopped_by") == "time"]
+    if clocked:
+        # a wall-clock budget ended these searches: their result depends on machine load, not on the key's inputs,
+        # so it must not answer for them next time (as run_train does for a clock-stopped fit); the run keeps it
+        # under another name, and the next run resumes the studies from the Optuna storage
+        kept = folder.with_name(f"{folder.name}-clock-stopped")
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(folder, kept)
+        record = _relocate(record, [(str(folder), str(kept))])
+        log.warning("tuning: the wall-clock budget stopped the search of %s before its trials; this run uses the "
+                    "result, but it is not cached (the next run resumes the search); set tuning.budget_minutes and "
+                    "tuning.<model>.minutes to null for a reproducible search", ", ".join(clocked))  # fmt: skip
     return record
 
 
@@ -622,7 +711,8 @@ def run_evaluate(model: ModelRecord, split: SplitRecord, cfg: EvalConfig) -> dic
 
 
 def run_validate(model: ModelRecord, split: SplitRecord, cfg: EvalConfig, out_dir: Path) -> ValidationRecord:
-    """Validation metrics of one model (the evaluation fit on the validation window: what selection reads).
+    """Validation metrics of one model (the evaluation fit on the validation window's selection part, whose users
+    the search never scored: what selection and the registry's paired test read).
 
     Returns ``{"model", "metrics", "per_user"}``: ``per_user`` is a ``.npy`` file under ``out_dir`` with the
     primary metric of every validation user (ascending user index), for standard errors and paired comparisons;
@@ -631,7 +721,8 @@ def run_validate(model: ModelRecord, split: SplitRecord, cfg: EvalConfig, out_di
     from recsys_embed.evaluation.metrics import evaluate_users
 
     name = model["model"]
-    if not (val_targets := split.get("val_targets")):
+    # the selection part of the validation window: users the search (trials, best iteration) never scored
+    if not (val_targets := split.get("select_targets") or split.get("val_targets")):
         return {"model": name, "metrics": {}, "per_user": None}
     emb = load_embeddings(model["embeddings"])
     seen = load_csr(split["train"])

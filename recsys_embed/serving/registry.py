@@ -7,14 +7,18 @@ the served vectors, ID maps, seen filter, fallback flags, item popularity and ad
 answers in a virtualenv built from the model's own ``requirements.txt``, without recsys-embed, and ranks exactly
 like the exported top-k table (``topk.iter_topk``).
 
-Aliases: ``champion`` moves to the new version only when its metric beats the champion's by more than the
-configured margin; otherwise the new version becomes ``challenger`` and the decision says why. Each version
-carries its metric as tags (``metric``, ``metric_value``), so the comparison needs no run lookup.
+Aliases: ``champion`` moves to the new version only when it wins the champion decision (``register_best``: the
+same recipe trained up to a later or the same last event, or another recipe that beats the champion's recipe on
+this run's windows; never a model trained on older data unless ``registry.allow_older``); otherwise the new version
+becomes ``challenger`` and the decision says why. Each version carries its metric (``metric``, ``metric_value``),
+its data identity and training window, and its decision (``decision_record``, written before the alias moves, so a
+re-run after a kill completes it) as tags, so the comparison needs no run lookup.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import json
 import logging
@@ -59,14 +63,17 @@ class ServedInputs:
             (``source="fallback"``); None: no user is.
         popularity: float per item index, the answer for users the model does not know; None: distinct users per
             item in ``seen``.
-        fold_in: ``{"alpha": ..., "regularization": ...}`` for ALS (enables the ``history`` fold-in); None: off.
+        fold_in: how the served model folds in a ``history`` (see ``served_model``): ``{"kind": "als", "alpha",
+            "regularization"}`` (a dict without ``kind`` is ALS's too), ``{"kind": "ease", "binary"}`` (the user's
+            X row with the listed items set to 1.0, or 1 added per listing when not ``binary``), optionally
+            ``"dims"`` (the model's dimensions, before the fallback one); None: off.
     """
 
     embeddings: Embeddings
     seen: sp.csr_matrix
     fallback: np.ndarray | None = None
     popularity: np.ndarray | None = None
-    fold_in: dict[str, float] | None = None
+    fold_in: dict[str, Any] | None = None
 
 
 class Recommender(PythonModel):
@@ -234,15 +241,25 @@ def log_recommender(
 
 
 def served_inputs(candidate: Candidate, settings: MlflowSettings) -> ServedInputs:
-    """``ServedInputs`` from a candidate's files; ALS fold-in parameters from its model run's params."""
+    """``ServedInputs`` from a candidate's files, with the ``history`` fold-in its model supports: ALS's parameters
+    from its model run's params; EASE's from the embeddings' ``info`` (``binary``, ``half_life_days``)."""
     from recsys_embed.store import load_csr, load_embeddings
 
     emb = load_embeddings(candidate.embeddings)
-    fold = None
-    if candidate.model == "als":
+    fold: dict[str, Any] | None = None
+    if candidate.model == "ease":
+        # a history has no timestamps: with recency weighting its items count as bought now (weight 1.0), like a
+        # binary X's 1s; a confidence X (binary false, no half-life) adds 1 per listing
+        recency = emb.info.get("half_life_days") is not None
+        fold = {"kind": "ease", "binary": bool(emb.info.get("binary", True)) or recency}
+    elif candidate.model == "als":
         params = _client(settings).get_run(candidate.model_run_id).data.params
         if "alpha" in params and "regularization" in params:
-            fold = {"alpha": float(params["alpha"]), "regularization": float(params["regularization"])}
+            fold = {"kind": "als", "alpha": float(params["alpha"]), "regularization": float(params["regularization"])}
+            confidence = emb.info.get("confidence", "none")  # the transform the model was fitted on
+            if confidence != "none":
+                fold.update(confidence=confidence, bm25_k1=float(emb.info.get("bm25_k1", 100.0)),
+                            bm25_b=float(emb.info.get("bm25_b", 0.8)))  # fmt: skip
         else:
             log.warning("registry: the als run %s has no alpha/regularization params; the recommender will not "
                         "fold in histories", candidate.model_run_id)  # fmt: skip
@@ -319,31 +336,144 @@ class ChampionScore:
 def decide_paired(
     new: np.ndarray, champion: np.ndarray, margin: float, z: float
 ) -> tuple[bool, str, dict[str, float]]:
-    """(promote?, why, stats) for two per-user metric arrays over the same validation users.
+    """(promote?, why, stats) for two per-user metric arrays over the same validation users (same order).
 
-    Promote when the mean gain exceeds ``margin`` and ``z`` paired standard errors (a one-sided paired test).
+    A one-sided paired z-test: promote when the mean gain ``mean(new - champion)`` exceeds both ``margin`` and
+    ``z`` paired standard errors (``selection.paired_se``: ``std(new - champion, ddof=1) / sqrt(users)``). Below 2
+    users the standard error is undefined (NaN) and only the margin applies.
+
+    Returns:
+        ``stats``: ``gain``, ``se`` (NaN below 2 users), ``need`` (the gain it had to exceed), ``users``.
     """
     from recsys_embed.evaluation.selection import paired_se
 
-    gain = float(np.mean(new) - np.mean(champion)) if new.size else 0.0
+    n = int(new.size)
+    gain = float(np.mean(new) - np.mean(champion)) if n else 0.0
     se = paired_se(new, champion)
-    stats = {"gain": gain, "se": se, "users": float(new.size)}
-    need = max(margin, z * se if se == se else 0.0)
+    noise = z * se if se == se else 0.0
+    need = max(margin, noise)
+    stats = {"gain": gain, "se": se, "need": need, "users": float(n)}
     if gain > need:
-        return True, f"gains {gain:+.4f} over the champion's recipe ({gain / se:.1f} paired SE over {new.size:,} " \
-                     f"users; needs > {need:.4f})", stats  # fmt: skip
+        spread = (f"{gain / se:.1f} paired SE" if se > 0 else "every user gains the same" if se == 0
+                  else "no paired SE below 2 users")  # fmt: skip
+        return True, f"gains {gain:+.4f} over the champion's recipe ({spread} over {n:,} users; needs > " \
+                     f"{need:.4f})", stats  # fmt: skip
     return False, f"gains {gain:+.4f} over the champion's recipe, within the noise or margin (needs > {need:.4f}: " \
-                  f"margin {margin:g}, {z:g} paired SE = {z * se:.4f} over {new.size:,} users)", stats  # fmt: skip
+                  f"margin {margin:g}, {z:g} paired SE = {noise:.4f} over {n:,} users)", stats  # fmt: skip
+
+
+# Version tag: the champion decision as JSON (``promoted``, ``reason``, ``previous_champion``, ``champion_value``,
+# ``champion_basis``, ``paired``, ``applied``), written before the alias moves (``applied`` false), rewritten with
+# ``applied`` true after it moved: a re-run that finds the version completes what a kill interrupted.
+DECISION_RECORD = "decision_record"
+
+
+def _last_event(tags: Mapping[str, str]) -> dt.datetime | None:
+    """The last event a version's model was trained on (tag ``training_window_last``; naive: UTC), None if unknown."""
+    raw = tags.get("training_window_last")
+    if not raw or raw == "None":
+        return None
+    try:
+        t = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
+
+def _judge(
+    champ: Any | None,
+    candidate: Candidate,
+    cfg: RegistryConfig,
+    metric: str,
+    value: float,
+    judge: Callable[[dict[str, str]], ChampionScore | None] | None,
+) -> dict[str, Any]:
+    """The champion decision for ``candidate`` against the version ``champ`` holding the alias (None: none yet).
+
+    Returns the decision record (see ``DECISION_RECORD``, ``applied`` false)."""
+    record: dict[str, Any] = {"promoted": True, "reason": "no champion yet", "previous_champion": None,
+                              "champion_value": None, "champion_basis": None, "paired": None,
+                              "applied": False}  # fmt: skip
+    if champ is None:
+        return record
+    record["previous_champion"] = str(champ.version)
+    where = f"champion v{champ.version} ({champ.tags.get('model')})"
+    mine, theirs = _last_event(candidate.tags), _last_event(champ.tags)
+    span = f"events up to {mine}; the champion's up to {theirs}"
+    if candidate.recipe and champ.tags.get("recipe") == candidate.recipe:
+        # judged equal: the version trained on the later data serves (a later last event, never another fingerprint)
+        record["champion_basis"] = "same recipe"
+        if mine is None or theirs is None:
+            reason = f"same recipe as {where}; a training window is unknown ({span}), so the new version replaces it"
+        elif mine > theirs:
+            reason = f"same recipe as {where}, refit on newer data ({span})"
+        elif mine < theirs:
+            reason = f"same recipe as {where}"  # the older-data rule below decides
+        elif candidate.tags.get("data_identity") == champ.tags.get("data_identity"):
+            reason = f"same recipe as {where}, same data (events up to {mine}); the run's config changed elsewhere"
+        else:
+            reason = (f"same recipe as {where}, trained up to the same last event ({mine}) on data that differs "
+                      "otherwise (input files, ingest window or rows)")  # fmt: skip
+        promote = True
+    else:
+        score = judge(dict(champ.tags)) if judge is not None else None
+        per_user = np.load(candidate.val_per_user) if candidate.val_per_user else None
+        if score is not None and score.per_user is not None and per_user is not None \
+                and per_user.shape == score.per_user.shape:  # fmt: skip
+            record["champion_value"], record["champion_basis"] = score.value, score.basis
+            promote, reason, record["paired"] = decide_paired(per_user, score.per_user, cfg.margin, cfg.z)
+        else:
+            stored = champ.tags.get("metric_value") if champ.tags.get("metric") == metric else None
+            record["champion_value"] = float(stored) if stored is not None else None
+            record["champion_basis"] = "stored validation metric of its own run (another window: a weaker comparison)"
+            promote, reason = decide(value, record["champion_value"], cfg.margin)
+        reason = f"{reason} ({where}: {record['champion_basis']})"
+    if promote and mine is not None and theirs is not None and mine < theirs:  # a backfill or a cut log
+        if cfg.allow_older:
+            reason += f", trained on older data ({span}); registry.allow_older=true lets it replace the champion"
+        else:
+            promote = False
+            reason += (f", but trained on older data ({span}): a backfill or cut run never replaces a champion "
+                       "trained on later data (registry.allow_older=true would)")  # fmt: skip
+    record.update(promoted=promote, reason=reason)
+    return record
+
+
+def _recorded(mv: Any) -> dict[str, Any] | None:
+    """A version's ``DECISION_RECORD`` (None: none, e.g. registered before records existed)."""
+    raw = mv.tags.get(DECISION_RECORD)
+    try:
+        return dict(json.loads(raw)) if raw else None
+    except (ValueError, TypeError):
+        return None
+
+
+def _apply(client: Any, name: str, version: str, record: dict[str, Any]) -> str:
+    """Move the decision's alias to ``version``, then mark its record applied; the alias."""
+    from recsys_embed.faults import checkpoint
+
+    alias = CHAMPION if record["promoted"] else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    if alias == CHAMPION:
+        old = _alias_version(client, name, CHALLENGER)
+        if old is not None and str(old.version) == version:  # a challenger taken back as champion
+            client.delete_registered_model_alias(name, CHALLENGER)
+    checkpoint("register:alias")  # the alias moved; the record is not marked applied, champion.json not written
+    client.set_model_version_tag(name, version, "decision", record["reason"][:4900])
+    client.set_model_version_tag(name, version, DECISION_RECORD, _record_json({**record, "applied": True}))
+    return alias
+
+
+def _record_json(record: dict[str, Any]) -> str:
+    return json.dumps({**record, "reason": str(record["reason"])[:3000]}, sort_keys=True)
 
 
 def _existing_version(client: Any, name: str, run_key: str) -> Any | None:
-    """The version already registered for this data fingerprint and config (an identical re-run), or None."""
+    """The newest version already registered for this data identity and config (an identical run), or None."""
     if not run_key:
         return None
-    for mv in client.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get("run_key") == run_key:
-            return mv
-    return None
+    found = [mv for mv in client.search_model_versions(f"name = '{name}'") if mv.tags.get("run_key") == run_key]
+    return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
 def register_best(
@@ -356,115 +486,147 @@ def register_best(
     name: str | None = None,
 ) -> dict[str, Any]:
     """Register ``candidate`` under ``name`` (one registered model per pipeline) and move ``champion`` or
-    ``challenger``: honestly, without leakage, without churn.
+    ``challenger``: honestly, without leakage, without churn, and as one step a re-run completes.
 
-    - An identical re-run (same ``run_key``: data fingerprint + config) registers nothing and says which version
-      already holds it.
-    - The same recipe as the champion's (refit on newer data) replaces it: it was judged equal and has seen more.
+    The decision (on ``primary_metric``, the metric the per-user validation arrays and ``judge`` score):
+
+    - The same recipe as the champion's replaces it when trained up to the same or a later last event
+      (``training_window_last``): it was judged equal and has seen as much or more.
     - Another recipe must beat the champion's recipe on this run's validation window, both fitted on this run's
       fit window (``judge``: the champion version's tags -> its ``ChampionScore``), by more than ``cfg.margin``
       and ``cfg.z`` paired standard errors. The champion model itself (fitted on everything up to its own run)
-      is never scored: every window this run could score it on, it has seen.
-    - Without a usable judge the stored validation metrics of the two runs are compared, and the decision says
-      that basis.
+      is never scored: every window this run could score it on, it has seen. Without a usable judge the stored
+      validation metrics of the two runs are compared, and the decision says that basis.
+    - Either way, a version trained on older data than the champion's (a backfill, an ``ingest.until`` cut) never
+      replaces it unless ``cfg.allow_older``.
+
+    One step across a kill: the decision (the champion recipe's refit included) is made before anything is
+    registered; the new version is created with it (``DECISION_RECORD``, not applied; ``checkpoint("register")``),
+    then the alias moves (``"register:alias"``), then the record is marked applied. A later run with the same
+    ``run_key`` (data identity + config) registers nothing and settles the version it finds:
+
+    - it holds ``champion``: unchanged;
+    - its recorded decision was made against today's champion and not superseded: applied (again: moving an
+      alias is idempotent), which completes a run killed before or after the alias moved;
+    - otherwise (the champion moved since, or no record): judged against today's champion like a new candidate,
+      and the alias moves back to it when it wins. An identical earlier version is re-promoted in place, never
+      registered twice: it is the same data and config.
+
+    ``shipping.run_publish`` then makes ``champion.json`` and ``current/`` agree with the alias.
 
     Returns:
         The decision record: ``name``, ``version``, ``alias``, ``promoted``, ``registered``, ``reason``, ``metric``,
-        ``value``, ``margin``, ``previous_champion``, ``champion_value``, ``champion_basis``, ``uri``.
+        ``value``, ``margin``, ``previous_champion``, ``champion_value``, ``champion_basis``, ``paired``, ``uri``,
+        ``model_uri``.
     """
-    metric = cfg.metric or primary_metric
+    from recsys_embed.faults import checkpoint
+
+    metric = primary_metric
     val_metric = f"val_{metric}"
     if val_metric not in candidate.metrics:
         raise RegistryError(
-            f"registry.metric {metric!r} has no validation value among the model's metrics "
+            f"eval.primary_metric {metric!r} has no validation value among the model's metrics "
             f"({sorted(candidate.metrics)}); choose a metric eval.ks produces"
         )
     value = float(candidate.metrics[val_metric])
     client = _client(settings)
     name = name or settings.registered_model_name
     champ = _alias_version(client, name, CHAMPION)
+    prev = str(champ.version) if champ is not None else None
     same = _existing_version(client, name, candidate.run_key)
-    if same is not None:
-        alias = CHAMPION if champ is not None and str(champ.version) == str(same.version) else CHALLENGER
-        reason = f"unchanged: v{same.version} already holds this data fingerprint and config; nothing registered"
-        log.info("registry: %s %s", name, reason)
-        return {"name": name, "version": str(same.version), "alias": alias, "promoted": False, "registered": False,
-                "reason": reason, "metric": metric, "value": value, "margin": cfg.margin,
-                "previous_champion": str(champ.version) if champ is not None else None, "champion_value": None,
-                "champion_basis": None, "uri": f"models:/{name}/{same.version}",
-                "model_uri": same.source}  # fmt: skip
-
-    mv = _log_version(settings, name, candidate, export_cfg, cfg, metric, value)
-    champ_value: float | None = None
-    basis: str | None = None
-    stats: dict[str, float] = {}
-    if champ is None:
-        promote, reason = True, "no champion yet"
-    elif candidate.recipe and champ.tags.get("recipe") == candidate.recipe:
-        promote = True
-        newer = candidate.tags.get("data_fingerprint") != champ.tags.get("data_fingerprint")
-        reason = (f"same recipe as champion v{champ.version} ({champ.tags.get('model')}), "
-                  + ("refit on newer data" if newer else "same data; the run's config changed elsewhere"))  # fmt: skip
-        basis = "same recipe"
+    if same is None:
+        record = _judge(champ, candidate, cfg, metric, value, judge)
+        mv = _log_version(settings, name, candidate, export_cfg, cfg, metric, value, record)
+        version, source, registered = str(mv.version), mv.source, True
+        checkpoint("register")  # the version is registered with its decision; the alias has not moved
+        alias = _apply(client, name, version, record)
+        reason = record["reason"]
     else:
-        score = judge(dict(champ.tags)) if judge is not None else None
-        mine = np.load(candidate.val_per_user) if candidate.val_per_user else None
-        if score is not None and score.per_user is not None and mine is not None and mine.shape == score.per_user.shape:
-            champ_value, basis = score.value, score.basis
-            promote, reason, stats = decide_paired(mine, score.per_user, cfg.margin, cfg.z)
-        else:
-            stored = champ.tags.get("metric_value") if champ.tags.get("metric") == metric else None
-            champ_value = float(stored) if stored is not None else None
-            basis = "stored validation metric of its own run (another window: a weaker comparison)"
-            promote, reason = decide(value, champ_value, cfg.margin)
-        reason = f"{reason} (champion v{champ.version} {champ.tags.get('model')}: {basis})"
-    alias = CHAMPION if promote else CHALLENGER
-    client.set_registered_model_alias(name, alias, mv.version)
-    client.set_model_version_tag(name, mv.version, "decision", reason)
+        version, source, registered = str(same.version), same.source, False
+        holds = f"v{version} already holds this data and config; nothing registered"
+        found = _recorded(same)
+        if prev == version:
+            record = found or {"promoted": False, "previous_champion": None, "champion_value": None,
+                               "champion_basis": None, "paired": None}  # fmt: skip
+            if found is not None and not found.get("applied"):  # killed after the alias moved
+                client.set_model_version_tag(name, version, DECISION_RECORD, _record_json({**found, "applied": True}))
+            alias, reason = CHAMPION, f"unchanged: {holds} (champion)"
+            record = {**record, "promoted": False}
+        elif found is not None and found.get("previous_champion") == prev and not (
+            found.get("applied") and found.get("promoted")
+        ):  # decided against today's champion: a kill interrupted it (not applied), or it is the challenger
+            alias = _apply(client, name, version, found)
+            reason = (f"unchanged: {holds} ({alias}: {found['reason']})" if found.get("applied")
+                      else f"{found['reason']} (v{version} was registered by an interrupted run; this run moved "
+                           "its alias)")  # fmt: skip
+            record = {**found, "promoted": bool(found["promoted"]) and not found.get("applied")}
+        else:  # the champion moved since this version was judged (or it has no record): judge it again
+            record = _judge(champ, candidate, cfg, metric, value, judge)
+            client.set_model_version_tag(name, version, DECISION_RECORD, _record_json(record))
+            alias = _apply(client, name, version, record)
+            reason = f"{holds}; judged again against today's champion: {record['reason']}"
     decision = {
         "name": name,
-        "version": str(mv.version),
+        "version": version,
         "alias": alias,
-        "promoted": promote,
-        "registered": True,
+        "promoted": bool(record["promoted"]),
+        "registered": registered,
         "reason": reason,
         "metric": metric,
         "value": value,
         "margin": cfg.margin,
-        "previous_champion": str(champ.version) if champ is not None else None,
-        "champion_value": champ_value,
-        "champion_basis": basis,
-        "paired": stats or None,
-        "uri": f"models:/{name}/{mv.version}",
-        "model_uri": mv.source,  # the LoggedModel behind the version (models:/<model_id>)
+        "previous_champion": prev,
+        "champion_value": record.get("champion_value"),
+        "champion_basis": record.get("champion_basis"),
+        "paired": record.get("paired") or None,
+        "uri": f"models:/{name}/{version}",
+        "model_uri": source,  # the LoggedModel behind the version (models:/<model_id>)
     }
-    log.info("registry: %s v%s is %s (%s)", name, mv.version, alias, reason)
+    log.info("registry: %s v%s is %s (%s)", name, version, alias, reason)
     return decision
 
 
 def _log_version(
     settings: MlflowSettings, name: str, candidate: Candidate, export_cfg: ExportConfig, cfg: RegistryConfig,
-    metric: str, value: float,
+    metric: str, value: float, record: dict[str, Any],
 ) -> Any:
     """Log ``candidate`` as the standalone recommender on its model run (``log_recommender``) and register it as a
-    new version of ``name`` with the version tags the decision and downstream readers use."""
+    new version of ``name`` with the version tags the decision and downstream readers use, the decision
+    ``record`` among them (created with the version, before any alias moves).
+
+    The LoggedModel and the version say apart what the metrics measured (``metrics_measured``: the evaluation fit
+    on the fit window, scored on the validation and test windows) and what the model was trained on
+    (``trained_on``: the shipped refit's events); the version's description says both."""
+    t = candidate.tags
+    measured = (f"metrics: evaluation fit on the fit window {t.get('fit_window', '(unknown)')}, scored on the test "
+                f"window {t.get('test_window', '(unknown)')} (test_*) and the validation window "
+                f"{t.get('validation_window', '(unknown)')} (val_*, what the champion decision reads)")  # fmt: skip
+    rows = t.get("training_rows")
+    trained = (f"trained on: {t.get('training_fit', 'all kept events')} {t.get('training_window_first')} .. "
+               f"{t.get('training_window_last')}" + (f", {rows} rows" if rows and rows != "None" else ""))  # fmt: skip
     tags = {
-        **candidate.tags,
+        **t,
         "metric": metric,
         "metric_value": repr(value),
         "metric_basis": "validation window of its run (evaluation fit)",
+        "metrics_measured": measured[:4900],
+        "trained_on": trained[:4900],
         "model": candidate.model,
         "pipeline_run_id": candidate.pipeline_run_id,
         "recipe": candidate.recipe,
         "recipe_config": candidate.recipe_config[:4900],
         "run_key": candidate.run_key,
+        "decision": str(record["reason"])[:4900],
+        DECISION_RECORD: _record_json(record),
     }
     test_value = candidate.metrics.get(f"test_{metric}")
     if test_value is not None:
         tags["test_metric_value"] = repr(float(test_value))
     _, version = log_recommender(settings, candidate.model_run_id, served_inputs(candidate, settings), export_cfg,
                                  cfg.default_k, tags, name=name)  # fmt: skip
-    return _client(settings).get_model_version(name, version)
+    client = _client(settings)
+    client.update_model_version(name, version, description=f"{trained}\n\n{measured}")
+    return client.get_model_version(name, version)
 
 
 def load_recommender(settings: MlflowSettings, alias: str = CHAMPION, name: str | None = None) -> Any:

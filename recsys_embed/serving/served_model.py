@@ -7,7 +7,7 @@ bundle below as its one artifact.
 
 Bundle (folder, artifact ``bundle``), written by ``save_bundle``::
 
-    meta.json          format, model, scoring, default_k, chunk_users, fold_in ({alpha, regularization} or null)
+    meta.json          format, model, scoring, default_k, fold_in: how a ``history`` folds in, or null (below)
     user_ids.parquet   column ``id``: row u is user index u, in the export's ID type (Int64 or String)
     item_ids.parquet   column ``id``: row i is item index i
     user_factors.npy   float32 (n_users, d): the served scoring vectors (score = dot product)
@@ -20,10 +20,22 @@ Bundle (folder, artifact ``bundle``), written by ``save_bundle``::
 Input (DataFrame):
     ``user_id``: ints or strings, either works (``12347`` and ``"12347"`` are the same user of an Int64 map).
     ``history`` (optional): a list of item IDs per row (None: none). Listed items are never recommended to that
-    row. For ALS (``meta.fold_in`` set) the row's user vector is recomputed from its stored train row plus the
-    history (each listing adds 1 to the item's count), with implicit's ``recalculate_user`` math: ``c = alpha *
-    r``, ``x = (YᵀY + λI + Yᵀ(C − I)Y)⁻¹ Yᵀ C p``. Other models keep the stored vector (the two-tower fold-in
-    needs torch: its entry point is ``TwoTowerEncoder.user_vectors`` + ``ServedRecommender.recommend_vectors``).
+    row. With ``meta.fold_in`` set, a row with a history (known user or not) is answered by the model
+    (``source="model"``) from a user vector folded in over the model's own dimensions (``fold_in["dims"]``, default
+    all; a served bundle's last one is the popularity fallback, which a folded-in user leaves at 0):
+
+    - ``{"kind": "als", "alpha", "regularization"}`` (a ``fold_in`` without ``kind``, as bundles before EASE's
+      fold-in wrote it, is ALS): the vector is recomputed from the user's stored train row (``seen.npz``'s
+      confidence) plus the history (each listing adds 1 to the item's count), with implicit's
+      ``recalculate_user`` math: ``c = alpha * r``, ``x = (YᵀY + λI + Yᵀ(C − I)Y)⁻¹ Yᵀ C p``.
+    - ``{"kind": "ease", "binary"}``: the vector is a row of X (``n_items`` wide; the item vectors are B's
+      columns, so ``score = x · B``): the user's stored row (zeros for a user the model does not know) with each
+      listed item set to 1.0 (``binary`` true: a 0/1 X, and a recency-weighted X too, since a history carries no
+      timestamps: its items count as bought now, ``0.5 ** (0 / half life) = 1.0``), or with 1 added per listing
+      (``binary`` false: a confidence X).
+
+    Without ``fold_in`` the stored vector stands (the two-tower fold-in needs torch: its entry point is
+    ``TwoTowerEncoder.user_vectors`` + ``ServedRecommender.recommend_vectors``).
 Params: ``k`` (default ``meta.default_k``).
 Output: one row per input row: ``user_id`` (as given), ``item_ids`` (list, the export's item ID type, best first),
 ``scores`` (list of float), ``source`` (``model``, or ``fallback`` for a user flagged in ``fallback.npy`` or
@@ -66,13 +78,20 @@ def save_bundle(
     admissible: np.ndarray | None,
     model: str,
     default_k: int,
-    fold_in: dict[str, float] | None = None,
+    fold_in: dict[str, Any] | None = None,
 ) -> Path:
     """Write the bundle that ``ServedRecommender`` loads (layout in the module doc); checks shapes first."""
     folder = Path(folder)
     n_users, n_items = len(user_ids), len(item_ids)
     uf = np.ascontiguousarray(user_factors, dtype=np.float32)
     itf = np.ascontiguousarray(item_factors, dtype=np.float32)
+    kind = _fold_kind(fold_in)
+    if kind == "ease":  # X rows against B's columns: the model's dimensions are the items (see _fold_dims)
+        dims = _fold_dims(fold_in, n_items, uf.shape[1])
+        if dims != n_items or uf.shape[1] not in (n_items, n_items + 1):
+            raise ValueError(f"cannot bundle the {model} recommender: an EASE fold-in needs user vectors that are "
+                             f"rows of X ({n_items} items wide, plus the fallback dimension), got {uf.shape[1]} "
+                             f"columns and fold_in dims {dims}")  # fmt: skip
     checks = [
         (uf.shape[0] == n_users, f"user_factors has {uf.shape[0]} rows for {n_users} user IDs"),
         (itf.shape[0] == n_items, f"item_factors has {itf.shape[0]} rows for {n_items} item IDs"),
@@ -175,6 +194,73 @@ def fold_in(item_factors: np.ndarray, yty: np.ndarray, items: np.ndarray, r: np.
     return np.linalg.solve(a, b).astype(np.float32)
 
 
+def als_confidence(r: np.ndarray, how: str, item_length: np.ndarray | None = None, k1: float = 100.0,
+                   b: float = 0.8) -> np.ndarray:  # fmt: skip
+    """One user's summed confidence ``r`` (over their items) as the ALS model was fitted on it
+    (``models.als.confidence``, the same formulas as ``recsys_embed.models.mf.transform_confidence``).
+
+    Args:
+        r: float64 (n_items,), 0 where the user has nothing.
+        how: "none", "log1p" or "bm25".
+        item_length: bm25 only: float64 (n_items,), each item's summed confidence over all users.
+        k1, b: BM25's K1 and B.
+    """
+    if how in (None, "none"):
+        return r
+    out = np.zeros_like(r)
+    nz = r > 0
+    if how == "log1p":
+        out[nz] = np.log1p(r[nz])
+        return out
+    if how != "bm25" or item_length is None:
+        raise ValueError(f"ALS confidence {how!r} cannot be folded in (none, log1p or bm25 with item lengths)")
+    norm = (1.0 - b) + b * item_length / max(float(item_length.mean()), 1e-12)
+    idf = np.log(len(r)) - np.log1p(int(nz.sum()))
+    out[nz] = np.maximum(r[nz] * (k1 + 1.0) / (k1 * norm[nz] + r[nz]) * idf, 1e-6)
+    return out
+
+
+def fold_in_ease(stored: np.ndarray | None, items: np.ndarray, n_items: int, binary: bool) -> np.ndarray:
+    """One user's EASE query row (a row of X, scored as ``x · B``) from its stored row and a history.
+
+    Args:
+        stored: the user's stored row of X (n_items,), or None for a user the model does not know (zeros).
+        items: item indices of the history, one per listing (repeats allowed).
+        n_items: the catalog size.
+        binary: True: each listed item is set to 1.0 (a 0/1 X, or a recency-weighted one: a history has no
+            timestamps, so its items count as bought now, weight 1.0); False: 1 is added per listing (confidence).
+
+    Returns:
+        float32 (n_items,).
+    """
+    x = np.zeros(n_items, dtype=np.float32) if stored is None else np.array(stored[:n_items], dtype=np.float32)
+    items = np.asarray(items, dtype=np.int64)
+    if binary:
+        x[items] = 1.0
+    else:
+        np.add.at(x, items, np.float32(1.0))
+    return x
+
+
+def _fold_kind(fold: dict[str, Any] | None) -> str | None:
+    """The fold-in's kind (a ``fold_in`` without one is ALS's, as bundles before EASE's fold-in wrote it)."""
+    if fold is None:
+        return None
+    kind = str(fold.get("kind", "als"))
+    if kind not in ("als", "ease"):
+        raise ValueError(f"fold_in kind {kind!r} is unknown; this model folds in 'als' and 'ease' histories (or "
+                         "set fold_in to null)")  # fmt: skip
+    return kind
+
+
+def _fold_dims(fold: dict[str, Any] | None, n_items: int, d: int) -> int:
+    """How many leading dimensions a fold-in rewrites: ``fold_in["dims"]``, else EASE's n_items (X's width), else d."""
+    if fold is None:
+        return 0
+    default = n_items if _fold_kind(fold) == "ease" else d
+    return int(fold.get("dims", default))
+
+
 class ServedRecommender(PythonModel):
     """Top-k recommender over the bundle (see the module doc for the input, params and output)."""
 
@@ -207,12 +293,19 @@ class ServedRecommender(PythonModel):
         # popularity order over admissible items: descending, ties by the lower index (the scorer's rule)
         cand_idx = np.arange(len(self.popularity)) if self.cols is None else self.cols
         self.pop_order = cand_idx[np.argsort(-self.popularity[cand_idx], kind="stable")]
-        self.fold: dict[str, float] | None = self.meta.get("fold_in")
+        self.fold: dict[str, Any] | None = self.meta.get("fold_in")
+        self.fold_kind = _fold_kind(self.fold)
         # fold-in runs over the model's own dimensions: a served bundle's last one is the popularity fallback
         # (fold_in["dims"]), which a folded-in user leaves at 0
-        self.fold_dims = int(self.fold.get("dims", self.item_factors.shape[1])) if self.fold else 0
-        y64 = self.item_factors[:, : self.fold_dims].astype(np.float64)
-        self.yty: np.ndarray | None = y64.T @ y64 if self.fold else None
+        self.fold_dims = _fold_dims(self.fold, len(self.item_ids), self.item_factors.shape[1])
+        self.yty: np.ndarray | None = None
+        self.item_length: np.ndarray | None = None
+        if self.fold_kind == "als":  # EASE needs no Gram matrix (it would be items^2)
+            y64 = self.item_factors[:, : self.fold_dims].astype(np.float64)
+            self.yty = y64.T @ y64
+            if (self.fold or {}).get("confidence") == "bm25":  # BM25's item lengths, from the stored confidence
+                positive = self.seen.multiply(self.seen > 0)
+                self.item_length = np.asarray(positive.sum(axis=0), dtype=np.float64).ravel()
         return self
 
     # -- IDs -------------------------------------------------------------------------------------------
@@ -253,15 +346,7 @@ class ServedRecommender(PythonModel):
             stored = self.seen.indices[self.seen.indptr[u] : self.seen.indptr[u + 1]] if u >= 0 else items[:0]
             exclude.append(np.union1d(stored, items).astype(np.int64))
             if self.fold is not None and items.size:
-                r = np.bincount(items, minlength=len(self.item_ids)).astype(np.float64)
-                if u >= 0:
-                    lo, hi = self.seen.indptr[u], self.seen.indptr[u + 1]
-                    np.add.at(r, self.seen.indices[lo:hi], self.seen.data[lo:hi])
-                nz = np.flatnonzero(r)
-                assert self.yty is not None
-                vectors[row, : self.fold_dims] = fold_in(self.item_factors[:, : self.fold_dims], self.yty, nz, r[nz],
-                                                         float(self.fold["alpha"]),
-                                                         float(self.fold["regularization"]))  # fmt: skip
+                vectors[row, : self.fold_dims] = self._fold_in(u, items)
                 scored[row] = folded[row] = True
             elif u >= 0:
                 vectors[row] = self.user_factors[u]
@@ -287,6 +372,23 @@ class ServedRecommender(PythonModel):
             score_lists.append([float(x) for x in sc])
         columns = {"user_id": frame["user_id"].tolist(), "item_ids": item_lists, "scores": score_lists}
         return pd.DataFrame({**columns, "source": source.tolist()})
+
+    def _fold_in(self, u: int, items: np.ndarray) -> np.ndarray:
+        """The folded-in vector (``fold_dims``,) of user index ``u`` (-1: unknown) with history ``items``."""
+        assert self.fold is not None
+        if self.fold_kind == "ease":
+            stored = self.user_factors[u] if u >= 0 else None
+            return fold_in_ease(stored, items, self.fold_dims, bool(self.fold.get("binary", True)))
+        r = np.bincount(items, minlength=len(self.item_ids)).astype(np.float64)
+        if u >= 0:
+            lo, hi = self.seen.indptr[u], self.seen.indptr[u + 1]
+            np.add.at(r, self.seen.indices[lo:hi], self.seen.data[lo:hi])
+        r = als_confidence(r, self.fold.get("confidence", "none"), self.item_length,
+                           float(self.fold.get("bm25_k1", 100.0)), float(self.fold.get("bm25_b", 0.8)))  # fmt: skip
+        nz = np.flatnonzero(r)
+        assert self.yty is not None
+        return fold_in(self.item_factors[:, : self.fold_dims], self.yty, nz, r[nz], float(self.fold["alpha"]),
+                       float(self.fold["regularization"]))  # fmt: skip
 
     def recommend_vectors(self, vectors: np.ndarray, k: int | None = None, histories: list[Any] | None = None
                           ) -> pd.DataFrame:  # fmt: skip

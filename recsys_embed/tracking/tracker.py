@@ -9,7 +9,8 @@ nothing MLflow logs ("View run at ..."), stores or raises can show them; our own
 
 Outages: the store is checked before any work (``check_reachable``: seconds, not minutes); each call is retried
 with backoff (``Tracker._retry``), and a server that stays down becomes one ``TrackingError`` that says where
-the local outputs are and how to recover.
+the local outputs are and how to recover. A ``Tracker`` built once the run is under way (given ``local_outputs``,
+as the flow's tasks do) retries that check the same way and fails with the same mid-run wording.
 """
 
 from __future__ import annotations
@@ -119,7 +120,24 @@ def resolve_settings(settings: MlflowSettings, root: Path | None = None) -> Mlfl
 
 
 def check_reachable(settings: MlflowSettings, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any heavy work, when the tracking store cannot be used."""
+    """Fail fast, before any heavy work, when the tracking store cannot be used (the start-up wording: start the
+    server or point at another store)."""
+    t0 = time.perf_counter()
+    reason = _unhealthy(settings, timeout_s)
+    if reason is not None:
+        raise TrackingError(
+            f"MLflow tracking server {redact_uri(settings.tracking_uri)} is unreachable ({reason}, after "
+            f"{time.perf_counter() - t0:.1f}s); start it (`mlflow server ...`) or set MLFLOW_TRACKING_URI to a "
+            "reachable store"
+        )
+
+
+def _unhealthy(settings: MlflowSettings, timeout_s: float) -> str | None:
+    """Why the server's ``/health`` does not answer 200 (redacted), or None when it does (or the store is local).
+
+    Raises:
+        TrackingError: a local SQLite store whose folder cannot be created or written.
+    """
     uri = settings.tracking_uri
     shown = redact_uri(uri)
     if uri.startswith("sqlite:///"):
@@ -136,7 +154,7 @@ def check_reachable(settings: MlflowSettings, timeout_s: float = 5.0) -> None:
                 f"MLflow store {shown}: folder '{db.parent}' is not writable; "
                 "fix its permissions or point mlflow.yml/MLFLOW_TRACKING_URI elsewhere"
             )
-        return
+        return None
     if uri.startswith(("http://", "https://")):
         import urllib.request
 
@@ -147,18 +165,14 @@ def check_reachable(settings: MlflowSettings, timeout_s: float = 5.0) -> None:
         if user:
             token = base64.b64encode(f"{user}:{secret or ''}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
-        t0 = time.perf_counter()
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as resp:
                 if resp.status == 200:
-                    return
-                reason = f"HTTP {resp.status}"
+                    return None
+                return f"HTTP {resp.status}"
         except Exception as e:  # any network failure is the same answer for the user
-            reason = redact_text(str(getattr(e, "reason", e)))
-        raise TrackingError(
-            f"MLflow tracking server {shown} is unreachable ({reason}, after {time.perf_counter() - t0:.1f}s); "
-            "start it (`mlflow server ...`) or set MLFLOW_TRACKING_URI to a reachable store"
-        )
+            return redact_text(str(getattr(e, "reason", e)))
+    return None
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -184,7 +198,10 @@ class Tracker:
             root: folder that relative store paths are resolved against (default: the working directory).
             retries: extra tries per MLflow call on a transient failure (backoff 0.5 s, 1 s, 2 s, ...).
             local_outputs: where this run's local outputs live; named in the error when MLflow stays down
-                (set it later with ``tracker.local_outputs = run_dir`` once the run folder is known).
+                (set it later with ``tracker.local_outputs = run_dir`` once the run folder is known). Given here,
+                the run is under way (a tracker built inside a task): an unreachable server is retried like any
+                call and reported with the mid-run wording (outputs kept, re-run once the server is back), not
+                the start-up one.
         """
         import mlflow
         from mlflow import MlflowClient
@@ -198,7 +215,10 @@ class Tracker:
         self.settings = resolve_settings(settings, root)
         self.retries = retries
         self.local_outputs = local_outputs
-        check_reachable(self.settings)
+        if local_outputs is None:
+            check_reachable(self.settings)  # before any work: seconds, not minutes
+        else:
+            self._retry(self.health_check)
         mlflow.set_tracking_uri(self.settings.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.settings.tracking_uri)
         exp = self._retry(self.client.get_experiment_by_name, self.settings.experiment_name)
@@ -232,6 +252,13 @@ class Tracker:
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
+
+    def health_check(self) -> None:
+        """The start-up check, mid-run: raise ``ConnectionError`` (transient, so ``_retry`` retries it) while the
+        server does not answer."""
+        reason = _unhealthy(self.settings, timeout_s=5.0)
+        if reason is not None:
+            raise ConnectionError(reason)
 
     def _unreachable(self, call: str, tries: int, reason: str) -> TrackingError:
         where = f"in '{self.local_outputs}'" if self.local_outputs else "under the configured output folder"

@@ -676,3 +676,160 @@ def test_fuzz_random_ndjson(tmp_path: Path, lines: list[str], bom: bool) -> None
     if ev is not None:  # one row per non-blank line: nothing is lost or invented
         text = "\n".join(lines)
         assert ev.report.rows_read == sum(1 for ln in text.split("\n") if ln.strip())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 20: silent losses and splits (items 3, 4, 5, 7a)
+
+EPOCH_HEADER = "user_id,item_id,timestamp\n"
+
+
+def _epoch_log(n: int) -> list[str]:
+    """``n`` data lines like ``1127,SKU0017,1681232060`` (distinct rows, so none is a duplicate)."""
+    return [f"{1000 + k % 300},SKU{k % 50:04d},{1681232060 + k}\n" for k in range(n)]
+
+
+def test_unterminated_quote_quarantines_its_line_and_keeps_the_rest(tmp_path: Path) -> None:
+    """Regression (issue 20.3): a quote that never closes on row 1,500 of a 3,001-line CSV swallowed the 1,500
+    lines after it; the report said rows read 1,500, kept 1,499, one malformed_row with a null raw line, and
+    balanced. Now that line alone is quarantined as unterminated_quote (file, line, text), every later line is
+    parsed, and the report counts the physical lines read, so such a loss cannot balance silently."""
+    rows = _epoch_log(3000)
+    rows[1499] = '1127,"SKU0017,1681232060\n'  # data row 1,500 = physical line 1,501
+    p = tmp_path / "quote.csv"
+    p.write_text(EPOCH_HEADER + "".join(rows))
+    ev = load_events(_cfg(p, columns={"event_type": None}))
+    r = ev.report.check()
+    assert (r.rows_read, r.kept, dict(r.quarantined)) == (3000, 2999, {"unterminated_quote": 1})
+    assert r.details["lines_read"] == 3001  # header + 3,000 rows: nothing swallowed
+    q = ev.quarantine.select("reason", "source_file", "source_row", "source_line", "raw_line").rows()
+    assert q == [("unterminated_quote", str(p), 1499, 1501, '1127,"SKU0017,1681232060')]
+    assert ev.events["ts"].max() == datetime.fromtimestamp(1681232060 + 2999, UTC)  # the last line is kept
+
+    # two stray quotes (the second would close the first's field) and a legitimate quoted newline: each stray
+    # line is its own culprit, the quoted newline is one row over two lines (a continuation line)
+    rows = _epoch_log(40)
+    rows[9] = '1009,"SKU0009,1681232069\n'
+    rows[19] = '1019,SKU"0019,1681232079\n'  # a quote inside a field is text
+    rows[29] = '1029,"SKU0029,1681232089\n'
+    rows[35] = '1035,"SKU\n0035",1681232095\n'
+    p.write_text(EPOCH_HEADER + "".join(rows))
+    ev = load_events(_cfg(p, columns={"event_type": None}))
+    r = ev.report.check()
+    assert dict(r.quarantined) == {"unterminated_quote": 2, "invalid_id": 1}  # "SKU\n0035" holds a newline
+    assert ev.quarantine.filter(pl.col("reason") == "unterminated_quote")["source_line"].to_list() == [11, 31]
+    assert r.rows_read == 40 and r.kept == 37 and r.details["lines_read"] == 1 + 40 + 1
+
+
+def test_unterminated_quote_in_the_header_names_file_and_line(tmp_path: Path) -> None:
+    """Regression (issue 20.3): a header whose quote never closes became a header swallowing the whole file."""
+    msg = _error(tmp_path, "h.csv", b'user_id,"item_id,timestamp\n' + "".join(_epoch_log(3)).encode() + b'1,"x\n')
+    assert "unreadable header (line 1" in msg and "quoting" in msg
+
+
+def test_lines_read_counts_every_physical_line(tmp_path: Path) -> None:
+    """Regression (issue 20.3): the report counted parsed records only, so lines lost inside a record were
+    invisible. ``lines_read`` = header + blank + rows + continuation lines, for both CSV parsers and NDJSON."""
+    body = "".join(_epoch_log(5))
+    ev = _load(tmp_path, "crlf.csv", (EPOCH_HEADER + "\n" + body + "\n\n").replace("\n", "\r\n").encode(),
+               columns={"event_type": None})  # fmt: skip
+    assert ev.report.rows_read == 5 and ev.report.details["lines_read"] == 1 + 1 + 5 + 2
+    ev = _load(tmp_path, "quoted.csv", (EPOCH_HEADER + '1,"a\nb\nc",1681232060\n' + body).encode(),
+               columns={"event_type": None})  # fmt: skip  # the exact parser: one row over three lines
+    assert ev.report.rows_read == 6 and ev.report.details["lines_read"] == 1 + 3 + 5
+    ev = _load(tmp_path, "n.ndjson", _nd(R1) + b"\n  \n" + _nd(R2) + b"not json")
+    assert ev.report.rows_read == 3 and ev.report.details["lines_read"] == 5
+    parquet = load_events(_cfg(_write_parquet(tmp_path), columns={"event_type": None}))
+    assert "lines_read" not in parquet.report.details  # Parquet has no lines
+
+
+def _write_parquet(tmp_path: Path) -> Path:
+    p = tmp_path / "v.parquet"
+    p.write_bytes(VALID_PARQUET)
+    return p
+
+
+@pytest.mark.parametrize("iso", ["2023-06-01T00:00:00Z", "2038-01-19T03:14:08Z"])
+def test_iso_times_are_read_as_iso_in_a_column_of_mixed_epoch_units(tmp_path: Path, iso: str) -> None:
+    """Regression (issue 20.4): with timestamp_unit auto, a text column of epoch seconds holding one ISO time and
+    one millisecond value quarantined the valid ISO row as implausible_timestamp (an ISO string has no magnitude,
+    and a null magnitude read as nanoseconds). ISO text is always read as ISO; numbers keep the unit rule."""
+    body = "".join(_epoch_log(20)) + f"u1,i1,{iso}\nu2,i2,1681232060000\n"
+    p = tmp_path / "mixed_iso.csv"
+    p.write_text(EPOCH_HEADER + body)
+    with pytest.warns(DataWarning, match="mixes epoch units"):
+        ev = load_events(_cfg(p, columns={"event_type": None}))
+    assert dict(ev.report.quarantined) == {"implausible_timestamp": 1}
+    assert ev.quarantine["timestamp"].to_list() == ["1681232060000"]  # the ms value, read as seconds
+    want = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    assert ev.events.filter(pl.col("user_id") == "u1")["ts"].to_list() == [want]
+    for unit in ("s", "mixed"):  # the same rule in every mode
+        ev = load_events(_cfg(p, columns={"event_type": None}, timestamp_unit=unit))
+        assert ev.events.filter(pl.col("user_id") == "u1")["ts"].to_list() == [want]
+
+
+def test_unicode_lookalike_ids_are_one_id(tmp_path: Path) -> None:
+    """Regression (issue 20.5): "josé" in NFC and in NFD were two users, "café" NFC/NFD two items, and "1000"
+    followed by a zero-width space (U+200B) a user apart from "1000". With ingest.id_normalization nfc (the
+    default) text IDs are NFC-normalized and zero-width characters dropped, counted and named in a warning."""
+    nfc, nfd = "jos\u00e9", "jose\u0301"
+    rows = [
+        (nfc, "caf\u00e9"), (nfd, "cafe\u0301"), ("1000", "i1"), ("1000\u200b", "i2"), ("\ufeff1001", "i1"),
+        ("\u200b", "i1"),  # nothing left: no user
+        ("\u200d\U0001f469\u200d\U0001f4bb", "i1"),  # a ZWJ inside an emoji sequence is part of it
+    ]  # fmt: skip
+    p = tmp_path / "ids.csv"
+    p.write_text(EPOCH_HEADER + "".join(f"{u},{i},{1681232060 + k}\n" for k, (u, i) in enumerate(rows)))
+    with pytest.warns(DataWarning, match=r"Unicode normalization .*'jose\\u0301' -> 'jos\\xe9'"):
+        ev = load_events(_cfg(p, columns={"event_type": None}))
+    users, items = ev.events["user_id"], ev.events["item_id"]
+    assert sorted(users.unique()) == sorted({nfc, "1000", "1001", "\U0001f469\u200d\U0001f4bb"})
+    assert sorted(items.unique()) == ["caf\u00e9", "i1", "i2"]
+    assert dict(ev.report.quarantined) == {"null_user": 1}
+    assert ev.report.details["ids_normalized"] == 6  # user rows NFD, U+200B, BOM, U+200B alone, ZWJ edge; 1 item
+    # "none" keeps every spelling apart, byte for byte
+    ev = load_events(_cfg(p, columns={"event_type": None}, id_normalization="none"))
+    assert ev.events["user_id"].n_unique() == 7 and "ids_normalized" not in ev.report.details
+    # integer IDs read from text: the zero-width space no longer makes "1000\u200b" an invalid_id
+    p.write_text(EPOCH_HEADER + "1000,1,1681232060\n1000\u200b,2,1681232061\n")
+    ev = load_events(_cfg(p, columns={"event_type": None}, user_id_type="int"))
+    assert ev.events["user_id"].to_list() == [1000, 1000] and ev.report.n_quarantined == 0
+    # the same in Parquet string columns
+    pq.write_table(pa.table({"user_id": [nfc, nfd], "item_id": ["a", "a"], "timestamp": [T0, T0 + 1]}),
+                   q := tmp_path / "ids.parquet")  # fmt: skip
+    with pytest.warns(DataWarning, match="1 user ID"):
+        assert load_events(_cfg(q, columns={"event_type": None})).events["user_id"].to_list() == [nfc, nfc]
+
+
+def test_zero_byte_file_among_good_files_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    """Regression (issue 20.7a): a 0-byte file among good ones stopped the whole ingest ("is empty (0 bytes)"),
+    while a header-only file was skipped with a warning. Both are skipped with a DataWarning naming the file,
+    counted in the report; a log in which every file is empty is still an error."""
+    import gzip
+
+    (tmp_path / "a.csv").write_bytes(HEADER + GOOD)
+    (tmp_path / "b.csv").write_bytes(b"")
+    (tmp_path / "c.csv").write_bytes(HEADER)
+    (tmp_path / "d.csv.gz").write_bytes(gzip.compress(b""))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ev = load_events(_cfg(tmp_path / "*.csv*"))
+    said = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert any("b.csv" in m and "0 bytes" in m and "skipped" in m for m in said)
+    assert any("c.csv" in m and "header only" in m for m in said)
+    assert any("d.csv.gz" in m and "empty once decompressed" in m for m in said)
+    assert ev.report.kept == 2 and ev.report.details["files_skipped"] == 3
+    assert ev.report.sources == {str(tmp_path / f): n for f, n in [("a.csv", 2), ("b.csv", 0), ("c.csv", 0),
+                                                                   ("d.csv.gz", 0)]}  # fmt: skip
+    # Parquet too
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a.parquet").write_bytes(VALID_PARQUET)
+    (tmp_path / "p" / "b.parquet").write_bytes(b"")
+    with pytest.warns(DataWarning, match="b.parquet' has no data rows"):
+        assert load_events(_cfg(tmp_path / "p", columns={"event_type": None})).report.kept == 4
+    # every file empty: still one clear error
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "x.csv").write_bytes(b"")
+    (tmp_path / "e" / "y.csv").write_bytes(b"")
+    with pytest.raises(IngestError, match=r"all 2 files under .* have no data rows|no data rows"):
+        load_events(_cfg(tmp_path / "e"))

@@ -72,7 +72,8 @@ def test_init_writes_a_commented_config_that_loads_and_ingests(
     assert (cols.user, cols.item, cols.timestamp, cols.event_type) == ("customer", "sku", "ts", "action")
     assert (cols.quantity, cols.item_text, cols.rating, cols.weight) == (None, None, None, None)
     assert cfg.ingest.event_weights == SHOP_WEIGHTS
-    assert cfg.split.method == "temporal" and not cfg.models.two_tower.enabled
+    assert cfg.split.method == "auto" and not cfg.models.two_tower.enabled  # auto: no choice made on a thin window
+    assert cfg.models.ease.enabled and cfg.tuning.enabled  # the strong recipe from the defaults in code
 
     # every choice carries a comment
     text = (tmp_path / "configs" / "shop.yaml").read_text()
@@ -256,7 +257,10 @@ def test_init_then_run_end_to_end(
     assert acc["balanced"] and acc["rows_read"] == 5000 and acc["quarantined_total"] == 0
     assert Path(manifest["run_dir"]).resolve().is_relative_to((tmp_path / "outputs" / "shop").resolve())
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["shop"]  # nothing of another pipeline
-    assert set(manifest["metrics"]) == {"popularity", "als", "bpr"}
+    # the strong set from the defaults in code (init leaves models and tuning to them): EASE in, every model searched
+    assert set(manifest["metrics"]) == {"popularity", "ease", "als", "bpr"}
+    assert set(manifest["tuning"]["models"]) == {"ease", "als", "bpr"}
+    assert manifest["split"]["rule"].startswith("auto:")
     # the planted tastes are learnt: the factor models beat popularity by a wide margin
     ndcg = {m: v["ndcg_at_20"] for m, v in manifest["metrics"].items()}
     assert ndcg["als"] > 1.5 * ndcg["popularity"] and ndcg["bpr"] > 1.5 * ndcg["popularity"]

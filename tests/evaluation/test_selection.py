@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from recsys_embed.config import load_config
 from recsys_embed.data.generate import generate, preset
 from recsys_embed.data.split import evidence
+from recsys_embed.errors import ConfigError
 from recsys_embed.evaluation.selection import paired_se, select
 from recsys_embed.pipeline import stages
 from recsys_embed.store import load_csr, save_csr
@@ -109,10 +110,65 @@ def test_auto_split_falls_back_to_per_user_when_windows_are_thin(tiny_log: Path,
     assert split["split"]["method"] == "last_n" and split["split"]["rule"].startswith("auto: last_n")
     assert "fewer than split.min_eval_users=100,000" in split["split"]["rule"]
     assert split["report"]["balanced"] is True
-    # an explicit temporal split keeps its method and carries the warning instead
+    # an explicit temporal split on a window too thin to choose on stops before anything is trained, naming the fix
     explicit = load_config(REPO / "configs/synthetic.yaml", [
         f"ingest.source.path={tiny_log}", f"output_root={tmp_path}", "split.method=temporal",
         "split.min_eval_users=100000",
     ])  # fmt: skip
-    kept = stages.run_split(ingest, explicit.ingest, explicit.split, tmp_path / "split2")
-    assert kept["split"]["method"] == "temporal" and len(kept["split"]["evidence_warnings"]) == 2
+    with pytest.raises(ConfigError, match=r"split.method='temporal': the val window holds [\d,]+ warm users to "
+                       r"choose on, fewer than split.min_eval_users=100,000.*Use split.method: auto"):  # fmt: skip
+        stages.run_split(ingest, explicit.ingest, explicit.split, tmp_path / "split2")
+    assert not (tmp_path / "split2").exists()
+    # a user who lowers min_eval_users knowingly keeps the explicit window (the test window's warning stays)
+    knowing = explicit.split.model_copy(update={"min_eval_users": 10})
+    kept = stages.run_split(ingest, explicit.ingest, knowing, tmp_path / "split3")
+    assert kept["split"]["method"] == "temporal" and kept["split"]["evidence_warnings"] == []
+
+
+def test_model_choice_reads_no_user_the_search_scored(tiny_log: Path, tmp_path: Path) -> None:
+    """Issue 19.4: the search (trials, best iteration) and the final choice read disjoint validation users, so no
+    trial score the search maximised reaches selection or the registry's paired test."""
+    cfg = load_config(REPO / "configs/synthetic.yaml", [
+        f"ingest.source.path={tiny_log}", f"output_root={tmp_path}", "split.min_eval_users=1",
+        "models.bpr.enabled=false", "models.als.iterations=4", "models.als.eval_every=2", "tuning.n_trials=3",
+        "tuning.ease.n_trials=2",
+    ])  # fmt: skip
+    ingest = stages.run_ingest(cfg.ingest, tmp_path / "cache")
+    split = stages.run_split(ingest, cfg.ingest, cfg.split, tmp_path / "split", tmp_path / "cache")
+    search, choose = load_csr(split["val_targets"]), load_csr(split["select_targets"])
+    search_users = set(np.flatnonzero(np.diff(search.indptr)))
+    choose_users = set(np.flatnonzero(np.diff(choose.indptr)))
+    assert search_users and choose_users and not search_users & choose_users
+    assert len(search_users) + len(choose_users) == split["val_warm_users"]
+    assert "chosen on" in split["split"]["selection_rule"]
+
+    # 1. the search never reads the selection part: with that file gone, the search's trials are the same
+    tune = stages.run_tune(split, cfg.models, cfg.eval, cfg.tuning, tmp_path / "cache", tmp_path / "a.db")
+    blind = {**split, "select_targets": str(tmp_path / "gone" / "select_targets.npz")}
+    again = stages.run_tune(blind, cfg.models, cfg.eval, cfg.tuning, tmp_path / "cache2", tmp_path / "b.db")
+    assert again["models"]["als"]["best_value"] == tune["models"]["als"]["best_value"]
+    assert again["models"]["ease"]["params"] == tune["models"]["ease"]["params"]
+
+    # 2. the choice never reads the search part: poisoning it (popularity's top items as every user's targets)
+    # changes no validation value selection or the registry reads
+    from recsys_embed.models.tuning import apply_tuning
+
+    models_cfg = apply_tuning(cfg.models, tune)
+    seen = load_csr(split["train"])
+    top = np.argsort(-np.asarray((seen > 0).sum(axis=0)).ravel())[:20]
+    rows = np.repeat(np.arange(search.shape[0]), len(top))
+    poison = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, np.tile(top, search.shape[0]))),
+                           shape=search.shape)  # fmt: skip
+    save_csr(poison, tmp_path / "poisoned_search.npz")
+    poisoned = {**split, "val_targets": str(tmp_path / "poisoned_search.npz")}
+    honest, bad = {}, {}
+    for name in ("popularity", "ease", "als"):
+        model = stages.run_train(name, split, models_cfg, cfg.eval, tmp_path / "m", cache_root=tmp_path / "cache")
+        honest[name] = stages.run_validate(model, split, cfg.eval, tmp_path / "v1")
+        bad[name] = stages.run_validate(model, poisoned, cfg.eval, tmp_path / "v2")
+        assert honest[name]["metrics"] == bad[name]["metrics"], name
+        per_user = np.load(honest[name]["per_user"])
+        assert per_user.size == len(choose_users)  # scored on the selection users only
+    assert stages.select_best(honest, cfg.eval) == stages.select_best(bad, cfg.eval)
+    # and the values selection reads are not the search's: the tuned ALS's best trial was scored on other users
+    assert honest["als"]["metrics"]["ndcg_at_20"] != tune["models"]["als"]["best_value"]

@@ -339,6 +339,152 @@ def test_killed_run_is_marked_crashed_by_the_next(prefect_harness: None, tmp_pat
     assert (Path(second["run_dir"]) / "summary.json").exists()
 
 
+def _running_of(client: Any, flow_name: str, out: Path) -> list[Any]:
+    """RUNNING flow runs of flow ``flow_name`` whose ``overrides`` parameter points ``output_root`` at ``out``: found
+    by what the run was started with, so also when it was killed before it tagged itself."""
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                 flow_run_filter=running)  # fmt: skip
+    return [r for r in runs if f"output_root={out}" in (r.parameters.get("overrides") or [])]
+
+
+def _decoy(client: Any, tags: list[str]) -> Any:
+    """A RUNNING flow run of the main flow carrying ``tags``, created here (no process runs it)."""
+    from prefect import flow
+    from prefect.states import Running
+
+    @flow(name="embedding-pipeline")
+    def stand_in() -> None:
+        pass
+
+    run = client.create_flow_run(stand_in, tags=tags)
+    client.set_flow_run_state(run.id, Running(), force=True)
+    return run
+
+
+@pytest.fixture
+def hung_mlflow(tmp_path: Path) -> Iterator[Path]:
+    """An mlflow.yml naming a port that accepts connections and never answers: a run started with it spends the
+    5 s health-check timeout before it takes the output folder's lock."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yml = tmp_path / "hung-mlflow.yml"
+        yml.write_text(f"tracking_uri: http://127.0.0.1:{s.getsockname()[1]}\nexperiment_name: hung\n")
+        yield yml
+
+
+@pytest.mark.slow
+def test_run_killed_before_its_lock_is_marked_crashed_by_the_next(
+    prefect_harness: None, tmp_path: Path, mlflow_yml: Path, hung_mlflow: Path
+) -> None:
+    """Regression (issue 20, 7b): a `run` killed within ~2 s of its start, before it held the output folder's lock,
+    carried no tag and stayed RUNNING for good. A live run of the same folder that has not reached the lock yet,
+    and a dead one of another folder, must be left alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelled
+
+    from flows.crashed import process_tag, root_tag, start_tag
+    from flows.embedding_pipeline import embedding_pipeline
+
+    src = tmp_path / "events.parquet"
+    pl.read_parquet(RETAIL, n_rows=15_000).write_parquet(src)
+    out = tmp_path / "out"
+    root = out / "retail"
+    overrides = [f"ingest.source.path={src}", f"output_root={out}", *CHEAP, "registry.enabled=false"]
+    cfg = str(REPO / "configs/retail.yaml")
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "recsys_embed.cli", "-q", "--mlflow-config", str(hung_mlflow), "run", "--config",
+           cfg, *[a for o in overrides for a in ("--set", o)]]  # fmt: skip
+    gone = subprocess.Popen(["sleep", "60"])
+    gone_tag = process_tag(gone.pid)
+    gone.kill()
+    gone.wait()
+    with get_client(sync_client=True) as client:
+        live = _decoy(client, [start_tag(root), process_tag()])  # this test's process: alive, before the lock
+        elsewhere = _decoy(client, [start_tag(tmp_path / "other" / "retail"), gone_tag])
+        with background(cmd, tmp_path / "run.log", env, tmp_path) as proc:
+            killed = _wait("the run's RUNNING flow run", lambda: next(iter(_running_of(client, "embedding-pipeline",
+                           out)), None), 120, proc, tmp_path / "run.log")  # fmt: skip
+            t0 = time.perf_counter()  # kill it once it tagged itself (the new code does at once), within ~2 s
+            while start_tag(root) not in killed.tags and time.perf_counter() - t0 < 2.0:
+                time.sleep(0.1)
+                killed = client.read_flow_run(killed.id)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        killed = client.read_flow_run(killed.id)
+        assert killed.state_type == StateType.RUNNING  # nothing marked it: it cannot
+        assert root_tag(root) not in killed.tags  # killed before it held the lock (in the MLflow health check)
+
+    second = embedding_pipeline(cfg, overrides, str(mlflow_yml))
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(killed.id).state
+        decoys = {n: client.read_flow_run(r.id).state_type for n, r in (("live", live), ("elsewhere", elsewhere))}
+        for r in (live, elsewhere):
+            client.set_flow_run_state(r.id, Cancelled(), force=True)
+    assert state is not None and state.type == StateType.CRASHED, state
+    assert "left RUNNING by a killed process" in (state.message or "")
+    assert decoys == {"live": StateType.RUNNING, "elsewhere": StateType.RUNNING}
+    assert (Path(second["run_dir"]) / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_backtest_is_marked_crashed_by_the_next(prefect_harness: None, tmp_path: Path, mlflow_yml: Path) -> None:
+    """Regression (issue 20, 7c): a SIGKILLed `recsys-embed backtest` left its parent flow run RUNNING for good (only
+    its pipeline subflow was marked by the next run). Killed in the subflow's split here: the next backtest marks
+    the parent, its own subflow marks the dead subflow, and neither touches the live parent."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.backtest import backtest_flow
+    from flows.crashed import root_tag
+    from recsys_embed import faults
+    from recsys_embed.data.generate import generate, preset
+
+    log_dir = tmp_path / "log"
+    generate(preset("tiny", n_events=20_000, n_users=400, n_items=300, days=30), log_dir)
+    out = tmp_path / "out"
+    root = out / "synthetic-1m-backtest-7d"
+    overrides = [f"ingest.source.path={log_dir}", f"output_root={out}", *CHEAP]
+    cfg = str(SYNTHETIC)
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(REPO),
+           faults.KILL_AT: "split"}  # fmt: skip
+    cmd = [sys.executable, "-m", "recsys_embed.cli", "-q", "--mlflow-config", str(mlflow_yml), "backtest", "--config",
+           cfg, "--holdout-days", "7", *[a for o in overrides for a in ("--set", o)]]  # fmt: skip
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        parents = _running_of(client, "backtest", out)
+        subflows = [r for r in _running_of(client, "embedding-pipeline", out) if root_tag(root) in r.tags]
+    assert len(parents) == 1 and len(subflows) == 1, (parents, subflows)  # left RUNNING by the kill
+
+    state = backtest_flow(cfg, overrides, str(mlflow_yml), holdout_days=7, return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        ends = {n: client.read_flow_run(r.id).state for n, r in (("parent", parents[0]), ("subflow", subflows[0]))}
+        mine = client.read_flow_run_states(state.state_details.flow_run_id)
+    for name, end in ends.items():
+        assert end is not None and end.type == StateType.CRASHED, (name, end)
+        assert "left RUNNING by a killed process" in (end.message or ""), name
+    assert "/.backtest/.run.lock" in (ends["parent"].message or "")
+    assert [s.type for s in mine][-1] == StateType.COMPLETED
+    assert StateType.CRASHED not in [s.type for s in mine]  # the new backtest's subflow left its live parent alone
+
+
 def test_second_run_on_same_output_is_refused(tmp_path: Path) -> None:
     held = run_lock(tmp_path / "retail")
     with held, pytest.raises(RunLockedError, match=r"another run is writing to .*pid"), run_lock(tmp_path / "retail"):

@@ -46,9 +46,11 @@ N_ROWS = 20_000
 # In pipeline order: each run of the chain dies at the next one. Model points name ALS (the first factor model)
 # and the two-tower model (Lightning); bpr is off to keep the suite inside CI's time budget.
 # Evaluation (train, validate, test each model), then the production refit (the all-events data, the refits:
-# their train points already fired), the shipped exports, the model runs' logging, the registry and the database.
+# their train points already fired), the shipped exports, the model runs' logging, the registry (the version
+# registered with its decision, then the alias moved), the published pointers (champion.json written, current/ not
+# yet) and the database.
 POINTS = ["ingest", "split", "train:als", "evaluate:als", "train:two_tower", "full", "export:als", "log:als",
-          "register", "db-export"]  # fmt: skip
+          "register", "register:alias", "publish:champion", "db-export"]  # fmt: skip
 # Columns that say which run wrote a row: they differ between any two runs by design (a new MLflow run id, the
 # registry version of that run), so tables are compared without them; every other column must be equal.
 PROVENANCE = ("run_id", "model_version")
@@ -387,6 +389,40 @@ def _print_table(rows: list[Row], seconds: list[float]) -> None:
           f"({', '.join(f'{s:.0f}' for s in seconds)} s)\n")  # fmt: skip
 
 
+def _champion_problems(
+    client: Any, root: Path, ref: Path, manifest: dict[str, Any], parents: set[str]
+) -> list[str]:
+    """The chain must end with the champion an uninterrupted run ends with: its version registered once (however
+    many runs were killed around the registry) and holding the ``champion`` alias like the reference run's, its
+    decision applied, ``champion.json`` naming it, ``current`` pointing at the tables it names, and those tables
+    equal to the reference champion's."""
+    from recsys_embed.serving.registry import DECISION_RECORD
+
+    problems = []
+    reg, ref_reg = manifest["registry"], _manifest(ref)["registry"]
+    if reg["alias"] != ref_reg["alias"]:
+        problems.append(f"the chain's version is {reg['alias']}, the uninterrupted run's {ref_reg['alias']}")
+    versions = [v for v in client.search_model_versions(f"name = '{reg['name']}'")
+                if v.tags.get("pipeline_run_id") in parents]  # fmt: skip
+    if [str(v.version) for v in versions] != [reg["version"]]:
+        problems.append(f"the chain registered versions {[str(v.version) for v in versions]}, not once")
+    champion = client.get_model_version_by_alias(reg["name"], "champion")
+    if str(champion.version) != reg["version"]:
+        problems.append(f"the champion alias is on v{champion.version}, not the chain's v{reg['version']}")
+    record = json.loads(champion.tags.get(DECISION_RECORD) or "{}")
+    if not record.get("applied"):
+        problems.append(f"the champion's decision was never marked applied: {record}")
+    pointer = json.loads((root / "champion.json").read_text())
+    ref_pointer = json.loads((ref / "champion.json").read_text())
+    if str(pointer.get("version")) != reg["version"]:
+        problems.append(f"champion.json names v{pointer.get('version')}, the alias v{reg['version']}")
+    if not (root / "current").is_symlink() or (root / "current").resolve() != Path(pointer["topk_path"]).parent:
+        problems.append("current/ does not point at the tables champion.json names")
+    elif not _table(root / "current" / "topk").equals(_table(ref_pointer["topk_path"])):
+        problems.append("the champion's top-k differs from the uninterrupted run's")
+    return problems
+
+
 def test_kill_at_every_stage_and_resume(
     env: Env, references: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -501,6 +537,7 @@ def test_kill_at_every_stage_and_resume(
         statuses = [r.info.status for r in parents]
         if statuses != ["KILLED"] * len(POINTS) + ["FINISHED"]:
             final.append(f"MLflow parent runs ended {statuses}")
+        final += _champion_problems(client, root, ref, manifest, {r.info.run_id for r in parents})
     if client.get_run(decoy.info.run_id).info.status != "RUNNING":
         final.append("the live run of another output folder was marked")
     client.set_terminated(decoy.info.run_id)

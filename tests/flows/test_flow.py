@@ -164,3 +164,29 @@ def test_unreachable_tracking_server_fails_fast(prefect_harness: None, tmp_path:
     msg = str(err.value)
     assert "127.0.0.1:9" in msg and "MLFLOW_TRACKING_URI" in msg
     assert "s3cret" not in msg
+
+
+def test_single_item_log_stops_before_training_naming_why(prefect_harness: None, tmp_path: Path,
+                                                          mlflow_yml: Path) -> None:  # fmt: skip
+    """Regression (issue 20, 6): a log whose every event is on one item exited 0 with a 0-row top-k table and the
+    hint "enable split.val_quantile" (which was set); it must stop before training, saying why."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    src = tmp_path / "one-item.parquet"
+    pl.read_parquet(RETAIL, n_rows=5_000).with_columns(pl.lit("85123A").alias("item_id")).write_parquet(src)
+    out = tmp_path / "out"
+    sets = [f"ingest.source.path={src}", f"output_root={out}", "tuning.enabled=false", "models.two_tower.enabled=false"]
+    cmd = [sys.executable, "-m", "recsys_embed.cli", "-q", "--mlflow-config", str(mlflow_yml), "run", "--config",
+           str(REPO / "configs/retail.yaml"), *[a for o in sets for a in ("--set", o)]]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(REPO)}
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr[-3000:])
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: the log has 1 distinct item after filtering \([\d,]+ kept events\); a recommender "
+                    r"needs at least 2 items to rank", last), last  # fmt: skip
+    assert "ingest.columns.item" in last
+    assert "val_quantile" not in res.stdout + res.stderr
+    assert not list((out / "retail" / "cache").glob("train-*"))  # stopped before any model was trained
+    assert not list((out / "retail" / "runs").glob("*/models/*"))

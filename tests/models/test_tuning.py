@@ -36,7 +36,7 @@ def _cfg(log: Path, out: Path, *extra: str) -> PipelineConfig:
         [f"ingest.source.path={log}", f"output_root={out}", "models.bpr.enabled=false",
          "models.als.iterations=4", "models.als.eval_every=1", "models.als.use_gpu=false",
          "tuning.als.space.factors=[4, 32]", f"tuning.n_trials={N_TRIALS}", "tuning.ease.n_trials=3",
-         "tuning.budget_minutes=null", "tuning.sampler_startup_trials=2", "tuning.pruner_startup_trials=2",
+         "tuning.budget_minutes=null", "tuning.sampler_startup_trials=2", "tuning.pruner_startup_trials=1",
          *extra],
     )  # fmt: skip
 
@@ -113,7 +113,7 @@ def test_defaults_are_trial_zero_and_never_beaten_by_the_result(reference: dict[
         assert first["defaults"] is True, name
         assert m["best_value"] >= m["default_value"], name
     # the configured factors (64) lie outside the searched [4, 32], so trial 0 draws them; the rest are the defaults
-    assert reference["models"]["als"]["defaults"] == {"regularization": 0.05, "alpha": 10.0}
+    assert reference["models"]["als"]["defaults"] == {"regularization": 0.05, "alpha": 10.0, "confidence": "none"}
     assert reference["models"]["ease"]["defaults"] == {"regularization": 200.0}
 
 
@@ -177,6 +177,10 @@ def test_time_budget_stops_the_search_and_defaults_are_kept(
     for m in record["models"].values():
         assert m["stopped_by"] == "time" and m["n_trials"] == 0 and m["params"] == {}
     assert apply_tuning(cfg.models, record) == cfg.models
+    # a clock-stopped search depends on machine load: it is used by its run but never cached as complete
+    assert record["folder"].endswith("-clock-stopped") and Path(record["folder"], "record.json").exists()
+    again = _tune(split, cfg, tmp_path)
+    assert again["cached"] is False and again["folder"].endswith("-clock-stopped")
 
 
 def test_pruning_hooks_report_every_validation_step(reference: dict[str, Any]) -> None:
@@ -199,7 +203,7 @@ def test_two_tower_reports_every_epoch(prepared: tuple[Path, dict[str, Any]], tm
                "models.two_tower.embedding_dim=8", "models.two_tower.hidden_dim=16",
                "models.two_tower.text_buckets=64", "models.two_tower.accelerator=cpu",
                "tuning.two_tower.tune=true", "tuning.n_trials=2",
-               "tuning.two_tower.space.embedding_dim=[8, 16]")  # fmt: skip
+               "tuning.two_tower.space.embedding_dim=[8, 16]", "tuning.pruner_startup_trials=2")  # fmt: skip
     record = _tune(split, cfg, tmp_path)
     frame = pl.read_csv(record["models"]["two_tower"]["trials"])
     assert frame["state"].to_list() == ["COMPLETE", "COMPLETE"] and frame["last_step"].to_list() == [2, 2]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,41 @@ def test_a_later_champion_is_not_rescored_on_its_own_training_data(
                      [20])["ndcg_at_20"]  # fmt: skip
     assert leaked > 1.2 * honest, (leaked, honest)
     assert np.isfinite(honest) and honest > 0
+
+
+def test_a_cut_run_never_takes_the_champion_from_the_full_run(
+    prefect_harness: None, tmp_path: Path, mlflow_yml: Path
+) -> None:
+    """Issue 20.2: the same files read with ``ingest.until`` are older data, not "the same data": the cut run's
+    version becomes challenger, and a plain run afterwards finds the full run's version still champion. The
+    versions say what their metrics measured apart from what the model was trained on."""
+    from mlflow import MlflowClient
+
+    from flows.embedding_pipeline import embedding_pipeline
+    from recsys_embed.config import load_mlflow_settings
+    from recsys_embed.tracking.tracker import resolve_settings
+
+    log, out = _slice(tmp_path, "retail", 0, 30_000), tmp_path / "out"  # events 2010-12-01 .. 2010-12-14
+    full = embedding_pipeline(CONFIG, _overrides(log, out), str(mlflow_yml))
+    assert full["registry"]["alias"] == "champion"
+    cut = embedding_pipeline(CONFIG, _overrides(log, out, "ingest.until=2010-12-10"), str(mlflow_yml))
+    reg = cut["registry"]
+    assert reg["registered"] is True and reg["alias"] == "challenger", reg
+    assert "older data" in reg["reason"] and "registry.allow_older" in reg["reason"]
+    again = embedding_pipeline(CONFIG, _overrides(log, out), str(mlflow_yml))
+    assert again["registry"]["version"] == full["registry"]["version"] and again["registry"]["alias"] == "champion"
+    assert again["registry"]["reason"].startswith("unchanged"), again["registry"]
+
+    client = MlflowClient(resolve_settings(load_mlflow_settings(mlflow_yml)).tracking_uri)
+    name = reg["name"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == full["registry"]["version"]
+    mine, theirs = (client.get_model_version(name, r["registry"]["version"]).tags for r in (cut, full))
+    assert mine["data_fingerprint"] == theirs["data_fingerprint"]  # the same files ...
+    assert mine["data_until"] == "2010-12-10T00:00:00" and theirs["data_until"] == "None"
+    assert mine["training_window_last"] < "2010-12-10" < theirs["training_window_last"]  # ... other events
+    assert mine["data_identity"] != theirs["data_identity"]
+    assert json.loads((out / "retail" / "champion.json").read_text())["version"] == full["registry"]["version"]
+    # what the metrics measured (the evaluation fit's test window) apart from what the model was trained on
+    window = full["exports"]["als"]["trained_on"]["window"]
+    assert f"scored on the test window [{full['split']['cutoff']}, {window['last']}]" in theirs["metrics_measured"]
+    assert theirs["trained_on"].startswith(f"trained on: all kept events {window['first']} .. {window['last']}")

@@ -1,5 +1,6 @@
 """The standalone registered recommender (``served_model``): the export's ranking including ties, IDs given as ints
-or strings, the popularity fallback, and the ALS fold-in against implicit's own ``recalculate_user``."""
+or strings, the popularity fallback, the ALS fold-in against implicit's own ``recalculate_user``, and the EASE
+fold-in (a history's X row times B)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from recsys_embed.config import ExportConfig
+from recsys_embed.config import ExportConfig, MlflowSettings
 from recsys_embed.evaluation.topk import topk
-from recsys_embed.serving.registry import ServedInputs, served_embeddings, write_served_bundle
+from recsys_embed.models import ease
+from recsys_embed.serving import coverage
+from recsys_embed.serving.registry import ServedInputs, served_embeddings, served_inputs, write_served_bundle
 from recsys_embed.serving.served_model import ServedRecommender, fold_in
-from recsys_embed.types import Embeddings, IdMap
+from recsys_embed.store import save_csr, save_embeddings
+from recsys_embed.types import Candidate, Embeddings, IdMap
 
 N_USERS, N_ITEMS, D = 60, 40, 4
 
@@ -146,6 +150,7 @@ def test_fold_in_matches_implicit_recalculate_user(tmp_path: Path) -> None:
     emb = Embeddings(np.asarray(als.user_factors), y, users, items, "als")
     fallback = np.zeros(80, dtype=bool)
     fallback[5] = True  # u5 is a fallback user of the production refit, until a history folds it in
+    # no "kind": the fold_in of bundles written before EASE's fold-in, still read as ALS's
     inputs = ServedInputs(emb, train, fallback=fallback, fold_in={"alpha": alpha, "regularization": reg})
     model = _served(tmp_path, inputs, k=50)
     out = model.recommend(pd.DataFrame({"user_id": ["new", "u5"], "history": [[3, 3, 7, 20], [3, 3, 7, 20]]}))
@@ -198,3 +203,129 @@ def test_recommend_vectors_is_the_scorer_for_outside_vectors(tmp_path: Path) -> 
     assert outside.scores.tolist() == stored.scores.tolist()
     with pytest.raises(ValueError, match="columns"):
         model.recommend_vectors(np.zeros((1, D + 1), dtype=np.float32))
+
+
+# A tiny EASE model, as ``ease.embeddings`` represents it: user vectors are the rows of X (n_items wide), item
+# vectors are B's columns (item_vectors = B.T), so a user's scores are X[u] @ B. Items 10..14, diag(B) = 0.
+_B = np.array([[0, 1, 0, 3, 0],
+               [1, 0, 2, 0, 4],
+               [0, 0, 0, 1, 1],
+               [2, 0, 1, 0, 0],
+               [0, 1, 1, 0, 0]], dtype=np.float32)  # fmt: skip
+_X = np.array([[1, 0, 0, 0, 0],   # u0
+               [0, 1, 1, 0, 0],   # u1
+               [0, 0, 0, 1, 1]],  # u2
+              dtype=np.float32)  # fmt: skip
+_POPULARITY = np.array([5.0, 4.0, 3.0, 2.0, 1.0])  # the fallback ranks 10, 11, 12, 13, 14
+
+
+def _ease_served(tmp_path: Path, info: dict[str, object]) -> ServedRecommender:
+    """The EASE model above shipped as the pipeline ships it: ``coverage.served_embeddings`` (u3 has a kept event
+    on item 12 but no model row: a fallback user), ``registry.served_inputs`` from the saved files, the bundle."""
+    items = IdMap(pl.Series("id", [10, 11, 12, 13, 14], dtype=pl.Int64))
+    model = Embeddings(_X, _B.T, IdMap(pl.Series("id", ["u0", "u1", "u2"])), items, "ease", info=info)
+    users = IdMap(pl.Series("id", ["u0", "u1", "u2", "u3"]))
+    served = coverage.served_embeddings(model, _POPULARITY, users, sp.csr_matrix(_X))
+    seen = sp.csr_matrix(np.vstack([_X, [[0, 0, 1, 0, 0]]]))  # every kept (user, item) pair
+    cand = Candidate("ease", "run", "parent", str(save_embeddings(served, tmp_path / "emb")),
+                     str(save_csr(seen, tmp_path / "seen.npz")), {})  # fmt: skip
+    inputs = served_inputs(cand, MlflowSettings())  # EASE's fold-in needs no MLflow run
+    assert inputs.fold_in is not None and inputs.fold_in["kind"] == "ease"
+    return _served(tmp_path, inputs, k=5)
+
+
+@pytest.mark.parametrize(
+    ("info", "want_items", "want_scores"),
+    [
+        # binary X: history [10, 10, 11] -> x = [1, 1, 0, 0, 0]; x @ B = B[0] + B[1] = [1, 1, 2, 3, 4];
+        # 10 and 11 are in the history: 14 (4), 13 (3), 12 (2)
+        ({"binary": True, "half_life_days": None}, [14, 13, 12], [4.0, 3.0, 2.0]),
+        # recency-weighted X: a history has no timestamps, its items count as bought now (1.0): as binary
+        ({"binary": True, "half_life_days": 60.0}, [14, 13, 12], [4.0, 3.0, 2.0]),
+        ({"binary": False, "half_life_days": 60.0}, [14, 13, 12], [4.0, 3.0, 2.0]),
+        # confidence X: 1 per listing -> x = [2, 1, 0, 0, 0]; 2 B[0] + B[1] = [1, 2, 2, 6, 4]: 13 (6), 14 (4), 12 (2)
+        ({"binary": False, "half_life_days": None}, [13, 14, 12], [6.0, 4.0, 2.0]),
+    ],
+)
+def test_ease_folds_in_a_new_users_history(
+    tmp_path: Path, info: dict[str, object], want_items: list[int], want_scores: list[float]
+) -> None:
+    """Issue 19 item 6: an EASE champion answered a new user's history with the popularity fallback."""
+    model = _ease_served(tmp_path, info)
+    out = model.recommend(pd.DataFrame({
+        "user_id": ["new", "new", "u2", "u3", "u3"],
+        "history": [[10, 10, 11], None, [10], [12, 10], None],
+    }))  # fmt: skip
+    assert out.item_ids[0] == want_items and out.scores[0] == want_scores and out.source[0] == "model"
+    assert out.item_ids[1] == [10, 11, 12, 13, 14] and out.source[1] == "fallback"  # no history: popularity
+    assert out.item_ids[0] != [i for i in out.item_ids[1] if i not in (10, 11)]  # not the fallback's order
+    # u2's stored row [0, 0, 0, 1, 1] plus 10 -> x = [1, 0, 0, 1, 1]; B[0] + B[3] + B[4] = [2, 2, 2, 3, 0]; 10, 13,
+    # 14 are seen or listed: 11 (2), 12 (2), the tie by the lower index
+    assert out.item_ids[2] == [11, 12] and out.scores[2] == [2.0, 2.0] and out.source[2] == "model"
+    # u3 is a fallback user (no model row): its history folds it in from zeros, its seen item 12 stays out;
+    # x = [1, 0, 1, 0, 0] (12 listed too); B[0] + B[2] = [0, 1, 0, 4, 1]: 13 (4), 11 (1), 14 (1)
+    assert out.item_ids[3] == [13, 11, 14] and out.scores[3] == [4.0, 1.0, 1.0] and out.source[3] == "model"
+    assert out.source[4] == "fallback"
+
+
+def test_ease_fold_in_of_a_users_own_items_is_its_stored_answer(tmp_path: Path) -> None:
+    """On a fitted B: a new user whose history is a known user's train items gets that user's answers exactly."""
+    rng = np.random.default_rng(5)
+    x = (rng.random((30, 25)) < 0.2).astype(np.float32)
+    b = ease.weights(ease.gram(sp.csr_matrix(x, dtype=np.float64)), 5.0)
+    items = IdMap(pl.Series("id", [f"i{i}" for i in range(25)]))
+    emb = Embeddings(x, b.T, IdMap(pl.Series("id", np.arange(30), dtype=pl.Int64)), items, "ease")
+    model = _served(tmp_path, ServedInputs(emb, sp.csr_matrix(x), fold_in={"kind": "ease", "binary": True}), k=8)
+    users = [u for u in range(30) if x[u].any()][:10]
+    hist = [[f"i{i}" for i in np.flatnonzero(x[u])] for u in users]
+    stored = model.recommend(pd.DataFrame({"user_id": users}))
+    new = model.recommend(pd.DataFrame({"user_id": [f"new{u}" for u in users], "history": hist}))
+    assert new.item_ids.tolist() == stored.item_ids.tolist() and new.scores.tolist() == stored.scores.tolist()
+    assert set(new.source) == {"model"}
+
+
+def test_ease_fold_in_needs_rows_of_x(tmp_path: Path) -> None:
+    emb, seen = _tied_embeddings()  # d = 4 factors, not n_items wide
+    with pytest.raises(ValueError, match="rows of X"):
+        _served(tmp_path, ServedInputs(emb, seen, fold_in={"kind": "ease", "binary": True}))
+    with pytest.raises(ValueError, match="kind 'knn' is unknown"):
+        _served(tmp_path, ServedInputs(emb, seen, fold_in={"kind": "knn"}))
+
+
+@pytest.mark.parametrize("confidence", ["log1p", "bm25"])
+def test_als_fold_in_applies_the_confidence_transform_it_was_fitted_on(tmp_path: Path, confidence: str) -> None:
+    """Issue 19.5: an ALS fitted on log1p / BM25 confidence folds a history in on the same scale: the served vector
+    of a known user with new items equals implicit's ``recalculate_user`` on the transformed combined row."""
+    import implicit.als
+    from threadpoolctl import threadpool_limits
+
+    from recsys_embed.models.mf import transform_confidence
+
+    rng = np.random.default_rng(2)
+    raw = sp.random(80, 50, density=0.1, format="csr", random_state=3, dtype=np.float32)
+    raw.data = rng.integers(1, 400, raw.nnz).astype(np.float32)  # play counts
+    fitted = transform_confidence(raw, confidence)
+    alpha, reg = 4.0, 0.1
+    with threadpool_limits(1, "blas"):
+        als = implicit.als.AlternatingLeastSquares(factors=6, regularization=reg, alpha=alpha, iterations=5,
+                                                   use_gpu=False, random_state=0)  # fmt: skip
+        als.fit(fitted, show_progress=False)
+    y = np.asarray(als.item_factors)
+    users = IdMap(pl.Series("id", [f"u{i}" for i in range(80)]))
+    items = IdMap(pl.Series("id", np.arange(50), dtype=pl.Int64))
+    emb = Embeddings(np.asarray(als.user_factors), y, users, items, "als")
+    fold = {"kind": "als", "alpha": alpha, "regularization": reg, "confidence": confidence, "bm25_k1": 100.0,
+            "bm25_b": 0.8}
+    model = _served(tmp_path, ServedInputs(emb, raw, fold_in=fold), k=50)  # seen: the stored counts
+    # user 5's own counts: BM25's item lengths and idf from the stored counts reproduce the fitted scale
+    want = als.recalculate_user(0, fitted[5])
+    np.testing.assert_allclose(model._fold_in(5, np.array([], dtype=np.int64)), want, rtol=1e-3, atol=1e-5)
+    if confidence == "log1p":  # per pair: new listings add to the counts, then log1p, as a refit would see them
+        new = sp.csr_matrix((np.array([2.0, 1.0], np.float32), ([0, 0], [3, 20])), shape=(1, 50))
+        want_new = als.recalculate_user(0, transform_confidence(sp.csr_matrix(raw[5] + new), "log1p"))
+        np.testing.assert_allclose(model._fold_in(5, np.array([3, 3, 20])), want_new, rtol=1e-3, atol=1e-5)
+        out = model.recommend(pd.DataFrame({"user_id": ["u5"], "history": [[3, 3, 20]]}))
+        assert out.source.tolist() == ["model"]
+    # and a raw-count fold-in would be another vector: the transform matters
+    assert not np.allclose(fold_in(y, y.astype(np.float64).T @ y, raw[5].indices, raw[5].data, alpha, reg), want,
+                           rtol=1e-2)  # fmt: skip

@@ -143,3 +143,59 @@ def test_server_killed_mid_run_keeps_local_outputs_and_says_how_to_recover(
     # the re-run reuses what was completed (no MLflow needed for that)
     assert stages.run_ingest(cfg.ingest, root / "cache")["cached"] is True
     assert stages.run_split(ingest, cfg.ingest, cfg.split, tmp_path / "rerun-split", root / "cache")["cached"] is True
+
+
+def test_a_tracker_built_mid_run_retries_and_says_how_to_recover(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A tracker built once the run is under way (a task's, given the run folder) gets the mid-run wording, after
+    the same retries as any call, not the start-up "start it" one (issue 20, 7c)."""
+    port = free_port()
+    run_dir = tmp_path / "runs" / "r1"
+    with caplog.at_level(logging.WARNING, logger="recsys_embed.tracking.tracker"), pytest.raises(TrackingError) as e:
+        Tracker(MlflowSettings(tracking_uri=f"http://127.0.0.1:{port}"), local_outputs=run_dir)
+    msg = str(e.value)
+    assert f"MLflow at http://127.0.0.1:{port} unreachable after 4 tries (health_check: [Errno 111] Connection " \
+           "refused)" in msg  # fmt: skip
+    assert f"local outputs are kept in '{run_dir}'" in msg and "re-run the same command once the server is back" in msg
+    assert "start it" not in msg and caplog.text.count("retrying in") == 3
+
+
+@pytest.mark.slow
+def test_server_killed_after_the_exports_names_the_run_folder(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 20, 7c): MLflow dying after the exports gave the start-up wording ("unreachable ...
+    after 0.0s; start it"): the model-logging task built a fresh Tracker, whose start-up check failed first. The
+    flow must end with the documented mid-run one, naming the run folder, and keep the exported tables."""
+    from flows.embedding_pipeline import embedding_pipeline
+    from recsys_embed.io import is_complete_table
+    from recsys_embed.pipeline import shipping
+    from tests.conftest import RETAIL
+
+    src = tmp_path / "events.parquet"
+    pl.read_parquet(RETAIL, n_rows=15_000).write_parquet(src)
+    out = tmp_path / "out"
+    overrides = [f"ingest.source.path={src}", f"output_root={out}", "models.bpr.enabled=false",
+                 "models.two_tower.enabled=false", "models.ease.enabled=false", "tuning.enabled=false",
+                 "models.als.iterations=3", "models.als.eval_every=0", "registry.enabled=false"]  # fmt: skip
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # quick failures (see the test above)
+    with mlflow_server(tmp_path / "mlflow") as server:
+        yml = tmp_path / "mlflow.yml"
+        yml.write_text(f"tracking_uri: {server.url}\nartifact_location: {tmp_path / 'art'}\nexperiment_name: o\n")
+        export = shipping.run_export
+
+        def export_then_outage(*args: object, **kwargs: object) -> object:
+            record = export(*args, **kwargs)  # type: ignore[arg-type]
+            server.kill()  # the outage: right after a shipped table is committed
+            return record
+
+        monkeypatch.setattr(shipping, "run_export", export_then_outage)
+        with pytest.raises(TrackingError) as e:
+            embedding_pipeline(str(REPO / "configs/retail.yaml"), overrides, str(yml))
+    msg = str(e.value)
+    (run_dir,) = (out / "retail" / "runs").iterdir()
+    assert "\n" not in msg and "start it" not in msg and "is unreachable (" not in msg, msg
+    assert f"MLflow at {server.url} unreachable after 4 tries" in msg
+    assert f"local outputs are kept in '{run_dir}'" in msg and "re-run the same command once the server is back" in msg
+    tables = list(run_dir.glob("exports/*/topk"))
+    assert tables and all(is_complete_table(t) for t in tables)

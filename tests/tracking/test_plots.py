@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from recsys_embed.tracking import plots
@@ -76,3 +77,14 @@ def test_two_tower_series_have_distinct_colours() -> None:
         assert fig.axes[0].get_xlabel() == "epoch"
     finally:
         plots.close(fig)
+
+
+def test_item_projection_of_a_wide_catalog_past_the_subsample() -> None:
+    """Regression: EASE on 8,204 items (MovieLens latest-small) failed its model logging with
+    "`v0` must have shape (5000,)": the 5,000-row subsample of 8,204-wide vectors made svds start on the wrong side."""
+    from recsys_embed.tracking.plots import item_projection
+
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal((6000, 6000)).astype(np.float32)
+    fig = item_projection(wide, rng.integers(1, 50, 6000), "ease", max_points=5000)
+    assert fig.axes and fig.axes[0].collections  # the scatter was drawn
