@@ -173,8 +173,10 @@ def export_commit_task(
 
 @task(name="export-similar", retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE,
       task_run_name="export-similar-{model[model]}")  # fmt: skip
-def export_similar_task(model: ModelRecord, cfg: ExportConfig, out_dir: str, run_id: str) -> SimilarRecord:
-    return shipping.run_export_similar(model, cfg, Path(out_dir), run_id)
+def export_similar_task(
+    model: ModelRecord, cfg: ExportConfig, out_dir: str, run_id: str, split: SplitRecord | None = None
+) -> SimilarRecord:
+    return shipping.run_export_similar(model, cfg, Path(out_dir), run_id, split)
 
 
 @flow(name="sharded-export", flow_run_name="sharded-export-{model[model]}")
@@ -185,7 +187,7 @@ def sharded_export(
     ``topk_shards``. Run it with a ``DaskTaskRunner`` (``run_sharded_export``); under the default runner the
     shards run on threads of this process."""
     plan = export_plan_task(model, cfg, out_dir, n_shards)
-    similar = export_similar_task.submit(model, cfg, out_dir, run_id)
+    similar = export_similar_task.submit(model, cfg, out_dir, run_id, split)
     futures = [export_shard_task.submit(model, split, cfg, plan, i, run_id) for i in range(len(plan["shards"]))]
     record = export_commit_task(model, split, cfg, plan, [f.result() for f in futures])
     record.update(similar.result())

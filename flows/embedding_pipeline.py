@@ -42,7 +42,7 @@ from recsys_embed.data.incremental import commit_state, nothing_new, run_increme
 from recsys_embed.io import write_json_atomic
 from recsys_embed.models.factory import refit_shape, runnable_models
 from recsys_embed.models.tuning import apply_tuning, log_tuning
-from recsys_embed.pipeline import shipping, stages
+from recsys_embed.pipeline import retention, shipping, stages
 from recsys_embed.pipeline.lock import run_lock
 from recsys_embed.pipeline.records import (
     DatabaseRecord,
@@ -291,7 +291,7 @@ def _run_pipeline(
             ingest = ingest_task(cfg.ingest, str(root / "cache"))
         split = split_task(ingest, ingest_cfg, cfg.split, str(run_dir / "split"), str(root / "cache"))
         report = RowReport.from_dict(split["report"])
-        logger.info("row accounting for %s:\n%s", cfg.ingest.source.path, report.format())
+        logger.debug("row accounting for %s:\n%s", cfg.ingest.source.path, report.format(split["split"]))
         reporting.log_run_inputs(tracker, parent, cfg, ingest, split, git_commit())
         # hyperparameter search on the validation window; the best parameters replace the configured ones
         tuning = None
@@ -341,7 +341,7 @@ def _run_pipeline(
                 for m in shipped:
                     served = serve_task(m, refits[m], refits.get("popularity"), full,
                                         str(run_dir / "served"))  # fmt: skip
-                    seen: SplitRecord = {"train": full["history"]}
+                    seen: SplitRecord = {"train": full["history"], "item_text": full.get("item_text")}
                     exports[m] = _export(cluster, served, seen, cfg.export, str(run_dir / "exports"), parent)
                     exports[m].update({
                         "embeddings": served["embeddings"], "model_embeddings": refits[m]["embeddings"],
@@ -361,13 +361,13 @@ def _run_pipeline(
                     })  # fmt: skip
             timing["refit_export_s"] = round(time.perf_counter() - t0, 1)  # refit on every event, serve, export
             for name, child in model_runs.items():
-                val = {f"val.{k}": v for k, v in validations[name]["metrics"].items()}
+                held_out = reporting.model_metrics(metrics[name], validations[name]["metrics"])  # test.*, val.*
                 logged: ModelRecord = models[name]
                 logged_split = split
                 if name in exports and full is not None:  # a shipped model's run carries what is shipped
                     logged = {**models[name], "embeddings": exports[name]["model_embeddings"]}
                     logged_split = full
-                log_model_task(settings, child, logged, {**metrics[name], **val}, exports.get(name), logged_split,
+                log_model_task(settings, child, logged, held_out, exports.get(name), logged_split,
                                str(run_dir))  # fmt: skip
         except BaseException:
             for child in model_runs.values():
@@ -388,7 +388,7 @@ def _run_pipeline(
                 trained_on = exports[best]["trained_on"]
                 identity = shipping.data_identity(str(ingest.get("fingerprint") or ingest["key"]), cfg.ingest,
                                                   trained_on)  # fmt: skip
-                key = shipping.run_key(identity, cfg.model_dump(mode="json"))
+                key = shipping.run_key(identity, shipping.model_settings(cfg, best, models_cfg))
                 recipe_hash, recipe_config = shipping.recipe(best, models_cfg)  # the tuned recipe
                 candidate = Candidate(
                     best, model_runs[best], parent, exports[best]["embeddings"], exports[best]["history"],
@@ -450,8 +450,8 @@ def _run_pipeline(
         }
         reporting.write_manifest(run_dir / "summary.json", manifest)
         tracker.log_artifact(parent, run_dir / "summary.json")
-        tracker.log_metrics(parent, {f"{m}.{k}": v for m, d in metrics.items() for k, v in d.items()})
-        reporting.log_comparison(tracker, parent, table, cfg.eval.ks)
+        reporting.log_comparison(tracker, parent, table, cfg.eval.ks, cfg.eval.primary_metric,
+                                 reporting.metrics_frame(manifest["val_metrics"]))  # no model metric on the parent
         markdown = reporting.summary_markdown(manifest, table, cfg.eval.ks)
         reporting.log_summary(tracker, parent, markdown)  # summary.md + the run's description
         create_markdown_artifact(markdown=markdown, key="recsys-embed-summary", description="metrics and accounting")
@@ -465,6 +465,7 @@ def _run_pipeline(
         tracker.end_run(parent, "FAILED")
         raise
     tracker.end_run(parent, "FINISHED")
+    retention.collect_after_run(cfg, tracker)  # retention.after_run: prune beyond keep_runs / keep_versions
     return manifest
 
 

@@ -311,6 +311,13 @@ class TwoTowerConfig(_Strict):
     history_half_life_days: float | None = Field(default=60.0, gt=0.0)
     # Weigh history items by log1p(confidence) (repeat purchases count more, sub-linearly).
     history_confidence: bool = True
+    # How the user tower reads the history. "pool": the recency/confidence-weighted mean above. "attention": the mean
+    # plus a multi-head attention read of the ``attention_length`` most recent items (keys carry a learned recency-
+    # rank embedding; queries come from the mean). ENCODER_PLACEHOLDER
+    user_encoder: Literal["pool", "attention"] = "pool"
+    # Items the attention read covers (the most recent ones); the pool still reads ``history_length``.
+    attention_length: int = Field(default=20, ge=1)
+    attention_heads: int = Field(default=2, ge=1)
     # ID dropout: during training an ID is replaced by the "unknown" slot with this probability, so that
     # the towers learn to embed new users (history only) and new items (content only). Measured on retail
     # (temperature 0.1): user dropout 0.15 / 0.3 / 0.5 gave val recall@20 0.117 / 0.121 / 0.112, and new
@@ -366,6 +373,11 @@ class TwoTowerConfig(_Strict):
     precision: str = "auto"
     # DataLoader worker processes. 0: batches are a few vectorised gathers, workers only add IPC on 2 cores.
     num_workers: int = Field(default=0, ge=0)
+    # Torch intra-op (OpenMP) threads while the two-tower trains and embeds, restored afterwards (each DDP process
+    # sets its own). 0: torch's default, one per core. 1: on the shared 2-core box torch's 2-thread pool waits on a
+    # descheduled thread at every op; retail training loop (``bench lightning --size retail``), load average ~8:
+    # 10.7k samples/s with 1 thread against 1.4k with 2; beside 2 busy-loop processes 3.5k against 0.26k.
+    torch_threads: int = Field(default=1, ge=0)
     # Where the best checkpoint (checkpoints/best.ckpt) and the saved encoder (encoder/) go. None: a fresh
     # temporary folder that keeps only the encoder; its path is in the model's info.artifact_dir.
     artifact_dir: str | None = None
@@ -585,6 +597,8 @@ class SearchSpace(_Strict):
 
     _log: ClassVar[frozenset[str]] = frozenset()
     _int: ClassVar[frozenset[str]] = frozenset()
+    # Fixed startup trials after the defaults: parameter -> factors of its configured value (``tuning.grid_points``).
+    _grid: ClassVar[dict[str, tuple[float, ...]]] = {}
 
     @model_validator(mode="after")
     def _ordered(self) -> SearchSpace:
@@ -647,6 +661,9 @@ class TwoTowerSpace(SearchSpace):
 
 class EASESpace(SearchSpace):
     _log = frozenset({"regularization", "half_life_days"})
+    # lambda x4, /4, x16, /16 from the configured value before TPE: a 1-2 parameter closed form is best searched on
+    # a log grid first (the best lambda of the logs measured lay within 16x of 200)
+    _grid = {"regularization": (4.0, 0.25, 16.0, 1 / 16)}
     # 1-10,000: four decades around Steck's 200-1000; small logs want less, large ones more.
     regularization: Range | None = (1.0, 10_000.0)
     # 7-730 days: from a week (fast-moving catalogs) to two years (no decay within most logs). Searched only
@@ -713,6 +730,11 @@ class TuningConfig(_Strict):
     # Random trials before TPE models the space. 5 (Optuna's default is 10): budgets here are 8-20 trials, and
     # the first trial is always the configured defaults.
     sampler_startup_trials: int = Field(default=5, ge=0)
+    # The best trial replaces the configured hyperparameters only when it beats the defaults trial (trial 0) by more
+    # than this many paired standard errors over the search's users: the maximum of many noisy trials flatters
+    # itself, and a gain inside the noise buys no change (measured on retail: a search on 342 users moved EASE to a
+    # half-life that validated +0.003 and tested -9%). 1.0: as eval.tie_se for the model choice; 0: the best wins.
+    min_gain_se: float = Field(default=1.0, ge=0.0)
     # Stop a trial whose intermediate validation value (ALS/BPR every eval_every iterations, two-tower every
     # epoch) is below the median of earlier trials at the same step (Optuna's MedianPruner).
     pruning: bool = True
@@ -735,6 +757,21 @@ class TuningConfig(_Strict):
         return v
 
 
+class RetentionConfig(_Strict):
+    """What the store keeps (``recsys-embed gc``; after every run with ``after_run``). Never pruned: the champion
+    version, the run whose tables ``current/`` serves, the latest run and the incremental state's run."""
+
+    # Pipeline runs (this name and output folder) whose MLflow artifacts and local run folder are kept, newest
+    # first; older runs keep their params, metrics and tags (the comparison history) but not their files. 10:
+    # about two weeks of nightly runs to compare or roll back to; retail's run is ~50 MB in MLflow, ~200 MB local.
+    keep_runs: int = Field(default=10, ge=1)
+    # Registered versions kept besides those an alias names (champion, challenger), newest first; older ones are
+    # deleted with their LoggedModel and its bundle (~60 MB each on retail with EASE).
+    keep_versions: int = Field(default=5, ge=0)
+    # Prune at the end of every successful run (holding the run lock), so a scheduled pipeline stays bounded.
+    after_run: bool = True
+
+
 class PipelineConfig(_Strict):
     """The whole run. Each stage receives only its own slice."""
 
@@ -753,6 +790,7 @@ class PipelineConfig(_Strict):
     incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @model_validator(mode="after")
     def _time_needed(self) -> PipelineConfig:

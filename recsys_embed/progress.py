@@ -9,6 +9,10 @@ A bar is drawn only when all of these hold:
 ``set_enabled(True/False)`` overrides the automatic choice for the whole process (``None`` restores it). Every
 long step logs its start and end anyway; the bar only adds the in-between.
 
+Bars own the terminal line: every bar draws on one rich console (``console()``, on stderr), and ``LogHandler`` (the
+CLI's log handler) prints a record through that console while a bar is live, so the line lands above the bar and
+the bar is redrawn below it, never "eta 0:00:0102:20:41 INFO ..." on one line.
+
 Usage::
 
     with progress.bar("export topk (als)", total=n_users, unit="users") as b:
@@ -34,6 +38,7 @@ T = TypeVar("T")
 _override: bool | None = None
 _lock = threading.Lock()
 _live = False  # a bar is being drawn (rich allows one live display per console)
+_console: Any = None  # the rich Console every bar draws on, made on first use
 
 
 def set_enabled(on: bool | None) -> None:
@@ -48,6 +53,38 @@ def enabled() -> bool:
         return _override
     interactive = sys.stderr is not None and sys.stderr.isatty()
     return interactive and logging.getLogger("recsys_embed").isEnabledFor(logging.INFO)
+
+
+def console() -> Any:
+    """The rich ``Console`` (stderr, like the logs; stdout stays for results) that every bar draws on."""
+    global _console
+    with _lock:
+        if _console is None:
+            from rich.console import Console
+
+            _console = Console(stderr=True)
+        return _console
+
+
+class LogHandler(logging.Handler):
+    """Writes formatted records to stderr, or, while a bar is live, through the bars' console: the line then lands
+    above the bar instead of running into it. Resolves ``sys.stderr`` at each record (pytest and redirections
+    replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            if _live and _console is not None:
+                _console.out(msg, highlight=False)  # no markup, no wrapping: the text as formatted
+                return
+            stream = sys.stderr
+            if stream is not None:
+                stream.write(msg + "\n")
+                stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
 
 
 class Bar:
@@ -90,7 +127,6 @@ def bar(description: str, total: float | None = None, unit: str = "", show: bool
         yield Bar()
         return
     try:
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -105,7 +141,7 @@ def bar(description: str, total: float | None = None, unit: str = "", show: bool
             columns.append(TextColumn(unit))
         columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
         # stderr, like the logs; stdout stays for results (the CLI prints tables there)
-        with Progress(*columns, console=Console(stderr=True), transient=True, redirect_stdout=False,
+        with Progress(*columns, console=console(), transient=True, redirect_stdout=False,
                       redirect_stderr=False) as p:  # fmt: skip
             yield Bar(p, p.add_task(description, total=total))
     finally:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
+
 from recsys_embed.bench.e2e_suite import run
+from recsys_embed.bench.lightning_suite import busy_loops
 
 
 def test_e2e_pipeline_and_hand_glued_script_write_the_same_topk(tmp_path: Path) -> None:
@@ -17,3 +20,12 @@ def test_e2e_pipeline_and_hand_glued_script_write_the_same_topk(tmp_path: Path) 
     assert res.extra["scores_match"] is True and res.extra["same_item_fraction"] >= 0.999
     steps = res.extra["pipeline steps (s, median)"]
     assert list(steps) == ["ingest", "split", "als_fit", "topk_export"]
+
+
+def test_busy_loops_start_and_stop_their_own_processes() -> None:
+    with busy_loops(1) as pids:
+        assert len(pids) == 1 and psutil.pid_exists(pids[0])
+        assert psutil.Process(pids[0]).status() != psutil.STATUS_ZOMBIE
+    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+    with busy_loops(0) as none:
+        assert none == []

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,17 +53,57 @@ def test_one_bar_at_a_time_and_show_false(forced_on: None) -> None:
 def test_cli_quiet_turns_bars_off_and_default_restores_auto() -> None:
     from recsys_embed.cli import _setup_logging, build_parser
 
-    root = logging.getLogger("recsys_embed")
-    level = root.level
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         progress.set_enabled(True)
         _setup_logging(build_parser().parse_args(["-q", "ui"]))
         assert progress.enabled() is False
+        _setup_logging(build_parser().parse_args(["ui", "-q"]))  # after the command too
+        assert progress.enabled() is False
         _setup_logging(build_parser().parse_args(["ui"]))
         assert progress.enabled() is False  # automatic again: stderr is not a terminal here
+        assert sum(isinstance(h, progress.LogHandler) for h in root.handlers) == 1  # replaced, never stacked
     finally:
         progress.set_enabled(None)
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
         root.setLevel(level)
+        logging.captureWarnings(False)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_lines_land_above_a_live_bar(monkeypatch: pytest.MonkeyPatch, forced_on: None) -> None:
+    """Regression (issue 22): implicit's lines ran into the bar on a terminal (``eta 0:00:0102:20:41 INFO implicit:
+    loss``). A line logged through ``LogHandler`` while a bar is live is printed through the bar's console: on a
+    line of its own, the bar redrawn below it."""
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setattr(progress, "_console", None)  # a console on this terminal
+    logger = logging.getLogger("tests.progress.bar")
+    handler = progress.LogHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with progress.bar("fit", total=3, unit="iterations") as b:
+            assert b.live
+            b.advance()
+            logger.warning("loss 0.1234")
+            b.advance(2)
+        logger.warning("after the bar")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term.getvalue())  # drop the cursor and colour codes
+    lines = [seg for line in text.split("\n") for seg in line.split("\r")]
+    assert "WARNING tests.progress.bar: loss 0.1234" in lines, lines  # its own line, nothing of the bar on it
+    assert not [line for line in lines if "loss 0.1234" in line and "eta" in line]
+    assert lines.count("WARNING tests.progress.bar: after the bar") == 1
 
 
 def test_export_closes_its_bar_and_writes_the_same_table(forced_on: None, tmp_path: Path) -> None:

@@ -11,21 +11,36 @@
   Timed from the loader's first batch to the last step (and, as an extra, from the optimizer's creation).
 
 Both sides start from a freshly built module under the same seed, so they do identical arithmetic; they run
-alternately ``repeats`` times. Throughput = ``steps * batch_size / seconds`` (samples/s, higher is better).
+alternately ``repeats`` times, with ``models.two_tower.torch_threads`` torch threads as the pipeline trains.
+Throughput = ``steps * batch_size / seconds`` (samples/s, higher is better).
 
-The data is synthetic and seeded: a MovieLens-shaped power-law matrix (``bench.matrices``), a random first
-time for every pair over 90 days, and a 5-word random text per item, so that the item tower runs its text
-``EmbeddingBag`` as it does on the retail log. Model and batch are ``TwoTowerConfig()``'s defaults.
+Load: each row is measured once on the box as it is and once beside two spinning ``while True: pass``
+processes (``busy_loops``, started and stopped by the suite), with the 1-minute load average before and after.
+Extras give the plain loop at torch's default thread count (one per core) under the same load, the throughput
+per process CPU-second (what a free core would give), and the Lightning/plain ratio.
+
+Data: ``size="retail"`` is the shipped retail log (``configs/retail.yaml``'s ingest and split: 3,741 users x
+3,526 items, ~198k train pairs), read from the repository root. Other sizes are synthetic and seeded: a
+MovieLens-shaped power-law matrix (``bench.matrices``), a random first time for every pair over 90 days, and a
+5-word random text per item, so that the item tower runs its text ``EmbeddingBag`` as it does on the retail log.
+Model and batch are ``TwoTowerConfig()``'s defaults.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,12 +54,13 @@ from recsys_embed.bench.matrices import SHAPES, power_law_matrix
 from recsys_embed.config import TwoTowerConfig
 from recsys_embed.models.two_tower.data import HistoryConfig, Sequences, TwoTowerDataModule, build_sequences
 from recsys_embed.models.two_tower.module import TwoTowerModule, make_optimizer
-from recsys_embed.models.two_tower.train import item_tables, resolve_hardware, user_tables
+from recsys_embed.models.two_tower.train import item_tables, resolve_hardware, torch_threads, user_tables
 from recsys_embed.types import IdMap, Interactions, RowReport
 
 log = logging.getLogger(__name__)
 
 TARGET = ">= 0.9x"
+BUSY_TARGET = 20_000  # samples/s under two busy-loop processes with the default threads (issue 21)
 _DAY_US = 86_400_000_000
 _T0_US = 1_700_000_000_000_000
 
@@ -170,58 +186,112 @@ def _plain(s: _Setup, steps: int, on_gpu: bool, precision: str) -> tuple[float, 
     return t1 - t0, t1 - t_setup
 
 
-def run(size: str = "1m", repeats: int = 3, steps: int = 150, cfg: TwoTowerConfig | None = None) -> list[BenchResult]:
-    """Training throughput through Lightning against the hand-written loop, alternating, ``repeats`` times.
+def retail(config: str | Path = "configs/retail.yaml") -> tuple[Interactions, pl.DataFrame]:
+    """(train ``Interactions`` with events, item text) of the shipped retail log: its config's ingest and split,
+    computed into a temporary folder (a few seconds)."""
+    from recsys_embed.config import load_config
+    from recsys_embed.pipeline import stages
 
-    Args:
-        size: matrix preset of ``bench.matrices`` (tiny, 1m, 20m, 100m); only ``steps`` batches are trained.
-        steps: optimizer steps per measurement (150 x 1024 samples: several seconds on 2 CPU cores).
-        cfg: model and batch (default ``TwoTowerConfig()``).
-    """
-    if size not in SHAPES:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SHAPES)}")
-    cfg = cfg or TwoTowerConfig()
-    accelerator, precision, on_gpu = resolve_hardware(cfg)
-    train, text = synthetic(size)
-    setup = _Setup(train, text, cfg)
-    steps = min(steps, max(1, setup.seq.n_examples // cfg.batch_size))
-    log.info("lightning bench: %s, %d examples, %d steps of %d, precision %s", size, setup.seq.n_examples, steps,
-             cfg.batch_size, precision)  # fmt: skip
-    samples = steps * cfg.batch_size
+    if not Path(config).exists():
+        raise FileNotFoundError(f"size 'retail' reads '{config}' (run the bench from the repository root)")
+    cfg = load_config(config)
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-retail-") as tmp:
+        ingest = stages.run_ingest(cfg.ingest, Path(tmp) / "cache")
+        split = stages.run_split(ingest, cfg.ingest, cfg.split, Path(tmp) / "split")
+        train = stages.load_train(split, with_events=True)
+        text = pl.read_parquet(t) if (t := split.get("item_text")) else pl.DataFrame({"item_id": [], "text": []})
+    return train, text
+
+
+@contextmanager
+def busy_loops(n: int) -> Iterator[list[int]]:
+    """``n`` processes spinning ``while True: pass`` (a CPU hog each) for the block; stopped by their pid after."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5 if n else 0.0)  # let the scheduler see them
+        yield [p.pid for p in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _measure(
+    setup: _Setup, steps: int, repeats: int, accelerator: str, precision: str, on_gpu: bool
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(lightning loop, pytorch loop, whole fit, pytorch incl. setup) samples/s, alternating ``repeats`` times."""
+    samples = steps * setup.cfg.batch_size
     light: list[float] = []
     plain: list[float] = []
     light_fit: list[float] = []
     plain_all: list[float] = []
+    for i in range(repeats):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):  # alternate so warm caches favour neither side
+            if side == 0:
+                loop, whole = _lightning(setup, steps, accelerator, precision)
+                light.append(samples / loop)
+                light_fit.append(samples / whole)
+            else:
+                loop, whole = _plain(setup, steps, on_gpu, precision)
+                plain.append(samples / loop)
+                plain_all.append(samples / whole)
+    return light, plain, light_fit, plain_all
+
+
+def run(
+    size: str = "1m",
+    repeats: int = 3,
+    steps: int = 150,
+    cfg: TwoTowerConfig | None = None,
+    loads: Sequence[int] = (0, 2),
+    default_threads_steps: int = 10,
+) -> list[BenchResult]:
+    """Training throughput through Lightning against the hand-written loop, alternating, ``repeats`` times, once
+    per background load.
+
+    Args:
+        size: "retail" (the shipped retail log, ``configs/retail.yaml``'s ingest and split) or a matrix preset of
+            ``bench.matrices`` (tiny, 1m, 20m, 100m); only ``steps`` batches are trained.
+        steps: optimizer steps per measurement (150 x 1024 samples: several seconds on 2 CPU cores).
+        cfg: model and batch (default ``TwoTowerConfig()``); both sides run with ``cfg.torch_threads`` threads.
+        loads: background CPU hogs (``busy_loops``) per row: 0 = the box as it is, 2 = two spinning processes.
+        default_threads_steps: also time this many plain-loop steps at torch's default thread count (one per
+            core) under each load, beside the configured count (0: skip).
+    """
+    if size != "retail" and size not in SHAPES:
+        raise ValueError(f"unknown size {size!r}; choose retail or one of {sorted(SHAPES)}")
+    cfg = cfg or TwoTowerConfig()
+    accelerator, precision, on_gpu = resolve_hardware(cfg)
+    train, text = retail() if size == "retail" else synthetic(size)
+    setup = _Setup(train, text, cfg)
+    steps = min(steps, max(1, setup.seq.n_examples // cfg.batch_size))
+    log.info("lightning bench: %s, %d examples, %d steps of %d, precision %s", size, setup.seq.n_examples, steps,
+             cfg.batch_size, precision)  # fmt: skip
+    shape: tuple[Any, ...] = (*train.shape, train.matrix.nnz)
+    cores = torch.get_num_threads() if cfg.torch_threads <= 0 else None
+    results: list[BenchResult] = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec).*")
-        _plain(setup, min(steps, 5), on_gpu, precision)  # warm-up: first-call allocations, lazy imports
-        _lightning(setup, min(steps, 5), accelerator, precision)
-        for i in range(repeats):
-            order = (0, 1) if i % 2 == 0 else (1, 0)  # alternate so warm caches favour neither side
-            for side in order:
-                if side == 0:
-                    loop, whole = _lightning(setup, steps, accelerator, precision)
-                    light.append(samples / loop)
-                    light_fit.append(samples / whole)
-                else:
-                    loop, whole = _plain(setup, steps, on_gpu, precision)
-                    plain.append(samples / loop)
-                    plain_all.append(samples / whole)
-    shape: tuple[Any, ...] = (*train.shape, train.matrix.nnz)
-    return [
-        BenchResult(
-            suite="lightning",
-            size=size,
-            candidate=Measurement("lightning", light, unit="samples/s"),
-            baseline=Measurement("pytorch", plain, unit="samples/s"),
-            better="higher",
-            target=TARGET,
-            extra={
+        for n_busy in loads:
+            with busy_loops(n_busy), torch_threads(cfg.torch_threads) as threads:
+                load_before = os.getloadavg()[0]
+                _plain(setup, min(steps, 5), on_gpu, precision)  # warm-up: first-call allocations, lazy imports
+                _lightning(setup, min(steps, 5), accelerator, precision)
+                cpu0 = time.process_time()
+                light, plain, light_fit, plain_all = _measure(setup, steps, repeats, accelerator, precision, on_gpu)
+                cpu_seconds = time.process_time() - cpu0
+                load_after = os.getloadavg()[0]
+            extra: dict[str, Any] = {
                 "data": f"{shape[0]:,} users x {shape[1]:,} items, {shape[2]:,} pairs; "
                 f"{steps} steps x {cfg.batch_size}",
-                "device": f"{'cuda' if on_gpu else 'cpu'} ({torch.get_num_threads()} threads), precision {precision}",
+                "device": f"{'cuda' if on_gpu else 'cpu'} ({threads} torch threads), precision {precision}",
+                "load": f"{n_busy} busy-loop processes; 1-min load average {load_before:.1f} -> {load_after:.1f}",
+                # what one free core would give: the work done, whatever other processes took of the cores
+                "samples per process CPU-second (both sides, Trainer setup included)": round(
+                    2 * repeats * steps * cfg.batch_size / cpu_seconds
+                ),
                 "model": f"d={cfg.embedding_dim} hidden={cfg.hidden_dim} history={cfg.history_length} "
-                f"negatives={cfg.num_negatives} text_buckets={cfg.text_buckets}",
+                f"negatives={cfg.num_negatives} text_buckets={cfg.text_buckets} user_encoder={cfg.user_encoder}",
                 "lightning / pytorch (median of per-repeat ratios)": round(
                     statistics.median(a / b for a, b in zip(light, plain, strict=True)), 3
                 ),
@@ -229,6 +299,27 @@ def run(size: str = "1m", repeats: int = 3, steps: int = 150, cfg: TwoTowerConfi
                     f"{statistics.median(light_fit):.4g} / {statistics.median(plain_all):.4g} = "
                     f"{statistics.median(light_fit) / statistics.median(plain_all):.3f}x"
                 ),
-            },
-        )
-    ]
+            }
+            if default_threads_steps and not on_gpu:
+                with busy_loops(n_busy), torch_threads(cores or _cores()) as n_default:
+                    loop, _ = _plain(setup, min(steps, default_threads_steps), on_gpu, precision)
+                extra[f"pytorch loop at torch's default {n_default} threads, samples/s"] = round(
+                    min(steps, default_threads_steps) * cfg.batch_size / loop
+                )
+            results.append(
+                BenchResult(
+                    suite="lightning" if not n_busy else f"lightning+busy{n_busy}",
+                    size=size,
+                    candidate=Measurement("lightning", light, unit="samples/s"),
+                    baseline=Measurement("pytorch", plain, unit="samples/s"),
+                    better="higher",
+                    target=TARGET if not n_busy else f"{TARGET}; >= {BUSY_TARGET:,} samples/s",
+                    extra=extra,
+                )
+            )
+    return results
+
+
+def _cores() -> int:
+    """Torch's default intra-op thread count: the usable cores."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -17,6 +17,7 @@ SUITES = {
     "lightning": "recsys_embed.bench.lightning_suite",
     "ann": "recsys_embed.bench.ann_suite",
     "e2e": "recsys_embed.bench.e2e_suite",
+    "gpu": "recsys_embed.bench.gpu_suite",
 }
 
 

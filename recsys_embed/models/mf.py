@@ -39,6 +39,19 @@ from recsys_embed.types import Embeddings, Interactions, check_trainable
 
 log = logging.getLogger(__name__)
 
+
+def _implicit_info_to_debug(record: logging.LogRecord) -> bool:
+    """A filter on implicit's logger: its INFO lines (``loss 0.0123`` on every iteration when its own bar is off,
+    ``Final training loss``) are per-iteration detail, already in the history and our DEBUG line; they are logged
+    again at DEBUG here (``-vv`` shows them) and dropped at INFO. Warnings pass unchanged."""
+    if record.levelno >= logging.WARNING:
+        return True
+    log.debug("implicit: %s", record.getMessage())
+    return False
+
+
+logging.getLogger("implicit").addFilter(_implicit_info_to_debug)
+
 OnMetrics = Callable[[dict[str, float], int], None]
 """``on_metrics(metrics, step)``: ``step`` is the number of completed iterations (1-based)."""
 

@@ -43,7 +43,7 @@ import scipy.sparse as sp
 from optuna.trial import FrozenTrial, TrialState
 
 from recsys_embed.config import EASEConfig, EvalConfig, ModelsConfig, ModelTuning, SearchSpace, TuningConfig
-from recsys_embed.evaluation.metrics import evaluate, selection_metrics
+from recsys_embed.evaluation.metrics import evaluate_users, selection_metrics
 from recsys_embed.faults import checkpoint
 from recsys_embed.models.mf import sample_val_targets
 from recsys_embed.types import Embeddings, Interactions
@@ -58,7 +58,7 @@ Record = dict[str, Any]
 TUNABLE = ("ease", "als", "bpr", "two_tower")
 """Model families with a search space (``tuning.<name>``), in the order they are searched."""
 
-STUDY_VERSION = 1  # part of every study name: bump it when a trial's meaning changes
+STUDY_VERSION = 2  # part of every study name: bump it when a trial's meaning changes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,6 +144,26 @@ def defaults_in_space(model_cfg: Any, space: SearchSpace) -> dict[str, Any]:
     return out
 
 
+def grid_points(model_cfg: Any, space: SearchSpace) -> list[dict[str, Any]]:
+    """The space's fixed startup trials (``SearchSpace._grid``: parameter -> factors of its configured value, e.g.
+    EASE's lambda x4, /4, x16, /16), each varying one parameter from the defaults, kept inside the range.
+
+    A one- or two-parameter search spends its startup trials better on a log grid around a good default than on
+    random draws over four decades (measured on last.fm: 4 of 8 random EASE trials landed at lambda 6 or 9,000)."""
+    base = defaults_in_space(model_cfg, space)
+    ranges = searched(space, model_cfg)
+    points: list[dict[str, Any]] = []
+    for name, factors in space._grid.items():
+        r = ranges.get(name)
+        if name not in base or not isinstance(r, tuple):
+            continue
+        for f in factors:
+            value = min(max(base[name] * f, r[0]), r[1])
+            if value != base[name] and all(p.get(name) != value for p in points):
+                points.append({**base, name: value})
+    return points
+
+
 def with_params(model_cfg: Any, params: dict[str, Any]) -> Any:
     """A copy of a model's config slice with ``params`` replaced (validated like a loaded config)."""
     return type(model_cfg).model_validate({**model_cfg.model_dump(), **params})
@@ -185,9 +205,11 @@ def make_objective(
         sub = with_params(base, params)
         t0 = time.perf_counter()
         emb = _fit(name, trial, sub, data, models_cfg, eval_cfg, metric, cfg.pruning, workdir)
-        values = evaluate(emb, data.train.matrix, val_sample, ks)
+        values, per_user = evaluate_users(emb, data.train.matrix, val_sample, ks, per_user=[metric])
         value = float(values[metric])
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
+        # per user, for the paired test of the best trial against the defaults (``_no_gain_in_noise``)
+        trial.set_user_attr("per_user", [round(float(x), 6) for x in per_user[metric]])
         checkpoint(f"tune-trial:{name}:{trial.number}")  # fitted and scored, not yet stored as finished
         if not math.isfinite(value):
             raise ValueError(f"validation {metric} is {value} (no validation user with a target?)")
@@ -293,6 +315,7 @@ def run_study(
     n_trials: int,
     deadline: float | None,
     defaults: dict[str, Any],
+    startup: list[dict[str, Any]] | None = None,
 ) -> tuple[list[FrozenTrial], Record]:
     """Run (or resume) one study until it holds ``n_trials`` budget trials or ``deadline`` (``time.monotonic``)
     passes. A trial that raises is recorded FAIL with a warning and the search goes on.
@@ -308,6 +331,8 @@ def run_study(
     )  # fmt: skip
     if not study.get_trials(deepcopy=False) and defaults:
         study.enqueue_trial(defaults, user_attrs={"defaults": True})
+        for point in startup or []:  # fixed startup points (the space's grid) before TPE's own draws
+            study.enqueue_trial(point, user_attrs={"grid": True})
     _recover(study)
     reused = len(_budget_trials(study.get_trials(deepcopy=False)))
     done, ran, stopped_by = reused, 0, "trials"
@@ -336,6 +361,10 @@ def run_study(
     complete = [t for t in budget if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
     default_trial = next((t for t in complete if t.user_attrs.get("defaults")), None)
+    kept_defaults = _no_gain_in_noise(best, default_trial, cfg.min_gain_se)
+    if kept_defaults is not None:
+        log.info("tuning %s: %s; the defaults are kept", name, kept_defaults)
+        best = default_trial
     record: Record = {
         "study": study_name,
         "params": dict(best.params) if best else {},
@@ -351,6 +380,7 @@ def run_study(
         "new_trials": ran,
         "stopped_by": stopped_by,
         "seconds": round(time.perf_counter() - t0, 3),
+        "kept_defaults": kept_defaults,
     }
     if best is None:
         log.warning("tuning %s: no trial completed; the model keeps its configured hyperparameters", name)
@@ -360,6 +390,27 @@ def run_study(
                  "n/a" if default_trial is None else f"{default_trial.value:.5f}", len(budget), record["pruned"],
                  record["failed"], record["seconds"])  # fmt: skip
     return budget, record
+
+
+def _no_gain_in_noise(best: FrozenTrial | None, defaults: FrozenTrial | None, min_gain_se: float) -> str | None:
+    """Why the best trial does not replace the defaults (None: it does).
+
+    The best of many trials on one set of users is flattered by the maximum over noisy values; a gain within
+    ``min_gain_se`` paired standard errors (over the search's users, both trials scored on the same ones) of the
+    defaults trial is no evidence that the new parameters are better, so it buys no change.
+    """
+    if best is None or defaults is None or best.number == defaults.number or min_gain_se <= 0:
+        return None
+    a, b = best.user_attrs.get("per_user"), defaults.user_attrs.get("per_user")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    se = float(np.std(diff, ddof=1) / math.sqrt(diff.size))
+    gain = float(best.value) - float(defaults.value)  # type: ignore[arg-type]
+    if se > 0 and gain > min_gain_se * se:
+        return None
+    return (f"the best trial ({best.number}: {best.value:.5f}) beats the defaults ({defaults.value:.5f}) by "
+            f"{gain:.5f}, within {min_gain_se:g} paired SE ({se:.5f} over {diff.size:,} users): noise")
 
 
 def _view(study_name: str, trials: list[FrozenTrial]) -> optuna.Study:
@@ -385,6 +436,7 @@ def study_key(
         "eval": {"ks": eval_cfg.ks, "primary_metric": eval_cfg.primary_metric},
         "tuning": {k: v for k, v in cfg.model_dump(mode="json").items() if k in
                    ("seed", "metric", "val_max_users", "sampler_startup_trials", "pruning", "pruner_startup_trials")},
+        "per_user": True,  # trials carry their per-user values (the paired test against the defaults)
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{name}-{digest}"
@@ -431,6 +483,7 @@ def tune_models(
             name, objective, storage, study_key(name, split_key, models_cfg, eval_cfg, cfg), cfg,
             mt.n_trials or cfg.n_trials, min(limits) if limits else None,
             defaults_in_space(getattr(models_cfg, name), space),
+            grid_points(getattr(models_cfg, name), space),
         )  # fmt: skip
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -569,9 +622,10 @@ def format_table(tuning: Record, metric: str) -> str:
     for name, m in tuning.get("models", {}).items():
         test = m.get("test", {})
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m["params"].items())
+        noise = " (defaults kept: the best trial's gain is within the noise)" if m.get("kept_defaults") else ""
         lines.append(
             f"  {name:<10} {fmt(m.get('default_value'), 12)} {fmt(m.get('best_value'), 10)} "
             f"{fmt(test.get('defaults', {}).get(metric), 13)} {fmt(test.get('tuned', {}).get(metric), 10)}  "
-            f"{params or '(defaults kept)'} [{m['n_trials']} trials, {m['pruned']} pruned, {m['seconds']:.0f} s]"
+            f"{params or '(defaults kept)'}{noise} [{m['n_trials']} trials, {m['pruned']} pruned, {m['seconds']:.0f} s]"
         )
     return "\n".join(lines)

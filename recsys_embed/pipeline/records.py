@@ -103,6 +103,7 @@ class TunedModel(TypedDict, total=False):
     best_trial: int
     defaults: dict[str, Any]  # the configured values of the searched parameters (trial 0)
     default_value: float | None
+    kept_defaults: str | None  # why the best trial did not replace the defaults (a gain within the noise), or None
     n_trials: int
     complete: int
     pruned: int

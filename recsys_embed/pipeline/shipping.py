@@ -25,6 +25,7 @@ from recsys_embed.config import (
     IngestConfig,
     MlflowSettings,
     ModelsConfig,
+    PipelineConfig,
     RegistryConfig,
 )
 from recsys_embed.faults import checkpoint
@@ -87,20 +88,31 @@ def run_export(model: ModelRecord, split: SplitRecord, cfg: ExportConfig, out_di
     """Top-k for every user of the model's embeddings and similar items, as committed Parquet tables.
 
     ``split["train"]`` is the seen filter (the production path passes ``{"train": full["history"]}``); a model
-    record's ``similar_embeddings`` (the refit model behind served vectors) feeds the similar items.
+    record's ``similar_embeddings`` (the refit model behind served vectors) feeds the similar items. With
+    ``split["item_text"]`` (the log maps an item text) both tables carry it (``item_text``, ``similar_item_text``).
     """
     from recsys_embed.serving.export import export_topk
 
     emb = load_embeddings(model["embeddings"])
     seen = load_csr(split["train"])
     folder = Path(out_dir) / model["model"]
-    topk = export_topk(emb, seen, cfg, folder, run_id)
+    text = _item_text(split)
+    topk = export_topk(emb, seen, cfg, folder, run_id, item_text=text)
     record: ExportRecord = {"model": model["model"], "topk": topk.path, "topk_rows": topk.rows,
                             "topk_users": topk.users}  # fmt: skip
     record.update(search_quality(emb, seen, cfg))
     checkpoint(f"export:{model['model']}")  # mid-export: top-k committed, similar items not written yet
-    record.update(run_export_similar(model, cfg, out_dir, run_id))
+    record.update(run_export_similar(model, cfg, out_dir, run_id, split))
     return record
+
+
+def _item_text(split: SplitRecord | None) -> Any:
+    """The ingest's ``item_text.parquet`` (``item_id``, ``text``) named by ``split``, as a frame; None when the log
+    maps no item text."""
+    import polars as pl
+
+    path = split.get("item_text") if split is not None else None
+    return pl.read_parquet(path) if path and Path(path).exists() else None
 
 
 # The same export, sharded (``recsys_embed.serving.shards``): plan once, one call per shard (anywhere that sees these
@@ -126,7 +138,8 @@ def run_export_shard(
 
     emb = load_embeddings(model["embeddings"])
     seen = load_csr(split["train"])
-    return cast(ShardRecord, asdict(export_topk_shard(emb, seen, cfg, ShardPlan.from_dict(dict(plan)), index, run_id)))
+    shard = export_topk_shard(emb, seen, cfg, ShardPlan.from_dict(dict(plan)), index, run_id, _item_text(split))
+    return cast(ShardRecord, asdict(shard))
 
 
 def run_export_commit(model: ModelRecord, split: SplitRecord, cfg: ExportConfig, plan: ShardPlanRecord) -> ExportRecord:
@@ -153,14 +166,17 @@ def search_quality(emb: Embeddings, seen: Any, cfg: ExportConfig) -> SearchQuali
     return {"search": cfg.search.kind, "ann_recall_at_k": round(recall, 6)}
 
 
-def run_export_similar(model: ModelRecord, cfg: ExportConfig, out_dir: Path, run_id: str) -> SimilarRecord:
-    """The similar-items table of ``run_export`` alone (empty record for popularity, which has none)."""
+def run_export_similar(
+    model: ModelRecord, cfg: ExportConfig, out_dir: Path, run_id: str, split: SplitRecord | None = None
+) -> SimilarRecord:
+    """The similar-items table of ``run_export`` alone (empty record for popularity, which has none); with
+    ``split["item_text"]`` it carries ``item_text`` and ``similar_item_text``."""
     from recsys_embed.serving.export import export_similar_items
 
     emb = load_embeddings(model.get("similar_embeddings") or model["embeddings"])
     if emb.dim <= 1:  # popularity has no meaningful item-item similarity
         return {}
-    sim = export_similar_items(emb, cfg, Path(out_dir) / model["model"], run_id)
+    sim = export_similar_items(emb, cfg, Path(out_dir) / model["model"], run_id, item_text=_item_text(split))
     return {"similar_items": sim.path, "similar_rows": sim.rows}
 
 
@@ -278,9 +294,33 @@ def evaluation_windows(split_info: Mapping[str, Any], window: Mapping[str, Any] 
 
 
 def run_key(data: Mapping[str, str] | str, config: dict[str, Any]) -> str:
-    """Hash of the data identity (``data_identity``'s tags, or a bare fingerprint) and the whole config: an
-    identical run has the same key."""
+    """Hash of the data identity (``data_identity``'s tags, or a bare fingerprint) and the config that shapes the
+    registered model (``model_settings``; any JSON-able config works): an identical run has the same key."""
     return content_hash({"data": data if isinstance(data, str) else dict(data), "config": config})
+
+
+def model_settings(cfg: PipelineConfig, best: str, models_cfg: ModelsConfig) -> dict[str, Any]:
+    """The settings the registered model of ``best`` is a function of, for ``run_key``: its recipe (the tuned
+    hyperparameters, ``recipe``), how events are read and weighted (``ingest``, without the source path: the data
+    identity holds the files' content), the windows and metric that choose it and its iteration count
+    (``split``, ``eval``), ``seed``, and what the model serves (``export.allow_items`` / ``deny_items`` /
+    ``refit``, ``registry.default_k``).
+
+    Everything else changes nothing registered, so a run that differs only there (a schedule, incremental
+    ingest, output folder, Dask, a database export, the search budget ``tuning.*`` when it finds the same recipe,
+    the champion rule's ``margin`` / ``z``, machine settings) is an identical run and registers nothing."""
+    ingest = cfg.ingest.model_dump(mode="json")
+    ingest["source"] = {k: v for k, v in ingest["source"].items() if k != "path"}
+    return {
+        "model": best,
+        "recipe": recipe(best, models_cfg)[0],
+        "ingest": ingest,
+        "split": cfg.split.model_dump(mode="json"),
+        "eval": cfg.eval.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "export": cfg.export.model_dump(mode="json", include={"allow_items", "deny_items", "refit"}),
+        "default_k": cfg.registry.default_k,
+    }
 
 
 def run_register(
@@ -307,13 +347,13 @@ def run_register(
     registers nothing and completes the decision the killed run recorded on its version (or judges that version
     again when the champion moved since).
     """
-    from recsys_embed.serving.registry import ChampionScore, register_best
+    from recsys_embed.serving.registry import ChampionScore, register_best, same_recipe
 
     def judge(tags: dict[str, str]) -> ChampionScore | None:
         if split is None or models_cfg is None or not tags.get("recipe"):
             return None
         for m, v in (validations or {}).items():
-            if (p := v["per_user"]) and recipe(m, models_cfg)[0] == tags["recipe"]:
+            if (p := v["per_user"]) and same_recipe(m, *recipe(m, models_cfg), tags):
                 return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(p),
                                      f"its recipe is this run's {m}: fitted on this run's fit window, scored on its "
                                      "validation window")  # fmt: skip
@@ -333,6 +373,10 @@ def run_register(
         return ChampionScore(float(v["metrics"][eval_cfg.primary_metric]), np.load(p),
                              "its recipe re-fitted on this run's fit window, scored on its validation window")
 
+    if candidate.item_text is None and split is not None and split.get("item_text"):
+        from dataclasses import replace
+
+        candidate = replace(candidate, item_text=split["item_text"])  # the served model answers with item texts
     decision = register_best(settings, candidate, export_cfg, cfg, eval_cfg.primary_metric, judge, name)
     return cast(RegistryDecision, decision)
 

@@ -7,10 +7,15 @@ chunk plus one part file (``ExportConfig.rows_per_file`` rows), not by the numbe
 
 Tables (one row per recommendation, original IDs in their original dtype):
 
-- ``topk``: ``user_id``, ``rank`` (Int32, 1..k), ``item_id``, ``score`` (Float32), ``source`` ("model", or
-  "fallback" for a user the model cannot serve: the popularity ranking, ``recsys_embed.serving.coverage``), ``model``,
-  ``run_id``.
-- ``similar_items``: ``item_id``, ``rank``, ``similar_item_id``, ``score`` (cosine), ``model``, ``run_id``.
+- ``topk``: ``user_id``, ``rank`` (Int32, 1..k), ``item_id``, [``item_text``], ``score`` (Float32), ``source``
+  ("model", or "fallback" for a user the model cannot serve: the popularity ranking,
+  ``recsys_embed.serving.coverage``), ``model``, ``run_id``.
+- ``similar_items``: ``item_id``, [``item_text``], ``rank``, ``similar_item_id``, [``similar_item_text``],
+  ``score`` (cosine), ``model``, ``run_id``.
+
+The ``*_text`` columns (String, null for an item without one) are there when the log maps an item text
+(``ingest.columns.item_text``): the ingest's ``item_text.parquet`` (``item_id``, ``text``) passed as
+``item_text``. They are looked up by item index per chunk, so a table stays readable without a join.
 
 A user (or item) with fewer than k admissible items (most of the catalog already seen, a short allow list)
 gets fewer rows: slots without an admissible item are dropped, never filled with junk.
@@ -192,21 +197,56 @@ def _write_table(
 SOURCES = ("model", "fallback")
 
 
+def item_texts(items: IdMap, item_text: pl.DataFrame | None) -> pl.Series | None:
+    """One text per item index of ``items`` (null where the log has none), or None without ``item_text``.
+
+    Args:
+        items: the model's item map.
+        item_text: ``item_id``, ``text`` (the ingest's ``item_text.parquet``; other columns ignored). Its IDs are
+            matched to the map's (cast to the map's dtype); unknown ones are ignored.
+    """
+    if item_text is None:
+        return None
+    if "item_id" not in item_text.columns or "text" not in item_text.columns:
+        raise ValueError(f"item_text lacks column 'item_id' or 'text' (found: {item_text.columns}); pass the "
+                         "ingest's item_text.parquet")  # fmt: skip
+    known = pl.DataFrame({"index": items.lookup(item_text["item_id"]), "text": item_text["text"].cast(pl.String)})
+    known = known.drop_nulls("index")  # IDs the model's map does not hold
+    texts = np.full(len(items), None, dtype=object)
+    texts[known["index"].to_numpy()] = known["text"].to_numpy()
+    return pl.Series("text", texts, dtype=pl.String)
+
+
+def _text_name(id_column: str) -> str:
+    """``item_id`` -> ``item_text``; ``similar_item_id`` -> ``similar_item_text``."""
+    return f"{id_column.removesuffix('_id')}_text"
+
+
 def _rows_of(
-    chunk: TopK, emb_rows: IdMap, emb_items: IdMap, names: tuple[str, str], fallback: np.ndarray | None = None
+    chunk: TopK,
+    emb_rows: IdMap,
+    emb_items: IdMap,
+    names: tuple[str, str],
+    fallback: np.ndarray | None = None,
+    texts: tuple[pl.Series | None, pl.Series | None] = (None, None),
 ) -> tuple[pl.DataFrame, int]:
     """One chunk as table rows (original IDs) plus the number of rows (users) that got at least one item.
 
-    With ``fallback`` (bool per row index) the rows get a ``source`` column: "fallback" or "model".
+    With ``fallback`` (bool per row index) the rows get a ``source`` column: "fallback" or "model". ``texts``:
+    one text per row index and per item index (``item_texts``), each written beside its ID column when given.
     """
     n, k = chunk.items.shape
     ok = chunk.items >= 0
     flat_ok = ok.ravel()
     row_idx = np.repeat(chunk.users, k)[flat_ok]
+    item_idx = chunk.items.ravel()[flat_ok]
+    row_text, item_text = texts
     columns = [
         emb_rows.decode(row_idx).rename(names[0]),
+        *([row_text.gather(row_idx).rename(_text_name(names[0]))] if row_text is not None else []),
         pl.Series("rank", np.tile(np.arange(1, k + 1, dtype=np.int32), n)[flat_ok], dtype=pl.Int32),
-        emb_items.decode(chunk.items.ravel()[flat_ok]).rename(names[1]),
+        emb_items.decode(item_idx).rename(names[1]),
+        *([item_text.gather(item_idx).rename(_text_name(names[1]))] if item_text is not None else []),
         pl.Series("score", chunk.scores.ravel()[flat_ok], dtype=pl.Float32),
     ]
     if fallback is not None:
@@ -224,18 +264,29 @@ def _table_frames(
     run_id: str,
     counted: dict[str, int],
     fallback: np.ndarray | None = None,
+    texts: tuple[pl.Series | None, pl.Series | None] = (None, None),
 ) -> Iterator[pl.DataFrame]:
     """The table rows of each scored chunk; adds the rows (users) with at least one item to ``counted["users"]``."""
     for chunk in chunks:
-        frame, n_users = _rows_of(chunk, rows_map, items_map, names, fallback)
+        frame, n_users = _rows_of(chunk, rows_map, items_map, names, fallback, texts)
         counted["users"] += n_users
         yield frame.with_columns(pl.lit(model, dtype=pl.String).alias("model"),
                                  pl.lit(run_id, dtype=pl.String).alias("run_id"))  # fmt: skip
 
 
-def _table_schema(rows_map: IdMap, items_map: IdMap, names: tuple[str, str], source: bool = False) -> pl.Schema:
+def _table_schema(
+    rows_map: IdMap,
+    items_map: IdMap,
+    names: tuple[str, str],
+    source: bool = False,
+    texts: tuple[bool, bool] = (False, False),
+) -> pl.Schema:
+    """The table's columns in order; ``texts``: whether each ID column has its ``*_text`` column beside it."""
     columns: list[tuple[str, pl.DataType]] = [
-        (names[0], rows_map.dtype), ("rank", pl.Int32()), (names[1], items_map.dtype), ("score", pl.Float32()),
+        (names[0], rows_map.dtype), *([(_text_name(names[0]), pl.String())] if texts[0] else []),
+        ("rank", pl.Int32()),
+        (names[1], items_map.dtype), *([(_text_name(names[1]), pl.String())] if texts[1] else []),
+        ("score", pl.Float32()),
         *([("source", pl.String())] if source else []), ("model", pl.String()), ("run_id", pl.String()),
     ]  # fmt: skip
     return pl.Schema(columns)
@@ -260,13 +311,15 @@ def _export(
     t0: float,
     n_rows: int = 0,
     fallback: np.ndarray | None = None,
+    texts: tuple[pl.Series | None, pl.Series | None] = (None, None),
 ) -> ExportResult:
     counted = {"users": 0}
     n_chunks = -(-n_rows // cfg.chunk_users) if n_rows else None  # the scorer yields chunk_users rows at a time
     # closing(): a failed write ends the progress bar at once, not when the generator is collected
     with contextlib.closing(track(chunks, f"export {target.name} ({model})", n_chunks, "chunks")) as tracked:
-        frames = _table_frames(tracked, rows_map, items_map, names, model, run_id, counted, fallback)
-        schema = _table_schema(rows_map, items_map, names, source=fallback is not None)
+        frames = _table_frames(tracked, rows_map, items_map, names, model, run_id, counted, fallback, texts)
+        schema = _table_schema(rows_map, items_map, names, source=fallback is not None,
+                               texts=(texts[0] is not None, texts[1] is not None))  # fmt: skip
         files, rows = _write_table(frames, schema, target, cfg.rows_per_file, cfg.write_csv)
     return ExportResult(path=str(target), rows=rows, users=counted["users"], files=files,
                         seconds=time.perf_counter() - t0)  # fmt: skip
@@ -280,6 +333,7 @@ def export_topk(
     run_id: str,
     users: np.ndarray | None = None,
     name: str = "topk",
+    item_text: pl.DataFrame | None = None,
 ) -> ExportResult:
     """Write the top-``cfg.k`` items of every user (or of ``users``) as the committed table ``out_dir/name``.
 
@@ -293,10 +347,12 @@ def export_topk(
         run_id: written to every row (which run produced the recommendation).
         users: user indices (not original IDs) to export, each at most once; default all users.
         name: the table folder's name.
+        item_text: ``item_id``, ``text`` (the ingest's ``item_text.parquet``): adds the ``item_text`` column.
 
     Returns:
         ``ExportResult``. Columns: ``user_id`` (original dtype), ``rank`` Int32 1..k, ``item_id`` (original dtype),
-        ``score`` Float32 (non-increasing with rank), ``source`` (model | fallback), ``model``, ``run_id``.
+        ``item_text`` (String, with ``item_text`` only), ``score`` Float32 (non-increasing with rank), ``source``
+        (model | fallback), ``model``, ``run_id``.
         A user with fewer than k admissible
         items has fewer rows; a user with none has no rows.
     """
@@ -311,21 +367,26 @@ def export_topk(
     n_users = len(emb.users) if users is None else len(users)
     log.info("export: %s top-%d for %d users of model %s", name, cfg.k, n_users, emb.model)
     return _export(chunks, emb.users, emb.items, ("user_id", "item_id"), emb.model, run_id, cfg,
-                   inside(out_dir, name), t0, n_users, user_sources(emb))  # fmt: skip
+                   inside(out_dir, name), t0, n_users, user_sources(emb),
+                   (None, item_texts(emb.items, item_text)))  # fmt: skip
 
 
 def export_similar_items(
-    emb: Embeddings, cfg: ExportConfig, out_dir: Path, run_id: str, name: str = "similar_items"
-) -> ExportResult:
+    emb: Embeddings, cfg: ExportConfig, out_dir: Path, run_id: str, name: str = "similar_items",
+    item_text: pl.DataFrame | None = None,
+) -> ExportResult:  # fmt: skip
     """Write each item's top-``cfg.similar_k`` most similar items (cosine of item vectors) as ``out_dir/name``.
 
     The item itself is excluded; ``cfg.allow_items`` / ``cfg.deny_items`` restrict which items may appear as
     *similar* items (every item still gets its row set). Scoring reuses ``iter_topk`` with the items as the
     "users" and an identity ``seen`` matrix, so it shares the top-k scorer's memory bound and tie rule.
 
+    ``item_text`` (``item_id``, ``text``) adds ``item_text`` and ``similar_item_text`` beside the two IDs.
+
     Returns:
-        ``ExportResult`` (``users`` counts items with at least one row). Columns: ``item_id``, ``rank`` Int32,
-        ``similar_item_id``, ``score`` Float32 cosine in [-1, 1], ``model``, ``run_id``.
+        ``ExportResult`` (``users`` counts items with at least one row). Columns: ``item_id``, [``item_text``],
+        ``rank`` Int32, ``similar_item_id``, [``similar_item_text``], ``score`` Float32 cosine in [-1, 1],
+        ``model``, ``run_id``.
     """
     t0 = time.perf_counter()
     n_items = len(emb.items)
@@ -342,8 +403,9 @@ def export_similar_items(
     chunks = iter_topk(items_as_users, cfg.similar_k, seen=self_pairs, chunk_users=cfg.chunk_users,
                        allow_items=allow, deny_items=deny)  # fmt: skip
     log.info("export: %s top-%d for %d items of model %s", name, cfg.similar_k, n_items, emb.model)
+    texts = item_texts(emb.items, item_text)
     return _export(chunks, emb.items, emb.items, ("item_id", "similar_item_id"), emb.model, run_id, cfg,
-                   inside(out_dir, name), t0, n_items)  # fmt: skip
+                   inside(out_dir, name), t0, n_items, None, (texts, texts))  # fmt: skip
 
 
 def read_export(path: str | Path) -> pl.DataFrame:

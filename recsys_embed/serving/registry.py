@@ -67,6 +67,8 @@ class ServedInputs:
             "regularization"}`` (a dict without ``kind`` is ALS's too), ``{"kind": "ease", "binary"}`` (the user's
             X row with the listed items set to 1.0, or 1 added per listing when not ``binary``), optionally
             ``"dims"`` (the model's dimensions, before the fallback one); None: off.
+        item_text: ``item_text.parquet`` (``item_id``, ``text``): the answers carry each item's text
+            (``item_texts``); None: IDs only.
     """
 
     embeddings: Embeddings
@@ -74,6 +76,7 @@ class ServedInputs:
     fallback: np.ndarray | None = None
     popularity: np.ndarray | None = None
     fold_in: dict[str, Any] | None = None
+    item_text: str | None = None
 
 
 class Recommender(PythonModel):
@@ -109,7 +112,7 @@ class Recommender(PythonModel):
         return pd.DataFrame({"user_id": raw, "item_ids": [a for a, _ in out], "scores": [b for _, b in out]})
 
 
-def _signature(default_k: int, item_ids: pl.Series) -> Any:
+def _signature(default_k: int, item_ids: pl.Series, texts: bool = False) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -119,6 +122,7 @@ def _signature(default_k: int, item_ids: pl.Series) -> Any:
         outputs=Schema([
             ColSpec(AnyType(), "user_id"),
             ColSpec(Array(item_type), "item_ids"),
+            *([ColSpec(Array("string"), "item_texts")] if texts else []),
             ColSpec(Array("double"), "scores"),
             ColSpec("string", "source"),
         ]),
@@ -145,7 +149,7 @@ def write_served_bundle(folder: str | Path, inputs: ServedInputs, export_cfg: Ex
     """The ``served_model`` bundle for ``inputs`` (allow/deny items resolved from ``export_cfg``)."""
     from recsys_embed.models.popularity import item_popularity
     from recsys_embed.serving import served_model
-    from recsys_embed.serving.export import _item_filters
+    from recsys_embed.serving.export import _item_filters, item_texts
 
     emb = inputs.embeddings
     uvec, ivec = emb.scoring_vectors()
@@ -161,10 +165,12 @@ def write_served_bundle(folder: str | Path, inputs: ServedInputs, export_cfg: Ex
     fallback = inputs.fallback if inputs.fallback is not None else np.zeros(len(emb.users), dtype=bool)
     popularity = inputs.popularity if inputs.popularity is not None else item_popularity(seen).astype(np.float64)
     fold = inputs.fold_in if emb.scoring == "dot" else None
+    text_file = Path(inputs.item_text) if inputs.item_text else None
+    texts = item_texts(emb.items, pl.read_parquet(text_file)) if text_file and text_file.exists() else None
     return served_model.save_bundle(
         folder, user_ids=emb.users.ids.to_arrow(), item_ids=emb.items.ids.to_arrow(), user_factors=uvec,
         item_factors=ivec, seen=seen, fallback=fallback, popularity=popularity, admissible=admissible,
-        model=emb.model, default_k=default_k, fold_in=fold,
+        model=emb.model, default_k=default_k, fold_in=fold, item_texts=texts.to_arrow() if texts is not None else None,
     )  # fmt: skip
 
 
@@ -227,7 +233,7 @@ def log_recommender(
                 python_model=served_model.__file__,
                 artifacts={"bundle": str(bundle)},
                 registered_model_name=name,
-                signature=_signature(default_k, emb.items.ids),
+                signature=_signature(default_k, emb.items.ids, texts=inputs.item_text is not None),
                 input_example=_input_example(emb, inputs.seen),
                 pip_requirements=_requirements(),
                 tags=dict(tags or {}),
@@ -277,6 +283,7 @@ def served_inputs(candidate: Candidate, settings: MlflowSettings) -> ServedInput
         fallback=np.load(candidate.fallback) if candidate.fallback else mask,
         popularity=popularity,
         fold_in=fold,
+        item_text=candidate.item_text,
     )
 
 
@@ -400,7 +407,7 @@ def _judge(
     where = f"champion v{champ.version} ({champ.tags.get('model')})"
     mine, theirs = _last_event(candidate.tags), _last_event(champ.tags)
     span = f"events up to {mine}; the champion's up to {theirs}"
-    if candidate.recipe and champ.tags.get("recipe") == candidate.recipe:
+    if candidate.recipe and same_recipe(candidate.model, candidate.recipe, candidate.recipe_config, champ.tags):
         # judged equal: the version trained on the later data serves (a later last event, never another fingerprint)
         record["champion_basis"] = "same recipe"
         if mine is None or theirs is None:
@@ -437,6 +444,24 @@ def _judge(
                        "trained on later data (registry.allow_older=true would)")  # fmt: skip
     record.update(promoted=promote, reason=reason)
     return record
+
+
+def same_recipe(model: str, recipe: str, recipe_config: str, tags: Mapping[str, str]) -> bool:
+    """Whether the version with ``tags`` has this recipe (``model`` family, ``recipe`` hash, ``recipe_config`` JSON):
+    the same hash, or the same family and the same value of every field of ``recipe_config``. The second form
+    keeps a version recorded while machine settings (``shipping.MACHINE_SETTINGS``) were still part of the recipe
+    the same recipe as its re-run now: its extra fields are ignored, a field it lacks makes it another recipe."""
+    if tags.get("recipe") == recipe:
+        return True
+    if tags.get("model") != model:
+        return False
+    try:
+        mine, theirs = json.loads(recipe_config), json.loads(tags.get("recipe_config") or "")
+    except ValueError:  # none, or cut at the tag's length limit
+        return False
+    if not isinstance(mine, dict) or not isinstance(theirs, dict) or not mine:
+        return False
+    return all(k in theirs and theirs[k] == v for k, v in mine.items())
 
 
 def _recorded(mv: Any) -> dict[str, Any] | None:
@@ -650,3 +675,48 @@ def recommend(
     """Top-k for ``users`` from the registered model under ``alias``."""
     model = load_recommender(settings, alias, name)
     return pd.DataFrame(model.predict(pd.DataFrame({"user_id": users}), params={"k": k}))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Retention (``pipeline.retention``, ``recsys-embed gc``): listing and deleting versions
+
+
+def list_versions(settings: MlflowSettings, name: str) -> tuple[list[Any], dict[str, str]]:
+    """(every version of registered model ``name``, newest first; its aliases: alias -> version); both empty when
+    the model does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(settings)
+    try:
+        aliases = {str(a): str(v) for a, v in dict(client.get_registered_model(name).aliases or {}).items()}
+    except MlflowException:
+        return [], {}
+    found = list(client.search_model_versions(f"name = '{name}'"))
+    return sorted(found, key=lambda mv: -int(mv.version)), aliases
+
+
+def delete_version(settings: MlflowSettings, name: str, mv: Any, dry_run: bool = False) -> int | None:
+    """Delete version ``mv`` of ``name``, its LoggedModel and that model's artifacts (the served bundle: the
+    largest part of a version); the bytes freed when countable (a local store), else None. ``dry_run`` only
+    counts. The version's source run keeps its params, metrics and (unless pruned too) artifacts."""
+    from mlflow.exceptions import MlflowException
+
+    from recsys_embed.tracking.tracker import delete_artifacts
+
+    client = _client(settings)
+    model_id = getattr(mv, "model_id", None) or (str(mv.source).removeprefix("models:/")
+                                                 if str(mv.source).startswith("models:/m-") else None)  # fmt: skip
+    location = None
+    if model_id:
+        try:
+            location = client.get_logged_model(model_id).artifact_location
+        except MlflowException:
+            model_id = None  # deleted already
+    size = delete_artifacts(location, dry_run) if location else 0
+    if not dry_run:
+        client.delete_model_version(name, str(mv.version))
+        if model_id:
+            client.delete_logged_model(model_id)
+    log.info("registry: %s v%s of %s (%s)", "would delete" if dry_run else "deleted", mv.version, name,
+             f"{size / 2**20:.1f} MB" if size is not None else "size unknown")  # fmt: skip
+    return size

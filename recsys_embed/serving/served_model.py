@@ -10,12 +10,14 @@ Bundle (folder, artifact ``bundle``), written by ``save_bundle``::
     meta.json          format, model, scoring, default_k, fold_in: how a ``history`` folds in, or null (below)
     user_ids.parquet   column ``id``: row u is user index u, in the export's ID type (Int64 or String)
     item_ids.parquet   column ``id``: row i is item index i
-    user_factors.npy   float32 (n_users, d): the served scoring vectors (score = dot product)
-    item_factors.npy   float32 (n_items, d)
+    user_factors.npy   float32 (n_users, d): the served scoring vectors (score = dot product); ``.npz`` (zlib,
+                       array ``a``) instead when mostly zeros, e.g. EASE's rows of X
+    item_factors.npy   float32 (n_items, d); ``.npz`` likewise
     seen.npz           CSR (n_users, n_items): stored entries are never recommended; values = confidence
     fallback.npy       bool (n_users,): True where the user's answers come from the popularity fallback
     popularity.npy     float64 (n_items,): the answer for users the model does not know
     admissible.npy     int64 sorted admissible item indices (the export's allow/deny lists); absent: all items
+    item_texts.parquet column ``text``: row i is item i's text (the log's ``item_text``); absent: IDs only
 
 Input (DataFrame):
     ``user_id``: ints or strings, either works (``12347`` and ``"12347"`` are the same user of an Int64 map).
@@ -39,7 +41,8 @@ Input (DataFrame):
 Params: ``k`` (default ``meta.default_k``).
 Output: one row per input row: ``user_id`` (as given), ``item_ids`` (list, the export's item ID type, best first),
 ``scores`` (list of float), ``source`` (``model``, or ``fallback`` for a user flagged in ``fallback.npy`` or
-unknown to the model: those get the popularity top-k, never an empty list).
+unknown to the model: those get the popularity top-k, never an empty list), and ``item_texts`` (list of str or
+None, beside ``item_ids``) when the bundle has ``item_texts.parquet``.
 
 Ranking is the export's (``recsys_embed.evaluation.topk``): float32 dot products, train-seen and inadmissible items
 excluded, scores descending, ties broken by the lower item index; a user with fewer than k admissible items
@@ -79,8 +82,11 @@ def save_bundle(
     model: str,
     default_k: int,
     fold_in: dict[str, Any] | None = None,
+    item_texts: pa.Array | None = None,
 ) -> Path:
-    """Write the bundle that ``ServedRecommender`` loads (layout in the module doc); checks shapes first."""
+    """Write the bundle that ``ServedRecommender`` loads (layout in the module doc); checks shapes first.
+
+    ``item_texts``: one string (or null) per item index; the answers then carry them (``item_texts``)."""
     folder = Path(folder)
     n_users, n_items = len(user_ids), len(item_ids)
     uf = np.ascontiguousarray(user_factors, dtype=np.float32)
@@ -100,23 +106,44 @@ def save_bundle(
         (len(fallback) == n_users, f"fallback has {len(fallback)} entries for {n_users} users"),
         (len(popularity) == n_items, f"popularity has {len(popularity)} entries for {n_items} items"),
         (bool(np.isfinite(uf).all() and np.isfinite(itf).all()), "the factors hold NaN/inf values"),
-    ]
+        (item_texts is None or len(item_texts) == n_items,
+         f"item_texts has {len(item_texts) if item_texts is not None else 0} entries for {n_items} items"),
+    ]  # fmt: skip
     for ok, what in checks:
         if not ok:
             raise ValueError(f"cannot bundle the {model} recommender: {what}")
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": user_ids}), folder / "user_ids.parquet")
     pq.write_table(pa.table({"id": item_ids}), folder / "item_ids.parquet")
-    np.save(folder / "user_factors.npy", uf)
-    np.save(folder / "item_factors.npy", itf)
+    _save_factors(folder / "user_factors", uf)
+    _save_factors(folder / "item_factors", itf)
     sp.save_npz(folder / "seen.npz", sp.csr_matrix(seen, dtype=np.float32), compressed=True)
     np.save(folder / "fallback.npy", np.asarray(fallback, dtype=bool))
     np.save(folder / "popularity.npy", np.asarray(popularity, dtype=np.float64))
     if admissible is not None:
         np.save(folder / "admissible.npy", np.unique(np.asarray(admissible, dtype=np.int64)))
+    if item_texts is not None:
+        pq.write_table(pa.table({"text": pa.array(item_texts, type=pa.string())}), folder / "item_texts.parquet")
     meta = {"format": FORMAT, "model": model, "scoring": "dot", "default_k": int(default_k), "fold_in": fold_in}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return folder
+
+
+def _save_factors(stem: Path, a: np.ndarray) -> None:
+    """``stem.npy``, or ``stem.npz`` (zlib) when most entries are 0: EASE's user vectors are rows of X, which
+    compress ~50x, and an uncompressed copy would be the largest file of the registered model."""
+    if a.size and np.count_nonzero(a) * 2 < a.size:
+        np.savez_compressed(stem.with_suffix(".npz"), a=a)
+    else:
+        np.save(stem.with_suffix(".npy"), a)
+
+
+def _load_factors(stem: Path) -> np.ndarray:
+    npy = stem.with_suffix(".npy")
+    if npy.exists():
+        return np.load(npy)
+    with np.load(stem.with_suffix(".npz")) as z:
+        return np.asarray(z["a"])
 
 
 def rank(
@@ -275,13 +302,17 @@ class ServedRecommender(PythonModel):
             raise ValueError(f"bundle '{folder}' has format {self.meta.get('format')}, this model reads {FORMAT}")
         self.user_ids = pq.read_table(folder / "user_ids.parquet").column("id").combine_chunks()
         self.item_ids = pq.read_table(folder / "item_ids.parquet").column("id").combine_chunks()
-        self.user_factors = np.load(folder / "user_factors.npy")
-        self.item_factors = np.load(folder / "item_factors.npy")
+        self.user_factors = _load_factors(folder / "user_factors")
+        self.item_factors = _load_factors(folder / "item_factors")
         self.seen = sp.csr_matrix(sp.load_npz(folder / "seen.npz"))
         self.fallback = np.load(folder / "fallback.npy")
         self.popularity = np.load(folder / "popularity.npy")
         adm = folder / "admissible.npy"
         self.cols = np.load(adm) if adm.exists() else None
+        texts = folder / "item_texts.parquet"
+        self.item_texts: np.ndarray | None = (
+            np.asarray(pq.read_table(texts).column("text").to_pylist(), dtype=object) if texts.exists() else None
+        )
         self.default_k = int(self.meta["default_k"])
         self.user_int = pa.types.is_integer(self.user_ids.type)
         self.item_int = pa.types.is_integer(self.item_ids.type)
@@ -360,7 +391,7 @@ class ServedRecommender(PythonModel):
         source = np.where(scored, SOURCE_MODEL, SOURCE_FALLBACK).astype(object)
         known = users >= 0
         source[known & ~folded & self.fallback[np.maximum(users, 0)]] = SOURCE_FALLBACK
-        item_lists, score_lists = [], []
+        item_lists, text_lists, score_lists = [], [], []
         for row in range(n):
             if scored[row]:
                 ok = out_items[row] >= 0
@@ -369,8 +400,11 @@ class ServedRecommender(PythonModel):
                 idx = self._popular(k, exclude[row])
                 sc = self.popularity[idx]
             item_lists.append(self.item_values[idx].tolist())
+            if self.item_texts is not None:
+                text_lists.append(self.item_texts[idx].tolist())
             score_lists.append([float(x) for x in sc])
-        columns = {"user_id": frame["user_id"].tolist(), "item_ids": item_lists, "scores": score_lists}
+        columns = {"user_id": frame["user_id"].tolist(), "item_ids": item_lists,
+                   **({"item_texts": text_lists} if self.item_texts is not None else {}), "scores": score_lists}
         return pd.DataFrame({**columns, "source": source.tolist()})
 
     def _fold_in(self, u: int, items: np.ndarray) -> np.ndarray:
@@ -397,7 +431,8 @@ class ServedRecommender(PythonModel):
         with the served items, filters and tie rule). ``histories``: item IDs per row, never recommended.
 
         Returns:
-            ``item_ids`` and ``scores`` per row (``source`` is ``model``).
+            ``item_ids`` (and ``item_texts`` when the bundle has them) and ``scores`` per row (``source`` is
+            ``model``).
         """
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if vectors.shape[1] != self.item_factors.shape[1]:
@@ -411,8 +446,11 @@ class ServedRecommender(PythonModel):
             exclude.append(idx[idx >= 0])
         items, scores = rank(vectors, self.items_t, k, exclude, self.cols)
         ok = items >= 0
+        texts = self.item_texts
         return pd.DataFrame({
             "item_ids": [self.item_values[items[r][ok[r]]].tolist() for r in range(len(items))],
+            **({"item_texts": [texts[items[r][ok[r]]].tolist() for r in range(len(items))]}
+               if texts is not None else {}),
             "scores": [[float(x) for x in scores[r][ok[r]]] for r in range(len(items))],
             "source": [SOURCE_MODEL] * len(items),
         })

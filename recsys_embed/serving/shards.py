@@ -56,6 +56,7 @@ from recsys_embed.serving.export import (
     _table_frames,
     _table_schema,
     _write_table,
+    item_texts,
     user_sources,
 )
 from recsys_embed.types import Embeddings
@@ -170,12 +171,13 @@ def _csv_fragment(plan: ShardPlan, index: int) -> Path:
 
 
 def export_topk_shard(
-    emb: Embeddings, seen: sp.csr_matrix | None, cfg: ExportConfig, plan: ShardPlan, index: int, run_id: str
-) -> ShardResult:
+    emb: Embeddings, seen: sp.csr_matrix | None, cfg: ExportConfig, plan: ShardPlan, index: int, run_id: str,
+    item_text: pl.DataFrame | None = None,
+) -> ShardResult:  # fmt: skip
     """Score shard ``index`` of ``plan`` and write its rows into the plan's staging folder (atomic, idempotent).
 
     Args:
-        emb, seen, cfg, run_id: as for ``export.export_topk`` (the same embeddings and config for every shard).
+        emb, seen, cfg, run_id, item_text: as for ``export.export_topk`` (the same for every shard).
         plan: from ``plan_topk_shards``; its staging folder must be visible here (same path as the planner's).
         index: which shard.
 
@@ -213,10 +215,12 @@ def export_topk_shard(
     chunks = searcher(cfg.search)(emb, cfg.k, users=users, seen=seen, chunk_users=cfg.chunk_users,
                          allow_items=allow, deny_items=deny)  # fmt: skip
     counted = {"users": 0}
-    frames = _table_frames(chunks, emb.users, emb.items, _NAMES, emb.model, run_id, counted, user_sources(emb))
+    texts = item_texts(emb.items, item_text)
+    frames = _table_frames(chunks, emb.users, emb.items, _NAMES, emb.model, run_id, counted, user_sources(emb),
+                           (None, texts))  # fmt: skip
     folder = _shard_folder(plan, index)
-    files, rows = _write_table(frames, _table_schema(emb.users, emb.items, _NAMES, source=True), folder,
-                               cfg.rows_per_file, cfg.write_csv, csv_header=False)  # fmt: skip
+    schema = _table_schema(emb.users, emb.items, _NAMES, source=True, texts=(False, texts is not None))
+    files, rows = _write_table(frames, schema, folder, cfg.rows_per_file, cfg.write_csv, csv_header=False)
     parts = [Path(f).name for f in files if Path(f).parent == folder]
     result = ShardResult(index, rows, counted["users"], parts, round(time.perf_counter() - t0, 3))
     receipt = {"token": plan.token, "start": shard.start, "stop": shard.stop, "csv": cfg.write_csv, **asdict(result)}

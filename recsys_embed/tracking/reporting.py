@@ -70,6 +70,17 @@ def log_run_inputs(
     )
 
 
+TEST_PREFIX, VAL_PREFIX = "test.", "val."  # metric names say their window: test.ndcg_at_20, val.ndcg_at_20
+
+
+def model_metrics(test: Mapping[str, float], val: Mapping[str, float] | None = None) -> dict[str, float]:
+    """A model run's held-out metrics under the names they are logged with: ``test.<metric>`` (the test window,
+    reported only) and ``val.<metric>`` (the validation window, what selection reads)."""
+    out = {f"{TEST_PREFIX}{k}": float(v) for k, v in test.items()}
+    out.update({f"{VAL_PREFIX}{k}": float(v) for k, v in (val or {}).items()})
+    return out
+
+
 def log_model_run(
     tracker: Tracker,
     run_id: str,
@@ -80,6 +91,9 @@ def log_model_run(
 ) -> None:
     """Hyperparameters, metrics, dataset, embeddings, ID maps, exports (preview + full when small) and plots on the
     model's run.
+
+    ``metrics``: the held-out metrics as named by ``model_metrics`` (``test.*``, ``val.*``); they are logged on
+    this run only, never copied to the parent (the parent carries the comparison table and plot instead).
 
     Params: the model's own config slice (``models.<name>.*`` of the parent run, without the prefix, e.g.
     ``factors``, ``alpha``) beside the training facts (``info.*``). The parent's dataset becomes this run's training
@@ -160,9 +174,11 @@ def model_description(name: str, model: Mapping[str, Any], metrics: dict[str, fl
     if info.get("best_iteration") is not None:
         lines.append(f"Best validation {info.get('val_metric')} {info.get('best_val_metric', float('nan')):.4f} at "
                      f"iteration/epoch {info['best_iteration']}.")  # fmt: skip
-    shown = [k for k in metrics if k.startswith(("recall_at", "ndcg_at", "hit_rate_at"))]
-    if shown:
-        lines.append("Test (warm users): " + ", ".join(f"{k} {metrics[k]:.4f}" for k in sorted(shown)) + ".")
+    for label, prefix in (("Validation", VAL_PREFIX), ("Test", TEST_PREFIX)):
+        shown = sorted(k for k in metrics if k.startswith(tuple(f"{prefix}{m}_at" for m in ("recall", "ndcg",
+                                                                                              "hit_rate"))))
+        if shown:
+            lines.append(f"{label} (warm users): " + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown) + ".")
     return "\n\n".join(lines)
 
 
@@ -172,11 +188,54 @@ def log_summary(tracker: Tracker, run_id: str, markdown: str) -> None:
     tracker.set_description(run_id, markdown)
 
 
-def log_comparison(tracker: Tracker, run_id: str, table: pl.DataFrame, ks: list[int]) -> None:
-    """The model x metric comparison (plot and CSV) on the parent run."""
-    metrics = [f"{m}_at_{k}" for k in ks for m in ("recall", "ndcg", "map", "hit_rate")]
+COMPARISON_TABLE = "model_comparison.csv"
+HEADLINE = ("recall", "ndcg", "map", "hit_rate")  # the metrics the comparison plot and view show, per k
+
+
+def comparison_table(test: pl.DataFrame, val: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One row per model: ``model``, then ``val.<metric>`` (when ``val`` is given) and ``test.<metric>`` columns
+    (``metrics_frame`` tables, one row per model)."""
+
+    def prefixed(table: pl.DataFrame, prefix: str) -> pl.DataFrame:
+        return table.rename({c: f"{prefix}{c}" for c in table.columns if c != "model"})
+
+    out = prefixed(test, TEST_PREFIX)
+    if val is not None and val.height:
+        out = prefixed(val, VAL_PREFIX).join(out, on="model", how="full", coalesce=True, maintain_order="left")
+    return out
+
+
+def log_comparison(
+    tracker: Tracker,
+    run_id: str,
+    table: pl.DataFrame,
+    ks: list[int],
+    primary_metric: str | None = None,
+    val: pl.DataFrame | None = None,
+) -> str | None:
+    """The model comparison on the parent run: one table (``model_comparison.csv``: ``val.*`` and ``test.*`` per
+    model) and one plot (``plots/model_comparison.png``, test window); and the experiment's saved view
+    "Model comparison" of the runs table (``Tracker.save_comparison_view``), best validation ``primary_metric``
+    first. No model metric is copied onto the parent: the comparison across runs is the view's.
+
+    Args:
+        table: test metrics, one row per model (``metrics_frame``).
+        val: validation metrics in the same shape (None: the table holds the test window only).
+
+    Returns:
+        The view's UI path (``#/experiments/<id>/runs?viewStateShareKey=model-comparison``; also the parent's tag
+        ``comparison_view``), or None without ``primary_metric``.
+    """
+    metrics = [f"{m}_at_{k}" for k in ks for m in HEADLINE]
     _log_fig(tracker, run_id, plots.metric_comparison(table, metrics), "plots/model_comparison.png")
-    tracker.log_text(run_id, table.write_csv(), "metrics_table.csv")
+    tracker.log_text(run_id, comparison_table(table, val).write_csv(), COMPARISON_TABLE)
+    if primary_metric is None:
+        return None
+    order_by = f"{VAL_PREFIX if val is not None else TEST_PREFIX}{primary_metric}"
+    columns = [f"{TEST_PREFIX}{m}" for m in metrics if m in table.columns]
+    path = tracker.save_comparison_view(columns, order_by, charts=primary_metric)
+    tracker.set_tags(run_id, {"comparison_view": path})
+    return path
 
 
 def _log_fig(tracker: Tracker, run_id: str, fig: Any, name: str) -> None:
@@ -225,20 +284,8 @@ def summary_markdown(manifest: Mapping[str, Any], table: pl.DataFrame, ks: list[
         "",
         f"Best model by validation `{manifest['primary_metric']}`: **{manifest['best_model']}** "
         f"({sel.get('reason', 'no selection')}). Test metrics are reported, never used to choose.",
-        "",
-        "## Row accounting",
-        "",
-        "| bucket | rows |",
-        "|---|---|",
     ]
-    rep = manifest["accounting"]
-    lines.append(f"| read | {rep['rows_read']:,} |")
-    lines.append(f"| kept | {rep['kept']:,} |")
-    lines.append(f"| duplicates | {rep['duplicates']:,} |")
-    for k, v in rep["quarantined"].items():
-        lines.append(f"| quarantined: {k} | {v:,} |")
-    for k, v in rep["filtered"].items():
-        lines.append(f"| filtered: {k} | {v:,} |")
+    lines += accounting_markdown(manifest["accounting"], manifest.get("split"))
     lines += ["", "## Shipped tables", ""]
     for m, e in manifest["exports"].items():
         on = e.get("trained_on") or {}
@@ -278,6 +325,37 @@ def summary_markdown(manifest: Mapping[str, Any], table: pl.DataFrame, ks: list[
             f"skipped (already ingested): {len(inc['skipped_files'])} files",
         ]
     return "\n".join(lines)
+
+
+def accounting_markdown(accounting: Mapping[str, Any], split_info: Mapping[str, Any] | None = None) -> list[str]:
+    """The row accounting as Markdown lines: ingest's balance (read = kept + duplicates + quarantined + filtered),
+    then, with the split's ``info``, what became of the kept rows per window (``RowReport.windows``); the same
+    "kept" as the CLI's and the ingest log's."""
+    from recsys_embed.types import RowReport
+
+    report = RowReport.from_dict(dict(accounting))
+    lines = ["", "## Row accounting", "", "| bucket | rows |", "|---|---:|", f"| read | {report.rows_read:,} |",
+             f"| duplicates | {report.duplicates:,} |"]  # fmt: skip
+    lines += [f"| quarantined: {k} | {v:,} |" for k, v in sorted(report.quarantined.items())]
+    lines += [f"| filtered: {k} | {v:,} |" for k, v in sorted(report.ingest_filtered.items())]
+    lines.append(f"| **kept** | **{report.ingest_kept:,}** |")
+    windows = report.windows(split_info)
+    if windows:
+        buckets = list(dict.fromkeys(b for p in windows.values() for b in p if b not in ("rows", "train", "target")))
+        lines += ["", "Of the kept rows, by split window (train: rows in the train matrix; target: evaluation "
+                  "targets; the other columns are held-out rows that are not targets, or rows the matrix dropped):",
+                  "", "| window | rows | train / target | " + " | ".join(buckets) + " |",
+                  "|---|" + "---:|" * (2 + len(buckets))]  # fmt: skip
+        for name, part in windows.items():
+            used = part["train"] if name == "fit" else part["target"]
+            cells = [f"{part.get(b, 0):,}" for b in buckets]
+            lines.append(f"| {name} | {part['rows']:,} | {used:,} | " + " | ".join(cells) + " |")
+    else:
+        lines += [f"| of the kept, dropped by the matrix: {k} | {v:,} |"
+                  for k, v in sorted(report.matrix_dropped.items())]  # fmt: skip
+        lines += [f"| of the kept, held out ({w}): {k} | {v:,} |" for w in ("val", "test")
+                  for k, v in sorted(report.held_out(w).items())]  # fmt: skip
+    return lines
 
 
 def write_manifest(path: Path, manifest: Mapping[str, Any]) -> Path:

@@ -38,6 +38,13 @@ _MAX_NOTE = 8000  # MLflow's limit on a tag value (a run description is the mlfl
 # keep a refused call to ~3 s, and Tracker._retry adds its own backoff on top (4 tries: ~14 s measured in all).
 # The request timeout stays MLflow's (120 s): large artifact uploads need it. Values in the environment win.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# MLflow 3 types an experiment by this tag: "custom_model_development" opens the model-training view (runs, metric
+# columns, charts); without it the UI may infer "genai_development" and open the GenAI (traces) view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# A saved view of the runs table (MLflow 3's "Saved views" menu on the Runs tab): an experiment tag
+# ``mlflow.sharedViewState.<id>`` holding {name, createdAt, updatedAt, state}; ``?viewStateShareKey=<id>`` opens it.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+COMPARISON_VIEW = "model-comparison"
 
 
 class TrackingError(RecsysEmbedError):
@@ -227,9 +234,12 @@ class Tracker:
                 self.client.create_experiment,
                 self.settings.experiment_name,
                 artifact_location=self.settings.artifact_location,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         else:
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # created before the tag; a kind someone chose is kept
+                self._retry(self.client.set_experiment_tag, self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def _retry(self, fn: Any, *args: Any, retries: int | None = None, **kwargs: Any) -> Any:
         """Call an MLflow client method, retrying transient failures with exponential backoff.
@@ -371,6 +381,45 @@ class Tracker:
         """Where to look at a run: the UI path (``recsys-embed ui`` serves it locally)."""
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"
 
+    def save_comparison_view(
+        self, columns: list[str], order_by: str, charts: str, name: str = "Model comparison"
+    ) -> str:
+        """Save the runs-table view that compares the models (MLflow 3's "Saved views" menu); its UI path.
+
+        The view lists the model runs (those with ``order_by``, a metric the parent run does not carry), best
+        ``order_by`` first, with one column per metric in ``columns`` (metric names, e.g. ``test.ndcg_at_20``);
+        the chart view shows the metrics whose name contains ``charts`` (e.g. ``ndcg_at_20``). Saved again on every
+        run (the metric list follows ``eval.ks``); its creation time is kept.
+
+        Returns:
+            ``#/experiments/<id>/runs?viewStateShareKey=model-comparison`` (prefix the UI address).
+        """
+        import json
+
+        key = f"{VIEW_TAG_PREFIX}{COMPARISON_VIEW}"
+        exp = self._retry(self.client.get_experiment, self.experiment_id)
+        now = int(time.time() * 1000)
+        try:
+            created = int(json.loads(exp.tags[key])["createdAt"]) if key in exp.tags else now
+        except (ValueError, KeyError, TypeError):
+            created = now
+        self._retry(self.client.set_experiment_tag, self.experiment_id, key,
+                    comparison_view(columns, order_by, charts, name, created, now))  # fmt: skip
+        return f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={COMPARISON_VIEW}"
+
+    def pipeline_runs(self, scope: Mapping[str, str]) -> list[Any]:
+        """Every run (parents and nested model runs, any status) of ``scope`` (tags a run must carry, e.g.
+        ``{"pipeline": "retail", "output_root": "/abs/outputs/retail"}``), newest first."""
+        found: list[Any] = []
+        token = None
+        while True:  # tags are compared here, not in the filter string: values may hold quotes
+            page = self._retry(self.client.search_runs, [self.experiment_id], "", max_results=1000,
+                               order_by=["attributes.start_time DESC"], page_token=token)  # fmt: skip
+            found.extend(r for r in page if all(r.data.tags.get(k) == v for k, v in scope.items()))
+            token = page.token
+            if not token:
+                return found
+
     def mark_stale_runs_failed(self, scope: Mapping[str, str], older_than_s: float = 0.0) -> list[str]:
         """Mark KILLED the runs of ``scope`` that a killed process left RUNNING; returns their ids (logged).
 
@@ -403,6 +452,50 @@ class Tracker:
             log.warning("marked %d MLflow run(s) of %s left RUNNING by a killed run as KILLED: %s",
                         len(killed), dict(scope), shown)  # fmt: skip
         return killed
+
+
+def delete_artifacts(artifact_uri: str, dry_run: bool = False) -> int | None:
+    """Delete everything stored under ``artifact_uri`` (a run's or a LoggedModel's artifact root) through MLflow's
+    artifact repository for that URI; returns the bytes it held when they can be counted (a local store), else
+    None. ``dry_run`` only counts."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    size = artifact_bytes(artifact_uri)
+    if not dry_run:
+        get_artifact_repository(artifact_uri).delete_artifacts()
+    return size
+
+
+def artifact_bytes(artifact_uri: str) -> int | None:
+    """Bytes under a local (``file:`` or plain path) artifact URI; None for a remote store."""
+    if "://" in artifact_uri and not artifact_uri.startswith("file:"):
+        return None
+    path = Path(urllib.parse.unquote(urllib.parse.urlsplit(artifact_uri).path) if "://" in artifact_uri
+                else artifact_uri)  # fmt: skip
+    if not path.exists():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def comparison_view(
+    columns: list[str], order_by: str, charts: str, name: str, created_ms: int, updated_ms: int
+) -> str:
+    """The saved-view tag value (MLflow 3.x's envelope ``{name, createdAt, updatedAt, state}``, ``state`` the
+    runs page's search facets and table state as JSON) for ``Tracker.save_comparison_view``."""
+    import json
+
+    def col(metric: str) -> str:
+        return f"metrics.`{metric}`"
+
+    state = {
+        "searchFilter": f"{col(order_by)} >= 0",  # model runs only: the parent run carries no model metric
+        "orderByKey": col(order_by),
+        "orderByAsc": False,
+        "selectedColumns": [col(m) for m in dict.fromkeys([order_by, *columns])] + ["attributes.`Models`"],
+        "chartsSearchFilter": charts,
+        "hideEmptyCharts": True,
+    }
+    return json.dumps({"name": name, "createdAt": created_ms, "updatedAt": updated_ms, "state": json.dumps(state)})
 
 
 def _short_reason(e: BaseException) -> str:

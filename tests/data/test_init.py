@@ -264,3 +264,44 @@ def test_init_then_run_end_to_end(
     # the planted tastes are learnt: the factor models beat popularity by a wide margin
     ndcg = {m: v["ndcg_at_20"] for m, v in manifest["metrics"].items()}
     assert ndcg["als"] > 1.5 * ndcg["popularity"] and ndcg["bpr"] > 1.5 * ndcg["popularity"]
+
+
+def _ratings_csv(path: Path, n_users: int = 2000, seed: int = 3) -> Path:
+    """A ratings log with one global clock, as MovieLens: users arrive one after another over two years and each
+    rates 20-40 movies within a week of arriving, so the last 10% of time holds only the latest arrivals."""
+    rng = random.Random(seed)
+    start = datetime(2020, 1, 1)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["userId", "movieId", "rating", "timestamp"])
+        for u in range(n_users):
+            arrive = start + timedelta(days=730 * u / n_users)
+            for m in rng.sample(range(500), rng.randrange(20, 40)):
+                t = arrive + timedelta(seconds=rng.randrange(7 * 86400))
+                w.writerow([u, m, rng.choice([3, 4, 5]), int(t.timestamp())])
+    return path
+
+
+def test_global_clock_log_is_not_chosen_on_a_thin_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 19: `init` on a ratings log with a global clock wrote split.method: temporal, whose validation window
+    held a few dozen users, and popularity was shipped on them. Now init writes auto, which falls back to a per-user
+    holdout; an explicit temporal split stops before training with the fix."""
+    from recsys_embed.errors import ConfigError
+    from recsys_embed.pipeline import stages
+
+    monkeypatch.chdir(tmp_path)
+    _ratings_csv(tmp_path / "ratings.csv")
+    rc, _, _ = _init(["ratings.csv"], capsys)
+    assert rc == 0
+    cfg = load_config("configs/ratings.yaml")
+    assert cfg.split.method == "auto" and cfg.ingest.columns.rating == "rating"
+    ingest = stages.run_ingest(cfg.ingest, tmp_path / "cache")
+    split = stages.run_split(ingest, cfg.ingest, cfg.split, tmp_path / "split")
+    rule = split["split"]["rule"]
+    assert rule.startswith("auto: last_n (temporal rejected: the val window holds") and "to choose on" in rule
+    assert split["select_users"] >= cfg.split.min_eval_users  # the choice rests on enough users
+    explicit = cfg.split.model_copy(update={"method": "temporal"})
+    with pytest.raises(ConfigError, match="so the model shipped would be chosen on noise.*split.method: auto"):
+        stages.run_split(ingest, cfg.ingest, explicit, tmp_path / "split2")

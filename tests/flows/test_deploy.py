@@ -218,6 +218,55 @@ def test_two_pipelines_give_two_deployments(prefect_harness: None, tmp_path: Pat
             assert Path(stored.parameters["config_path"]) == REPO / "configs" / config
 
 
+def test_a_trial_cron_gets_its_own_deployment_name_and_a_bad_one_is_refused() -> None:
+    from flows.deploy import build_deployment, deployment_name, trial_name
+    from recsys_embed.config import load_config
+    from recsys_embed.errors import ConfigError
+
+    cfg = load_config(SYNTHETIC, ["schedule.cron=*/5 * * * *"])
+    assert deployment_name(cfg) == "synthetic-1m-nightly"  # --set schedule.cron alone keeps the configured name
+    assert trial_name(cfg) == "synthetic-1m-cron-x-5-x-x-x-x"  # what `serve --cron '*/5 * * * *'` registers
+    with pytest.raises(ConfigError, match=r"schedule.cron='every minute'.*five fields"):
+        build_deployment(str(SYNTHETIC), ["schedule.cron=every minute"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_serve_without_a_traceback(tmp_path: Path) -> None:
+    """Regression (issue 22): Ctrl-C on `serve` printed two chained tracebacks (asyncio's CancelledError, then
+    KeyboardInterrupt). Also: `serve --cron` registers a deployment of its own, the nightly one is left alone."""
+    with prefect_server(tmp_path / "server") as server:
+        env = {**server.env(), "PYTHONPATH": str(REPO)}
+        # a cron never due during the test: nothing runs, the runner only polls
+        cmd = [sys.executable, "-m", "recsys_embed.cli", "serve", "--config", str(SYNTHETIC), "--set",
+               f"output_root={tmp_path / 'out'}", "--cron", "0 0 1 1 *"]  # fmt: skip
+        log = tmp_path / "serve.log"
+        with open(log, "wb") as out:  # a terminal's Ctrl-C: SIGINT to the whole foreground group
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                    start_new_session=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+        try:
+            with _client(server.api_url) as client:
+
+                def deployment(name: str) -> Any:
+                    with contextlib.suppress(Exception):  # not registered yet
+                        return client.read_deployment_by_name(f"embedding-pipeline/{name}")
+                    return None
+
+                dep = _wait("trial deployment", lambda: deployment("synthetic-1m-cron-0-0-1-1-x"), 120, proc, log)
+                assert [s.schedule.cron for s in dep.schedules] == ["0 0 1 1 *"]
+                assert deployment("synthetic-1m-nightly") is None  # the nightly deployment was not rescheduled
+            time.sleep(2)  # the runner is polling now
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
+    text = log.read_text(errors="replace")
+    assert rc == 130 and "Traceback" not in text, text
+    assert "Serving deployment 'embedding-pipeline/synthetic-1m-cron-0-0-1-1-x'" in text and "Stopped (Ctrl-C)" in text
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Refusals within seconds
 

@@ -75,6 +75,9 @@ def _overrides(src: Path, out: Path) -> list[str]:
         "export.models=[best, als, popularity]",  # ALS ships whichever model selection picks: the export:als point
         "models.ease.enabled=false",
         "tuning.enabled=false",  # killed and resumed searches: tests/models/test_tuning.py
+        # each output folder its own registered model: the chain registers (and is killed around) its own version
+        # whatever the references registered, and its champion is judged like the first reference's
+        f"registry.name=faults-{out.name}",
     ]
 
 

@@ -78,7 +78,9 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     for name, e in manifest["exports"].items():
         assert is_complete_table(e["topk"]), name
         table = read_table(e["topk"])
-        assert table.columns == ["user_id", "rank", "item_id", "score", "source", "model", "run_id"]
+        # the log maps a description (ingest.columns.item_text): the tables carry it beside the ID
+        assert table.columns == ["user_id", "rank", "item_id", "item_text", "score", "source", "model", "run_id"]
+        assert table["item_text"].null_count() < table.height, name
         assert (table["run_id"] == manifest["mlflow"]["run_id"]).all()
         # every user with a kept event has exactly k rows; none recommends an item of the user's kept history
         counts = table.group_by("user_id").len()
@@ -102,7 +104,10 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
     )
     assert sorted(r.info.run_name for r in children) == ["als", "bpr", "ease", "popularity", "two_tower"]
     als_run = next(r for r in children if r.info.run_name == "als")
-    assert "ndcg_at_20" in als_run.data.metrics
+    # metric names say their window, on the model runs only: no copies on the parent
+    assert {"test.ndcg_at_20", "val.ndcg_at_20"} <= set(als_run.data.metrics)
+    assert "ndcg_at_20" not in als_run.data.metrics
+    assert not any(k.split(".")[0] in manifest["metrics"] for k in parent.data.metrics), sorted(parent.data.metrics)
     assert len(client.get_metric_history(als_run.info.run_id, "train_loss")) == 6  # one point per iteration
     arts = {a.path for a in client.list_artifacts(als_run.info.run_id)}
     assert {"embeddings", "exports", "id_maps", "plots"} <= arts
@@ -111,6 +116,8 @@ def test_pipeline_end_to_end(prefect_harness: None, retail_slice: Path, tmp_path
 
     parent_plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/model_comparison.png" in parent_plots
+    assert "model_comparison.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.tags["comparison_view"].endswith("?viewStateShareKey=model-comparison")
 
     # a separate Python process loads embeddings and the top-k table given only the run id
     code = (

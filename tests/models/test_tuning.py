@@ -102,8 +102,10 @@ def test_same_seed_and_trial_budget_give_the_same_best_params(
         assert again["models"][name]["params"] == reference["models"][name]["params"]
         assert again["models"][name]["best_value"] == reference["models"][name]["best_value"]
         assert _trials(again, name).equals(_trials(reference, name))
-        # not vacuous: another seed draws other trials (trial 0 is the configured defaults in both)
-        assert not _trials(other, name)[1:].equals(_trials(reference, name)[1:])
+    # not vacuous: another seed draws other trials (trial 0 is the configured defaults in both); EASE's 3 trials
+    # are its defaults and two grid points (lambda x4, /4), which no seed moves
+    assert not _trials(other, "als")[1:].equals(_trials(reference, "als")[1:])
+    assert _trials(other, "ease")["param_regularization"].to_list() == [200.0, 800.0, 50.0]
     assert reference["models"]["als"]["n_trials"] == N_TRIALS and reference["models"]["ease"]["n_trials"] == 3
 
 
@@ -306,3 +308,42 @@ def test_ease_half_life_is_searched_only_where_the_model_uses_it() -> None:
 
     drawn = [suggest(study.ask(), space, plain) for _ in range(5)]
     assert all(set(d) == {"regularization"} for d in drawn)
+
+
+def test_a_best_trial_inside_the_noise_keeps_the_defaults() -> None:
+    """Issue 19: the best of many trials on one set of users flatters itself. Worked out: defaults per user
+    [0.2, 0.4, 0.0, 0.2] (mean 0.2); a trial [0.5, 0.1, 0.3, 0.0] (mean 0.225) differs by [0.3, -0.3, 0.3, -0.2],
+    mean 0.025, sample std 0.3202, paired SE 0.1601: a gain of 0.16 SE is noise, the defaults stay. A trial that
+    gains 0.05 on every user (SE 0) is no noise: it wins."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from recsys_embed.models.tuning import _no_gain_in_noise
+
+    def trial(number: int, per_user: list[float]) -> Any:
+        t = create_trial(value=float(np.mean(per_user)), params={"x": float(number)},
+                         distributions={"x": FloatDistribution(0, 10)}, user_attrs={"per_user": per_user})  # fmt: skip
+        t.number = number
+        return t
+
+    defaults = trial(0, [0.2, 0.4, 0.0, 0.2])
+    noisy = trial(3, [0.5, 0.1, 0.3, 0.0])
+    why = _no_gain_in_noise(noisy, defaults, 1.0)
+    assert why is not None and "within 1 paired SE (0.16008 over 4 users)" in why
+    assert _no_gain_in_noise(noisy, defaults, 0.1) is None  # a looser bar: 0.16 SE passes it
+    steady = trial(4, [0.25, 0.45, 0.05, 0.25])
+    assert _no_gain_in_noise(steady, defaults, 1.0) is None
+    assert _no_gain_in_noise(defaults, defaults, 1.0) is None and _no_gain_in_noise(noisy, None, 1.0) is None
+
+
+def test_ease_starts_from_a_log_grid_around_its_default() -> None:
+    from recsys_embed.config import EASEConfig, EASESpace
+    from recsys_embed.models.tuning import grid_points
+
+    points = grid_points(EASEConfig(regularization=200.0), EASESpace())
+    assert points == [{"regularization": 800.0}, {"regularization": 50.0}, {"regularization": 3200.0},
+                      {"regularization": 12.5}]  # fmt: skip
+    # clipped to the range, never repeated; the half-life (when searched) stays at its default in each point
+    near_top = grid_points(EASEConfig(regularization=5000.0, half_life_days=60.0), EASESpace())
+    assert [p["regularization"] for p in near_top] == [10_000.0, 1250.0, 312.5]
+    assert all(p["half_life_days"] == 60.0 for p in near_top)

@@ -24,7 +24,8 @@ from recsys_embed.models.two_tower.encoder import TwoTowerEncoder
 from recsys_embed.models.two_tower.features import TabularSpec, fnv1a_64, hash_tokens
 from recsys_embed.models.two_tower.module import dense_unique, warmup_cosine
 from recsys_embed.models.two_tower.task import RetrievalTask, sampled_softmax_loss
-from recsys_embed.models.two_tower.train import resolve_hardware, train_two_tower
+from recsys_embed.models.two_tower.towers import HistoryAttention
+from recsys_embed.models.two_tower.train import resolve_hardware, torch_threads, train_two_tower
 from recsys_embed.types import Embeddings, IdMap, Interactions, RowReport
 
 N_CLUSTERS, PER_CLUSTER, COLD_PER_CLUSTER = 5, 40, 8
@@ -423,9 +424,82 @@ def test_early_stopping_stops_before_max_epochs(planted: dict[str, object], tmp_
     assert isinstance(train, Interactions)
     # a learning rate of ~0 never improves validation recall after epoch 1 -> stop after 1 + patience epochs
     cfg = CFG.model_copy(update={"learning_rate": 1e-9, "patience": 1, "artifact_dir": str(tmp_path)})
+    before = torch.get_num_threads()
     emb = train_two_tower(train, cfg, targets, ks=[10])  # type: ignore[arg-type]
     assert emb.info["epochs_run"] < CFG.max_epochs
     assert emb.info["best_epoch"] == 1
+    assert emb.info["stopped_by"] == "early_stopping" and emb.info["stopped_by_clock"] is False
+    # trained on the configured thread count, and the caller's count is back afterwards
+    assert emb.info["torch_threads"] == cfg.torch_threads == 1
+    assert torch.get_num_threads() == before
+
+
+def test_a_fit_the_clock_stopped_is_marked(planted: dict[str, object], tmp_path: Path) -> None:
+    """max_minutes ends the fit after its first step: the model says so (stages never cache it as converged)."""
+    train, targets = planted["train"], planted["targets"]
+    assert isinstance(train, Interactions)
+    cfg = CFG.model_copy(update={"max_minutes": 1e-6, "artifact_dir": str(tmp_path)})
+    emb = train_two_tower(train, cfg, targets, ks=[10])  # type: ignore[arg-type]
+    assert emb.info["stopped_by_clock"] is True and emb.info["stopped_by"] == "clock"
+    assert emb.info["epochs_run"] < CFG.max_epochs
+
+
+def test_torch_threads_sets_and_restores() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0) as n:  # 0: torch's own count, untouched
+        assert n == before == torch.get_num_threads()
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("a failing fit")
+    assert torch.get_num_threads() == before
+
+
+def test_history_attention_masks_padding_and_reads_recency() -> None:
+    torch.manual_seed(0)
+    att = HistoryAttention(dim=8, length=4, heads=2)
+    vecs, ctx = torch.randn(6, 8), torch.randn(1, 8).expand(2, 8)
+    w = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    with torch.no_grad():
+        # the last column is padding (weight 0) and names different items in the two rows: never read
+        out = att(vecs, torch.tensor([[0, 1, 2, 5], [0, 1, 2, 4]]), w, ctx)
+        assert out.shape == (2, 8)
+        torch.testing.assert_close(out[0], out[1])
+        # the same items in another recency order read differently (recency-rank embeddings on the keys)
+        rev = att(vecs, torch.tensor([[2, 1, 0, 5]]), w[:1], ctx[:1])
+        assert not torch.allclose(out[0], rev[0], atol=1e-5)
+        # only the ``length`` most recent columns are read
+        longer = att(vecs, torch.tensor([[0, 1, 2, 5, 3, 3]]), torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0, 1.0]]), ctx[:1])
+        torch.testing.assert_close(longer[0], out[0])
+        # an empty history attends to the null key alone (value 0): the read is the output layer's bias
+        empty = att(vecs, torch.tensor([[5, 5, 5, 5]]), torch.zeros(1, 4), ctx[:1])
+        torch.testing.assert_close(empty[0], att.out.bias)
+    with pytest.raises(ValueError, match="must divide"):
+        HistoryAttention(dim=8, length=4, heads=3)
+
+
+def test_attention_user_encoder_recovers_clusters_and_round_trips(planted: dict[str, object], tmp_path: Path) -> None:
+    train, targets = planted["train"], planted["targets"]
+    assert isinstance(train, Interactions) and isinstance(targets, sp.csr_matrix)
+    cfg = CFG.model_copy(update={"user_encoder": "attention", "attention_length": 8, "artifact_dir": str(tmp_path)})
+    emb = train_two_tower(train, cfg, targets, ks=[10], item_text=planted["text"])  # type: ignore[arg-type]
+    pop = _recall10(train_popularity(train), train, targets)
+    tt = _recall10(emb, train, targets)
+    assert tt > 4 * pop and tt > 0.25, (tt, pop)
+    # the saved encoder rebuilds the attention read: a train user's vector from its events is its exported one
+    enc = TwoTowerEncoder.load(emb.info["artifact_dir"])
+    assert enc.module.user_tower.attention is not None
+    ev = train.events.filter(pl.col("user_idx") < 20)
+    history = pl.DataFrame(
+        {
+            "user_id": train.users.decode(ev["user_idx"].to_numpy()),
+            "item_id": train.items.decode(ev["item_idx"].to_numpy()),
+            "ts": ev["ts"],
+        }
+    )
+    ids, vectors = enc.user_vectors(history)
+    np.testing.assert_allclose(vectors, emb.user_vectors[train.users.lookup(ids).to_numpy()], atol=1e-4)
 
 
 def test_rejects_mismatched_validation_targets(planted: dict[str, object]) -> None:
@@ -720,6 +794,17 @@ def test_lightning_bench_suite_smoke() -> None:
     from recsys_embed.bench.lightning_suite import run
 
     cfg = CFG.model_copy(update={"batch_size": 512})
-    (res,) = run(size="tiny", repeats=1, steps=3, cfg=cfg)
+    # (the busy-loop row is the same code beside two spinning processes: not started on the shared test box)
+    (res,) = run(size="tiny", repeats=1, steps=3, cfg=cfg, loads=(0,), default_threads_steps=1)
     assert res.suite == "lightning" and res.better == "higher" and res.target == ">= 0.9x"
     assert res.candidate.unit == "samples/s" and min(res.candidate.values + res.baseline.values) > 0
+    assert res.extra["device"].startswith("cpu (1 torch threads)")
+    assert next(v for k, v in res.extra.items() if k.startswith("pytorch loop at torch's default")) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_gpu_bench_suite_skips_without_cuda(caplog: pytest.LogCaptureFixture) -> None:
+    from recsys_embed.bench.gpu_suite import run
+
+    assert run(size="tiny", repeats=1) == []
+    assert "no CUDA device" in caplog.text

@@ -215,3 +215,25 @@ def test_similar_items_respect_deny_list(emb: Embeddings, tmp_path: Path) -> Non
     df = read_export(export_similar_items(emb, cfg, tmp_path, "r").path)
     assert not df["similar_item_id"].is_in([1000, 1001, 1002]).any()
     assert df["item_id"].n_unique() == N_ITEMS  # denied items still get their own similar list
+
+
+def test_tables_carry_the_item_text(emb: Embeddings, seen: sp.csr_matrix, tmp_path: Path) -> None:
+    """With the log's item texts (ingest.columns.item_text), each ID column has its text beside it: looked up by
+    item, null where the log has none, IDs the model does not know ignored, IDs given as strings matched."""
+    text = pl.DataFrame({"item_id": ["1000", "1001", "1003", "99999"], "text": ["RED MUG", "BLUE MUG", None, "gone"]})
+    table = read_export(export_topk(emb, seen, ExportConfig(k=5), tmp_path, "run-1", item_text=text).path)
+    assert table.columns == ["user_id", "rank", "item_id", "item_text", "score", "source", "model", "run_id"]
+    want = {1000: "RED MUG", 1001: "BLUE MUG"}  # 1003: null text; every other item: no text
+    for item, got in table.select("item_id", "item_text").unique().iter_rows():
+        assert got == want.get(item), item
+    plain = read_export(export_topk(emb, seen, ExportConfig(k=5), tmp_path / "plain", "run-1").path)
+    assert plain.columns == [c for c in table.columns if c != "item_text"]
+    assert plain.select("user_id", "rank", "item_id").equals(table.select("user_id", "rank", "item_id"))
+
+    sim = read_export(export_similar_items(emb, ExportConfig(similar_k=4), tmp_path, "run-1", item_text=text).path)
+    assert sim.columns == ["item_id", "item_text", "rank", "similar_item_id", "similar_item_text", "score", "model",
+                           "run_id"]  # fmt: skip
+    for item, item_text, similar, similar_text in sim.select(
+        "item_id", "item_text", "similar_item_id", "similar_item_text"
+    ).iter_rows():
+        assert item_text == want.get(item) and similar_text == want.get(similar)

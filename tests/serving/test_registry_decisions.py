@@ -360,6 +360,26 @@ def test_recipe_leaves_machine_settings_out() -> None:
     assert refit.two_tower.accelerator == "cpu" and refit.two_tower.embedding_dim == 32
 
 
+def test_a_champion_recorded_with_machine_settings_keeps_its_recipe(store: Store) -> None:
+    """A version registered while the recipe still hashed machine settings: its re-run on newer data must stay
+    "the same recipe" (else every later run is judged as another recipe and can never replace it)."""
+    models = ModelsConfig()
+    old_json = json.dumps(models.bpr.model_dump(mode="json"), sort_keys=True)  # use_gpu, num_threads included
+    old = store.candidate("k1", last=CUT_LAST, recipe="old-hash-with-machine-settings")
+    store.register(Candidate(**{**old.__dict__, "recipe_config": old_json}))
+    new_hash, new_json = shipping.recipe("bpr", models)
+    assert new_hash != "old-hash-with-machine-settings" and "use_gpu" not in new_json
+    newer = store.candidate("k2", recipe=new_hash)
+    decision = store.register(Candidate(**{**newer.__dict__, "recipe_config": new_json}))
+    assert decision["alias"] == "champion" and decision["champion_basis"] == "same recipe", decision
+    # a hyperparameter that differs is another recipe
+    wider = ModelsConfig.model_validate({"bpr": {"factors": 8}})
+    tags = {"model": "bpr", "recipe": "x", "recipe_config": old_json}
+    assert registry.same_recipe("bpr", *shipping.recipe("bpr", models), tags)
+    assert not registry.same_recipe("bpr", *shipping.recipe("bpr", wider), tags)
+    assert not registry.same_recipe("als", *shipping.recipe("als", models), tags)
+
+
 def test_registry_metric_is_gone() -> None:
     with pytest.raises(ConfigError, match=r"registry\.metric was removed: the champion decision uses eval\.primary"):
         load_config(str(REPO / "configs/retail.yaml"), ["registry.metric=ndcg_at_10"])

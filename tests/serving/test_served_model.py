@@ -329,3 +329,27 @@ def test_als_fold_in_applies_the_confidence_transform_it_was_fitted_on(tmp_path:
     # and a raw-count fold-in would be another vector: the transform matters
     assert not np.allclose(fold_in(y, y.astype(np.float64).T @ y, raw[5].indices, raw[5].data, alpha, reg), want,
                            rtol=1e-2)  # fmt: skip
+
+
+def test_answers_carry_item_texts_and_mostly_zero_factors_are_compressed(tmp_path: Path) -> None:
+    """The served model answers with the log's item texts beside the IDs (the export's ``item_text``), and a
+    factor matrix that is mostly zeros (EASE's user rows of X) is stored compressed and loads back exactly."""
+    emb, seen = _tied_embeddings()
+    uvec = emb.user_vectors.copy()
+    uvec[5:] = 0.0  # 55 of 60 users all zero: more than half of the entries
+    emb = Embeddings(uvec, emb.item_vectors, emb.users, emb.items, "als")
+    texts = tmp_path / "item_text.parquet"
+    pl.DataFrame({"item_id": ["sku000", "sku001", "sku002"], "text": ["MUG", "CUP", None]}).write_parquet(texts)
+    model = _served(tmp_path, ServedInputs(emb, seen, item_text=str(texts)))
+    bundle = tmp_path / "bundle"
+    assert (bundle / "user_factors.npz").exists() and not (bundle / "user_factors.npy").exists()
+    assert (bundle / "item_factors.npy").exists()  # dense: stored as is
+    np.testing.assert_array_equal(model.user_factors, uvec)
+    out = model.recommend(pd.DataFrame({"user_id": [1002, 1003, 424242]}), k=N_ITEMS)
+    assert list(out.columns) == ["user_id", "item_ids", "item_texts", "scores", "source"]
+    names = {"sku000": "MUG", "sku001": "CUP"}
+    for items, item_texts in zip(out["item_ids"], out["item_texts"], strict=True):
+        assert len(items) == len(item_texts) > 0
+        assert item_texts == [names.get(i) for i in items]
+    plain = _served(tmp_path / "plain", ServedInputs(emb, seen))
+    assert "item_texts" not in plain.recommend(pd.DataFrame({"user_id": [1002]}), k=5).columns

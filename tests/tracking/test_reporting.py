@@ -101,8 +101,64 @@ def test_manifest_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_model_description_names_hyperparameters_and_scores() -> None:
     model = {"train_seconds": 12.34, "info": {"backend": "implicit-cpu", "best_iteration": 10,
                                               "val_metric": "ndcg_at_20", "best_val_metric": 0.0812}}  # fmt: skip
-    text = model_description("als", model, {"ndcg_at_20": 0.0846, "recall_at_20": 0.1028, "map_at_20": 0.03},
-                             {"factors": "64", "alpha": "10.0"})  # fmt: skip
+    metrics = {"test.ndcg_at_20": 0.0846, "test.recall_at_20": 0.1028, "test.map_at_20": 0.03,
+               "val.ndcg_at_20": 0.0812}  # fmt: skip
+    text = model_description("als", model, metrics, {"factors": "64", "alpha": "10.0"})
     assert text.startswith("**als** (implicit-cpu), trained in 12.3 s.")
     assert "`alpha=10.0`, `factors=64`" in text and "ndcg_at_20 0.0812 at iteration/epoch 10" in text
-    assert "ndcg_at_20 0.0846, recall_at_20 0.1028" in text and "map_at_20" not in text
+    assert "Test (warm users): test.ndcg_at_20 0.0846, test.recall_at_20 0.1028." in text and "map_at_20" not in text
+    assert "Validation (warm users): val.ndcg_at_20 0.0812." in text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Row accounting that means what it says (issue 22)
+
+# The retail main job's accounting after the split, in the form the manifest held before issue 22: ``kept`` was the
+# rows still in use (328,349) and ``filtered`` mixed ingest's rule with the matrix's and the split's buckets.
+RETAIL_SPLIT = {
+    "rows_read": 541_909, "kept": 328_349, "duplicates": 5_318, "quarantined": {"null_user": 135_080},
+    "filtered": {"non_product_item": 1_867, "cancelled_out": 7_102, "val_seen_in_train": 9_851,
+                 "val_cold_user": 6_570, "val_cold_item": 854, "val_cancelled_out": 598,
+                 "test_seen_in_train": 26_153, "test_cold_user": 15_548, "test_cold_item": 3_245,
+                 "test_cancelled_out": 1_374},
+    "users": 3_741, "items": 3_526, "nnz": 197_918, "val_target_pairs": 13_566, "val_warm_users": 683,
+    "test_target_pairs": 30_160, "test_warm_users": 1_365,
+}  # fmt: skip
+RETAIL_WINDOWS = {"rows_fit": 287_715, "rows_val": 31_973, "rows_test": 79_956}  # the split's info
+
+
+def test_accounting_keeps_ingest_apart_from_the_split() -> None:
+    """Regression (issue 22): the summary's ``filtered 73,162`` included ``test_seen_in_train 26,153`` (rows held out
+    for evaluation, not dropped), and ingest said kept 399,644 while the summary said kept 328,349."""
+    from recsys_embed.data.split import TARGET_BUCKETS
+    from recsys_embed.types import HELD_OUT_BUCKETS, RowReport
+
+    assert TARGET_BUCKETS[1:] == HELD_OUT_BUCKETS  # the split's buckets are the ones the report sets apart
+    report = RowReport.from_dict(RETAIL_SPLIT)
+    # ingest kept = read - duplicates - quarantined - ingest's filter = 541,909 - 5,318 - 135,080 - 1,867
+    assert report.ingest_kept == 399_644 and report.is_balanced()
+    d = report.to_dict()
+    assert d["kept"] == 399_644 and d["filtered"] == {"non_product_item": 1_867} and d["filtered_total"] == 1_867
+    assert d["rows_read"] == d["kept"] + d["duplicates"] + d["quarantined_total"] + d["filtered_total"]
+    assert d["matrix_dropped"] == {"cancelled_out": 7_102}
+    assert d["held_out"]["test"]["seen_in_train"] == 26_153 and d["in_use"] == 328_349
+    assert RowReport.from_dict(d) == report  # the new form reads back to the same report
+    m = report.metrics()
+    assert m["rows_kept"] == 399_644 and m["rows_filtered"] == 1_867 and m["rows_in_use"] == 328_349
+    assert m["rows_held_out_test_seen_in_train"] == 26_153 and "rows_filtered_test_seen_in_train" not in m
+
+    text = report.format(RETAIL_WINDOWS)
+    kept = [line for line in text.splitlines() if line.split()[:1] == ["kept"]]
+    assert len(kept) == 1 and "399,644" in kept[0] and "balanced" in kept[0]
+    assert "328,349" not in text and "73,162" not in text
+    filtered = next(line for line in text.splitlines() if line.split()[:1] == ["filtered"])
+    assert "1,867" in filtered and "seen_in_train" not in filtered
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("    ")}
+    # fit: 287,715 rows = 280,613 in the train matrix + 7,102 cancelled out
+    assert rows["fit"][:4] == ["window", "287,715", "280,613", "7,102"]
+    # test: 79,956 rows = 33,636 targets + 1,374 cancelled + 26,153 seen in train + 15,548 cold users + 3,245 cold items
+    assert rows["test"] == ["79,956", "33,636", "1,374", "26,153", "15,548", "3,245"]
+
+    md = summary_markdown({**_manifest("champion", None), "accounting": d, "split": RETAIL_WINDOWS}, TABLE, [10])
+    assert "| **kept** | **399,644** |" in md and "| filtered: non_product_item | 1,867 |" in md
+    assert "| test | 79,956 | 33,636 |" in md and "filtered: test_seen_in_train" not in md

@@ -31,7 +31,6 @@ from recsys_embed.io import atomic_path, write_json_atomic
 from recsys_embed.models.two_tower.data import HistoryConfig, gather_history
 from recsys_embed.models.two_tower.features import HASH_VERSION, TabularSpec, align, hash_tokens
 from recsys_embed.models.two_tower.module import FeatureTables, TwoTowerModule
-from recsys_embed.models.two_tower.towers import UserTower
 from recsys_embed.types import IdMap
 
 log = logging.getLogger(__name__)
@@ -195,9 +194,9 @@ class TwoTowerEncoder:
         )  # fmt: skip
         known_users = self.users.lookup(user_ids)
         uidx = known_users.fill_null(m.n_users).to_numpy().astype(np.int64)
-        pooled = UserTower.pool(vec_table, torch.from_numpy(items), torch.from_numpy(weights))
+        hist = m.user_tower.read_history(vec_table, torch.from_numpy(items), torch.from_numpy(weights))
         codes, values = self._user_tabular(user_ids, uidx, user_features)
-        u = m.user_tower(torch.from_numpy(uidx), pooled, codes, values)
+        u = m.user_tower(torch.from_numpy(uidx), hist, codes, values)
         return user_ids, (u.float() * self.scale).numpy()
 
     def _user_tabular(

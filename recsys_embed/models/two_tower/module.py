@@ -4,7 +4,8 @@ Nothing here defines a feature, a layer or a loss. A training step:
 
 1. the items a step needs (positives, history items, uniform negatives) are deduplicated and run through
    the item tower once (``dense_unique``), so a history item costs one tower call per step, not per row;
-2. the user tower pools the history vectors and adds the user ID (and features);
+2. the user tower pools the history vectors (and, with ``user_encoder: attention``, reads the most recent ones
+   with recency-aware attention) and adds the user ID (and features);
 3. ``RetrievalTask`` computes the sampled-softmax loss.
 
 Validation embeds the validation users (the DataModule's val loader), gathers them across DDP ranks,
@@ -31,7 +32,7 @@ from torch import Tensor
 from recsys_embed.config import TwoTowerConfig
 from recsys_embed.io import write_json_atomic
 from recsys_embed.models.two_tower.task import FullCorpusMetrics, RetrievalTask, TaskOutput
-from recsys_embed.models.two_tower.towers import ItemTower, UserTower
+from recsys_embed.models.two_tower.towers import HistoryAttention, ItemTower, UserTower
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ def make_optimizer(
     """AdamW over the trainable parameters and a per-step warmup + cosine schedule (``warmup_cosine``)."""
     cfg = module.cfg
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # fused: one kernel over each tensor instead of ~10 passes (CPU and CUDA; measured 5.6 -> 1.1 ms per step on
+    # one CPU thread at the default size)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     total = max(1, total_steps)
     warmup = int(cfg.warmup_fraction * total)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
@@ -153,6 +156,9 @@ class TwoTowerModule(pl_.LightningModule):
             list(user_cardinalities or []),
             int(users.values.shape[1]),
             cfg.user_id_dropout,
+            HistoryAttention(cfg.embedding_dim, cfg.attention_length, cfg.attention_heads)
+            if cfg.user_encoder == "attention"
+            else None,
         )
         self.task = RetrievalTask(
             item_count, cfg.batch_size, cfg.temperature, cfg.learn_temperature, cfg.logq_correction, cfg.num_negatives
@@ -192,8 +198,8 @@ class TwoTowerModule(pl_.LightningModule):
         if item_vectors is None:
             uniq, inv = dense_unique(hist_items, self.n_items + 1)
             item_vectors, hist_items = self.embed_items(uniq), inv
-        pooled = UserTower.pool(item_vectors, hist_items, hist_weights)
-        return self.user_tower(users, pooled, self.user_codes[users], self.user_values[users])
+        history = self.user_tower.read_history(item_vectors, hist_items, hist_weights)
+        return self.user_tower(users, history, self.user_codes[users], self.user_values[users])
 
     @torch.no_grad()
     def all_item_vectors(self, chunk: int = 65_536) -> Tensor:
@@ -203,6 +209,12 @@ class TwoTowerModule(pl_.LightningModule):
 
     # ------------------------------------------------------------------------------------------------
     # Training
+
+    def setup(self, stage: str) -> None:
+        # every process sets its own pool: DDP processes do not inherit ``train.torch_threads`` (Lightning's
+        # launchers give them cores / processes unless OMP_NUM_THREADS is set); a no-op in the calling process
+        if self.cfg.torch_threads > 0:
+            torch.set_num_threads(self.cfg.torch_threads)
 
     def loss(self, batch: dict[str, Tensor]) -> TaskOutput:
         """The task's output for one training batch (``ExampleBatches``): pure computation, no logging."""
@@ -215,8 +227,8 @@ class TwoTowerModule(pl_.LightningModule):
         vecs = self.embed_items(uniq)
         pos_v = vecs[inv[:b]]
         neg_v = None if neg is None else vecs[inv[b + hist.numel() :]]
-        pooled = UserTower.pool(vecs, inv[b : b + hist.numel()].view_as(hist), weights)
-        u = self.user_tower(user, pooled, self.user_codes[user], self.user_values[user])
+        history = self.user_tower.read_history(vecs, inv[b : b + hist.numel()].view_as(hist), weights)
+        u = self.user_tower(user, history, self.user_codes[user], self.user_values[user])
         return self.task(u, pos_v, item, neg_v, neg)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -5,14 +5,18 @@
   sentence embedding -> 2-layer MLP -> L2 norm. An item that was never interacted with uses the unknown
   row and is embedded from its content.
 - ``UserTower``: user-ID embedding (+ an "unknown user" row) ++ weighted mean of the user's history-item
-  vectors (the item tower's output, so content reaches the user side) ++ optional user features ->
-  2-layer MLP -> L2 norm. A user unseen at training time uses the unknown row and is embedded from history.
+  vectors (the item tower's output, so content reaches the user side) ++ optionally a ``HistoryAttention``
+  read of the most recent items (multi-head attention, recency-rank aware) ++ optional user
+  features -> 2-layer MLP -> L2 norm. A user unseen at training time uses the unknown row and is embedded
+  from history.
 
 ID dropout (training only) swaps an ID for the unknown row with probability ``id_dropout``, which trains
 exactly the path that new users and items take at inference.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +100,54 @@ class ItemTower(nn.Module):
         return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
 
 
+class HistoryAttention(nn.Module):
+    """Multi-head attention over the most recent ``length`` history vectors -> (B, dim), recency aware.
+
+    Keys are the item vectors plus a learned embedding of their recency rank (0 = newest); values are the item
+    vectors; each head's query is a linear map of the pooled history mean (what the user likes overall picks
+    which recent items matter). A learned "null" key with value zero takes the attention of padding and of an
+    empty history. No per-item projections: the cost is O(B * length * dim), a few percent of a step (a
+    1-layer ``nn.TransformerEncoder`` over 20 items cost 6x the whole pooled step on one CPU thread).
+
+    Args:
+        dim: item vector width; ``heads`` must divide it.
+        length: items read (the first ``length`` columns of a most-recent-first history).
+    """
+
+    def __init__(self, dim: int, length: int, heads: int = 2) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention_heads ({heads}) must divide embedding_dim ({dim})")
+        self.length, self.heads = length, heads
+        self.position = nn.Embedding(length, dim)
+        nn.init.normal_(self.position.weight, std=0.02)
+        self.query = nn.Linear(dim, dim)
+        self.null = nn.Parameter(torch.zeros(heads))
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, item_vectors: Tensor, hist_index: Tensor, hist_weights: Tensor, context: Tensor) -> Tensor:
+        """item_vectors (U, d), hist_index (B, L) rows of it (most recent first), hist_weights (B, L) (0 =
+        padding), context (B, d) the pooled history -> (B, d)."""
+        n = min(self.length, int(hist_index.shape[1]))
+        b, d = hist_index.shape[0], item_vectors.shape[1]
+        e = d // self.heads
+        values = item_vectors[hist_index[:, :n]]  # (B, n, d)
+        keys = (values + self.position.weight[:n].to(values.dtype)).view(b, n, self.heads, e)
+        q = self.query(context.to(self.query.weight.dtype)).view(b, self.heads, e)
+        scores = torch.einsum("bhe,bnhe->bhn", q, keys.to(q.dtype)) / math.sqrt(e)
+        scores = scores.masked_fill((hist_weights[:, :n] <= 0)[:, None, :], float("-inf"))
+        scores = torch.cat([self.null.to(scores.dtype).expand(b, -1)[:, :, None], scores], dim=2)
+        attn = torch.softmax(scores.float(), dim=2)[:, :, 1:].to(q.dtype)  # the null slot's value is zero
+        read = torch.einsum("bhn,bnhe->bhe", attn, values.view(b, n, self.heads, e).to(q.dtype))
+        return self.out(read.reshape(b, d))
+
+
 class UserTower(nn.Module):
-    """User ID + pooled history (+ features) -> (B, dim) unit vectors.
+    """User ID + history (pooled, optionally attended) (+ features) -> (B, dim) unit vectors.
 
     Args:
         n_users: known users; index ``n_users`` is the unknown/new user.
+        attention: a ``HistoryAttention`` read beside the pooled mean (None: the pool alone).
     """
 
     def __init__(
@@ -111,13 +158,24 @@ class UserTower(nn.Module):
         cardinalities: list[int] | None = None,
         n_numeric: int = 0,
         id_dropout: float = 0.0,
+        attention: HistoryAttention | None = None,
     ) -> None:
         super().__init__()
         self.unknown, self.id_dropout = n_users, id_dropout
         self.ids = nn.Embedding(n_users + 1, dim)
         self.tab = _Tabular(cardinalities or [], n_numeric, dim)
-        self.mlp = _mlp((2 + self.tab.n_parts) * dim, hidden, dim)
+        self.attention = attention
+        n_history = 1 + (attention is not None)
+        self.mlp = _mlp((1 + n_history + self.tab.n_parts) * dim, hidden, dim)
         nn.init.normal_(self.ids.weight, std=0.05)
+
+    def read_history(self, item_vectors: Tensor, hist_index: Tensor, hist_weights: Tensor) -> Tensor:
+        """(B, d) pooled mean (``pool``), ++ (B, d) attention read when configured: (B, d or 2d)."""
+        pooled = self.pool(item_vectors, hist_index, hist_weights)
+        if self.attention is None:
+            return pooled
+        pooled = pooled.to(self.ids.weight.dtype)
+        return torch.cat([pooled, self.attention(item_vectors, hist_index, hist_weights, pooled)], dim=1)
 
     @staticmethod
     def pool(item_vectors: Tensor, hist_index: Tensor, hist_weights: Tensor) -> Tensor:
@@ -128,12 +186,12 @@ class UserTower(nn.Module):
         w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-8)
         return F.embedding_bag(hist_index, item_vectors, per_sample_weights=w.to(item_vectors.dtype), mode="sum")
 
-    def forward(self, ids: Tensor, pooled: Tensor, codes: Tensor, values: Tensor) -> Tensor:
-        """ids (B,) (``n_users`` = unknown), pooled (B, d) history (``pool``), codes (B, C), values (B, N)
+    def forward(self, ids: Tensor, history: Tensor, codes: Tensor, values: Tensor) -> Tensor:
+        """ids (B,) (``n_users`` = unknown), history (B, d or 2d) (``read_history``), codes (B, C), values (B, N)
         -> (B, dim) unit vectors."""
         parts = [
             self.ids(_drop_ids(ids, self.unknown, self.id_dropout, self.training)),
-            pooled.to(self.ids.weight.dtype),
+            history.to(self.ids.weight.dtype),
         ]
         parts += self.tab(codes, values)
         return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
