@@ -313,10 +313,14 @@ class TwoTowerConfig(_Strict):
     history_confidence: bool = True
     # How the user tower reads the history. "pool": the recency/confidence-weighted mean above. "attention": the mean
     # plus a multi-head attention read of the ``attention_length`` most recent items (keys carry a learned recency-
-    # rank embedding; queries come from the mean). ENCODER_PLACEHOLDER
+    # rank embedding; queries come from the mean). "pool" by default: on retail (seed 42, defaults otherwise)
+    # validation NDCG@20 pool 0.1000 against attention 0.0933 (test 0.0932 / 0.0944); attention costs ~15% a step.
+    # A 1-layer transformer over the 20 newest items cost ~6x a pooled step on one thread and was dropped.
     user_encoder: Literal["pool", "attention"] = "pool"
-    # Items the attention read covers (the most recent ones); the pool still reads ``history_length``.
+    # Items the attention read covers (the most recent ones); the pool still reads ``history_length``. 20: the last
+    # few baskets of a median retail user (31 train items); not searched.
     attention_length: int = Field(default=20, ge=1)
+    # Attention heads (must divide embedding_dim): 2 x 32-wide keys at d=64; not searched.
     attention_heads: int = Field(default=2, ge=1)
     # ID dropout: during training an ID is replaced by the "unknown" slot with this probability, so that
     # the towers learn to embed new users (history only) and new items (content only). Measured on retail

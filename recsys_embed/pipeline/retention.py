@@ -168,18 +168,19 @@ def _protected_local(root: Path, cfg: PipelineConfig, report: GcReport) -> tuple
     state = _read_json(root / cfg.incremental.state_file)
     if state and state.get("split_dir"):
         pointers.append(("incremental state", Path(state["split_dir"])))
-    dirs: set[Path] = set()
+    dirs: dict[Path, list[str]] = {}
     for why, path in pointers:
         run_dir = _run_folder(runs_dir, path)
         if run_dir is None:
             continue
-        dirs.add(run_dir)
-        report.kept.append(f"runs/{run_dir.name}: {why}")
+        dirs.setdefault(run_dir, []).append(why)
+    for run_dir, whys in dirs.items():
+        report.kept.append(f"runs/{run_dir.name}: {', '.join(whys)}")
         summary = _read_json(run_dir / "summary.json") or {}
         ml = summary.get("mlflow") or {}
         run_ids |= {str(ml["run_id"])} if ml.get("run_id") else set()
         run_ids |= {str(v) for v in (ml.get("model_runs") or {}).values()}
-    return run_ids, dirs
+    return run_ids, set(dirs)
 
 
 def _run_folder(runs_dir: Path, path: Path) -> Path | None:

@@ -467,14 +467,22 @@ def delete_artifacts(artifact_uri: str, dry_run: bool = False) -> int | None:
 
 
 def artifact_bytes(artifact_uri: str) -> int | None:
-    """Bytes under a local (``file:`` or plain path) artifact URI; None for a remote store."""
+    """Bytes that deleting a local (``file:`` or plain path) artifact URI frees; None for a remote store.
+
+    A file hard-linked from elsewhere (the pipeline links cached stages into run folders) frees nothing while
+    another link remains, so it counts only when every link to it lies below the path."""
     if "://" in artifact_uri and not artifact_uri.startswith("file:"):
         return None
     path = Path(urllib.parse.unquote(urllib.parse.urlsplit(artifact_uri).path) if "://" in artifact_uri
                 else artifact_uri)  # fmt: skip
     if not path.exists():
         return 0
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    files = [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()] if path.is_dir() else [path]
+    links: dict[tuple[int, int], list[os.stat_result]] = {}
+    for f in files:
+        st = f.stat()
+        links.setdefault((st.st_dev, st.st_ino), []).append(st)
+    return sum(seen[0].st_size for seen in links.values() if len(seen) >= seen[0].st_nlink)
 
 
 def comparison_view(

@@ -303,5 +303,5 @@ def test_global_clock_log_is_not_chosen_on_a_thin_window(
     assert rule.startswith("auto: last_n (temporal rejected: the val window holds") and "to choose on" in rule
     assert split["select_users"] >= cfg.split.min_eval_users  # the choice rests on enough users
     explicit = cfg.split.model_copy(update={"method": "temporal"})
-    with pytest.raises(ConfigError, match="so the model shipped would be chosen on noise.*split.method: auto"):
+    with pytest.raises(ConfigError, match=r"so the model shipped would be chosen on noise.*split.method: auto"):
         stages.run_split(ingest, cfg.ingest, explicit, tmp_path / "split2")

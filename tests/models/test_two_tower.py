@@ -808,3 +808,14 @@ def test_gpu_bench_suite_skips_without_cuda(caplog: pytest.LogCaptureFixture) ->
 
     assert run(size="tiny", repeats=1) == []
     assert "no CUDA device" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bench_suite_on_cuda() -> None:
+    from recsys_embed.bench.gpu_suite import run
+
+    rows = {r.suite: r for r in run(size="tiny", repeats=1, steps=3, cfg=CFG.model_copy(update={"batch_size": 512}))}
+    assert {"gpu-tt-bf16", "gpu-tt-plain", "gpu-topk"} <= set(rows)
+    assert all(min(r.candidate.values + r.baseline.values) > 0 for r in rows.values())
+    assert rows["gpu-topk"].extra["same top-k scores"] is True
