@@ -348,7 +348,7 @@ def _split_into(
     elif cfg.method == "auto":
         rule = f"auto: temporal (val and test windows each hold >= {cfg.min_eval_users:,} warm users)"
     val_short = [why for why in short if why.startswith("the val window")]
-    if val_short and cfg.method != "auto":
+    if val_short and cfg.method != "auto" and targets["val"] is not None:  # no window (val_quantile null): no choice
         raise ConfigError(
             f"split.method={cfg.method!r}: {val_short[0]}, so the model shipped would be chosen on noise. Use "
             "split.method: auto (it falls back to a per-user split, holding out each user's last event), or "

@@ -53,11 +53,15 @@ def test_ingest_is_cached_on_fingerprint_and_config(tiny_log: Path, tmp_path: Pa
 
 
 def test_id_maps_reused_by_a_later_run(tiny_log: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tiny_log, tmp_path)
+    # a temporal split on purpose (its windows are thin on the tiny log, so the per-user fallback of auto would put
+    # every user in both fits): the test is about ID maps, not about choosing
+    temporal = ("split.method=temporal", "split.min_eval_users=1")
+    cfg = _cfg(tiny_log, tmp_path, *temporal)
     ingest = stages.run_ingest(cfg.ingest, tmp_path / "cache")
     first = stages.run_split(ingest, cfg.ingest, cfg.split, tmp_path / "first")
     # a later run over a longer window (test_quantile closer to 1) sees more users and items
-    later_cfg = _cfg(tiny_log, tmp_path, f"ingest.id_maps_from={tmp_path / 'first'}", "split.test_quantile=0.95")
+    later_cfg = _cfg(tiny_log, tmp_path, f"ingest.id_maps_from={tmp_path / 'first'}", "split.test_quantile=0.95",
+                     *temporal)  # fmt: skip
     later = stages.run_split(ingest, later_cfg.ingest, later_cfg.split, tmp_path / "later")
     old_users, new_users = IdMap.load(first["user_map"]), IdMap.load(later["user_map"])
     old_items, new_items = IdMap.load(first["item_map"]), IdMap.load(later["item_map"])

@@ -223,7 +223,7 @@ def _check_mlflow_records(manifest: dict[str, Any], tracking_uri: str, name: str
     linked = {m.key: (m.dataset_name, m.dataset_digest) for m in model.metrics}
     parent = client.get_run(manifest["mlflow"]["run_id"])
     dataset = parent.inputs.dataset_inputs[0].dataset
-    assert linked["ndcg_at_20"] == (dataset.name, dataset.digest)
+    assert linked["test.ndcg_at_20"] == (dataset.name, dataset.digest)  # test metrics say their window
     assert mlflow.search_logged_models(experiment_ids=[model.experiment_id], output_format="list")  # Models tab
     run = client.get_run(run_id)
     assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
