@@ -624,8 +624,9 @@ def _log_version(
     (``trained_on``: the shipped refit's events); the version's description says both."""
     t = candidate.tags
     measured = (f"metrics: evaluation fit on the fit window {t.get('fit_window', '(unknown)')}, scored on the test "
-                f"window {t.get('test_window', '(unknown)')} (test_*) and the validation window "
-                f"{t.get('validation_window', '(unknown)')} (val_*, what the champion decision reads)")  # fmt: skip
+                f"window {t.get('test_window', '(unknown)')} (`test.*` metrics) and the validation window "
+                f"{t.get('validation_window', '(unknown)')} (`val.*`: its selection part, what the champion decision "
+                "reads)")  # fmt: skip
     rows = t.get("training_rows")
     trained = (f"trained on: {t.get('training_fit', 'all kept events')} {t.get('training_window_first')} .. "
                f"{t.get('training_window_last')}" + (f", {rows} rows" if rows and rows != "None" else ""))  # fmt: skip

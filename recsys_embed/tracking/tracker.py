@@ -161,6 +161,8 @@ def _unhealthy(settings: MlflowSettings, timeout_s: float) -> str | None:
                 f"MLflow store {shown}: folder '{db.parent}' is not writable; "
                 "fix its permissions or point mlflow.yml/MLFLOW_TRACKING_URI elsewhere"
             )
+        if not db.exists():
+            create_sqlite_store(db, settings.artifact_location)
         return None
     if uri.startswith(("http://", "https://")):
         import urllib.request
@@ -180,6 +182,30 @@ def _unhealthy(settings: MlflowSettings, timeout_s: float) -> str | None:
         except Exception as e:  # any network failure is the same answer for the user
             return redact_text(str(getattr(e, "reason", e)))
     return None
+
+
+def create_sqlite_store(db: Path, artifact_location: str) -> None:
+    """Create a new SQLite MLflow store at ``db`` in one step: its schema is built in a hidden file beside it, then
+    linked into place only if ``db`` is still absent (another process may have created it meanwhile).
+
+    MLflow builds a new store by running its schema migrations one by one; a run killed during that (the first run
+    on a fresh machine takes a few seconds there) left a half-built store that every later run refused with
+    ``table ... already exists``. A kill here leaves only the hidden file.
+    """
+    import uuid
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = db.with_name(f".{db.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp.as_posix()}", artifact_location)
+        store.engine.dispose()
+        try:
+            os.link(tmp, db)
+        except FileExistsError:
+            pass  # created by another process in the meantime: theirs stands
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def git_commit(root: Path | None = None) -> str | None:
