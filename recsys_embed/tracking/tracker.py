@@ -16,6 +16,7 @@ as the flow's tasks do) retries that check the same way and fails with the same 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import re
@@ -200,10 +201,8 @@ def create_sqlite_store(db: Path, artifact_location: str) -> None:
     try:
         store = SqlAlchemyStore(f"sqlite:///{tmp.as_posix()}", artifact_location)
         store.engine.dispose()
-        try:
+        with contextlib.suppress(FileExistsError):  # created by another process in the meantime: theirs stands
             os.link(tmp, db)
-        except FileExistsError:
-            pass  # created by another process in the meantime: theirs stands
     finally:
         tmp.unlink(missing_ok=True)
 
