@@ -54,6 +54,16 @@ def trial_name(cfg: PipelineConfig) -> str:
     return f"{cfg.name}-cron-{slug}"
 
 
+def trial_overrides(cfg: PipelineConfig) -> list[str]:
+    """What makes a deployment a trial (``serve --trial``): its runs write to ``<output_root>/<name>-trial/``, register
+    under ``<registered name>-trial`` and export to no database, so trying a schedule never touches the production
+    tables, ``current/``, champion or database."""
+    out = [f"name={cfg.name}-trial", "export.database.enabled=false"]
+    if cfg.registry.name:
+        out.append(f"registry.name={cfg.registry.name}-trial")
+    return out
+
+
 def build_deployment(config_path: str, overrides: list[str], mlflow_config: str = "mlflow.yml") -> RunnerDeployment:
     """The pipeline as a ``RunnerDeployment`` named ``deployment_name(cfg)`` with the configured cron.
 

@@ -413,10 +413,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.api import require_server
 
     api = require_server("recsys-embed serve")  # refuses within seconds when there is no server to serve against
-    from flows.deploy import build_deployment, serve_deployment, trial_name
+    from flows.deploy import build_deployment, serve_deployment, trial_name, trial_overrides
     from recsys_embed.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.trial:  # its own outputs, registry and no database: production is never touched
+        args.overrides = [*args.overrides, *trial_overrides(cfg)]
+        cfg = load_config(args.config, args.overrides)
     if args.cron and not cfg.schedule.deployment_name:  # a cron to try gets its own deployment, never the nightly
         args.overrides = [*args.overrides, f"schedule.deployment_name={trial_name(cfg)}"]
     dep = build_deployment(args.config, args.overrides, args.mlflow_config)
@@ -583,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "as it is (default: schedule.cron, '0 3 * * *')")  # fmt: skip
     srv.add_argument("--name", metavar="NAME", help="the deployment's name (default: schedule.deployment_name, else "
                      "<name>-nightly)")  # fmt: skip
+    srv.add_argument("--trial", action="store_true", help="a trial deployment: its runs write to outputs/<name>-trial/ "
+                     "and register as <model>-trial, with no database export, so production is never touched")
     srv.add_argument("--run-once", action="store_true", help="execute the runs due now, then exit (for tests/cron)")
 
     ui = command("ui", "start the MLflow UI on the configured tracking store", cmd_ui)

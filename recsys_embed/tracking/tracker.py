@@ -252,8 +252,18 @@ class Tracker:
         else:
             self._retry(self.health_check)
         mlflow.set_tracking_uri(self.settings.tracking_uri)
-        self.client = MlflowClient(tracking_uri=self.settings.tracking_uri)
-        exp = self._retry(self.client.get_experiment_by_name, self.settings.experiment_name)
+        try:
+            self.client = MlflowClient(tracking_uri=self.settings.tracking_uri)
+            exp = self._retry(self.client.get_experiment_by_name, self.settings.experiment_name)
+        except Exception as e:
+            # a schema MLflow cannot build on: tables from a killed first run ("already exists", "duplicate column")
+            if type(e).__name__ == "OperationalError" and self.settings.tracking_uri.startswith("sqlite:"):
+                raise TrackingError(
+                    f"MLflow store {redact_uri(self.settings.tracking_uri)} is half-built (an earlier version's first "
+                    f"run was killed while MLflow created its tables: {_short_reason(e)}); it holds no complete run: "
+                    "move it aside (or delete it) and re-run, and recsys-embed builds a new one in one step"
+                ) from None
+            raise
         if exp is None:
             self.experiment_id = self._retry(
                 self.client.create_experiment,

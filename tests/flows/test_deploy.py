@@ -540,3 +540,21 @@ def test_second_run_on_same_output_is_refused(tmp_path: Path) -> None:
         pass
     with run_lock(tmp_path / "retail"):  # released at exit: the next run goes ahead
         pass
+
+
+def test_a_trial_deployment_never_touches_production() -> None:
+    """Issue 22: a schedule being tried wrote into the production registry and current/. `serve --trial` gives its
+    runs their own output folder, registered model and deployment, and no database export."""
+    from flows.deploy import build_deployment, trial_overrides
+    from recsys_embed.config import MlflowSettings, load_config, registered_name
+
+    cfg = load_config(REPO / "configs/retail.yaml", ["export.database.enabled=true"])
+    trial = load_config(REPO / "configs/retail.yaml", ["export.database.enabled=true", *trial_overrides(cfg)])
+    settings = MlflowSettings()
+    assert trial.name == "retail-trial" and (Path(trial.output_root) / trial.name) != (Path(cfg.output_root) / cfg.name)
+    assert registered_name(trial, settings) == "recsys-embed-recommender-retail-trial" != registered_name(cfg, settings)
+    assert trial.export.database.enabled is False
+    named = load_config(REPO / "configs/retail.yaml", ["registry.name=shop-recs"])
+    assert "registry.name=shop-recs-trial" in trial_overrides(named)
+    dep = build_deployment(str(REPO / "configs/retail.yaml"), ["schedule.cron=* * * * *", *trial_overrides(cfg)])
+    assert dep.name == "retail-trial-nightly" and "name=retail-trial" in dep.parameters["overrides"]

@@ -227,3 +227,20 @@ def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     assert db.exists() and tracker.experiment_id
     run = tracker.start_run("after-kill", tags={})
     tracker.end_run(run, "FINISHED")
+
+
+def test_a_half_built_store_names_itself_and_the_fix(tmp_path: Path) -> None:
+    """A store an older version left half-built (its migrations killed midway) is named, with the fix, instead of
+    SQLAlchemy's `table ... already exists` traceback."""
+    import sqlite3
+
+    from recsys_embed.config import MlflowSettings
+    from recsys_embed.tracking.tracker import Tracker, TrackingError, create_sqlite_store
+
+    db = tmp_path / "mlflow.db"
+    create_sqlite_store(db, str(tmp_path / "art"))
+    with sqlite3.connect(db) as con:  # the tables exist, the migration record does not: as a kill mid-migration
+        con.execute("DROP TABLE alembic_version")
+        con.execute("DROP TABLE experiment_tags")  # not every table yet: MLflow starts building again
+    with pytest.raises(TrackingError, match=r"is half-built .*move it aside \(or delete it\)"):
+        Tracker(MlflowSettings(tracking_uri=f"sqlite:///{db}", artifact_location=str(tmp_path / "art")))
