@@ -88,11 +88,14 @@ def test_what_reaches_the_terminal(
     detail: shown with -vv only; -v shows the steps; the default and -q show warnings only."""
     import recsys_embed.models.mf  # noqa: F401  (implicit's INFO lines are re-logged at DEBUG from here on)
 
-    # outside a flow run, Prefect's own API handler (set up by an earlier test's harness) refuses the record: this
-    # test is about our terminal, so that logger hands its records to the root handlers only, as in a CLI process
-    task_logger = logging.getLogger("prefect.task_runs")
-    monkeypatch.setattr(task_logger, "handlers", [])
-    monkeypatch.setattr(task_logger, "propagate", True)
+    # outside a flow run, the API handlers an earlier test's Prefect harness put on named loggers ("prefect",
+    # "recsys_embed" as an extra logger) refuse records: this test is about our terminal, so every named logger hands
+    # its records to the root handlers only, as in a fresh CLI process
+    for obj in list(logging.root.manager.loggerDict.values()):
+        if isinstance(obj, logging.Logger) and (obj.handlers or not obj.propagate):
+            monkeypatch.setattr(obj, "handlers", [])
+            monkeypatch.setattr(obj, "propagate", True)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # and root holds only the CLI's own handler
 
     _setup_logging(build_parser().parse_args(["ui", *flags]))
     capsys.readouterr()
