@@ -386,14 +386,9 @@ def test_new_users_get_recommendations_from_history(planted: dict[str, object], 
     assert tt["recall_at_10"] > 0.25 and tt["recall_at_10"] > 2.5 * pop["recall_at_10"], (tt, pop)
 
 
-def test_encoder_reproduces_the_exported_vectors(planted: dict[str, object], trained: Embeddings) -> None:
-    """No train/serve skew: re-embedding a train user from its train events gives its exported vector."""
-    enc = TwoTowerEncoder.load(trained.info["artifact_dir"])
-    train = planted["train"]
-    assert isinstance(train, Interactions)
-    np.testing.assert_allclose(
-        enc.item_vectors(pl.DataFrame({"item_id": train.items.ids})), trained.item_vectors, atol=1e-6
-    )
+def _assert_reembeds_train_users(enc: TwoTowerEncoder, train: Interactions, emb: Embeddings, atol: float) -> None:
+    """No train/serve skew: the first 20 train users, re-embedded by the saved encoder from their train events, get
+    their exported vectors."""
     ev = train.events.filter(pl.col("user_idx") < 20)
     history = pl.DataFrame(
         {
@@ -403,8 +398,18 @@ def test_encoder_reproduces_the_exported_vectors(planted: dict[str, object], tra
         }
     )
     ids, vectors = enc.user_vectors(history)
-    idx = train.users.lookup(ids).to_numpy()
-    np.testing.assert_allclose(vectors, trained.user_vectors[idx], atol=1e-5)
+    np.testing.assert_allclose(vectors, emb.user_vectors[train.users.lookup(ids).to_numpy()], atol=atol)
+
+
+def test_encoder_reproduces_the_exported_vectors(planted: dict[str, object], trained: Embeddings) -> None:
+    """No train/serve skew: re-embedding a train user from its train events gives its exported vector."""
+    enc = TwoTowerEncoder.load(trained.info["artifact_dir"])
+    train = planted["train"]
+    assert isinstance(train, Interactions)
+    np.testing.assert_allclose(
+        enc.item_vectors(pl.DataFrame({"item_id": train.items.ids})), trained.item_vectors, atol=1e-6
+    )
+    _assert_reembeds_train_users(enc, train, trained, atol=1e-5)
 
 
 def test_on_metrics_without_logger_and_no_validation(planted: dict[str, object], tmp_path: Path) -> None:
@@ -490,16 +495,7 @@ def test_attention_user_encoder_recovers_clusters_and_round_trips(planted: dict[
     # the saved encoder rebuilds the attention read: a train user's vector from its events is its exported one
     enc = TwoTowerEncoder.load(emb.info["artifact_dir"])
     assert enc.module.user_tower.attention is not None
-    ev = train.events.filter(pl.col("user_idx") < 20)
-    history = pl.DataFrame(
-        {
-            "user_id": train.users.decode(ev["user_idx"].to_numpy()),
-            "item_id": train.items.decode(ev["item_idx"].to_numpy()),
-            "ts": ev["ts"],
-        }
-    )
-    ids, vectors = enc.user_vectors(history)
-    np.testing.assert_allclose(vectors, emb.user_vectors[train.users.lookup(ids).to_numpy()], atol=1e-4)
+    _assert_reembeds_train_users(enc, train, emb, atol=1e-4)
 
 
 def test_rejects_mismatched_validation_targets(planted: dict[str, object]) -> None:
